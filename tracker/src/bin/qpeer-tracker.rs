@@ -1,1 +1,109 @@
-fn main(){}
+//! `qpeer-tracker`: the rendezvous server qpeer nodes register with.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use qpeer_certs::{resolve_home, Identity};
+use qpeer_tracker::{Limits, Tracker, TrackerConfig};
+
+/// The qpeer tracker: nodes register with it over mutual TLS (QUIC, ALPN qpeer-tracker/1).
+///
+/// It tells each node the address it sees it at, keeps a directory of registered nodes, and
+/// introduces two nodes so that both punch a hole at the same moment. It never sees the
+/// traffic between nodes. On start it prints the `[TRACKER] ID@IP:PORT` string that nodes
+/// pass as `--tracker` (or QPEER_TRACKER).
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// UDP address to listen on. Use 127.0.0.1:0 for a random local port.
+    #[arg(long, default_value = "0.0.0.0:4433", env = "QPEER_TRACKER_LISTEN")]
+    listen: SocketAddr,
+    /// Home directory holding the tracker's identity key (default: $QPEER_HOME, else
+    /// ~/.local/share/qpeer).
+    #[arg(long, env = "QPEER_HOME")]
+    home: Option<PathBuf>,
+    /// PEM certificate chain issued by a CA, presented instead of the self-signed identity
+    /// certificate (nodes then use --tracker-ca). Needs --key.
+    #[arg(long, requires = "key", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, requires = "cert", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Most nodes registered at once.
+    #[arg(long, default_value_t = Limits::default().max_nodes)]
+    max_nodes: usize,
+    /// Largest control frame accepted, in bytes (at most 65536).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(16..=65536))]
+    max_frame_len: u32,
+    /// Introductions one node may request per second (sustained).
+    #[arg(long, default_value_t = Limits::default().introductions_per_sec)]
+    introductions_per_sec: u32,
+    /// Introductions one node may request in a burst.
+    #[arg(long, default_value_t = Limits::default().introduction_burst)]
+    introduction_burst: u32,
+    /// Most simultaneous connections from one source IP.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+    /// Seconds without packets after which a node is dropped (nodes send keep-alives).
+    #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
+    idle_timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let home = resolve_home(cli.home.as_deref())?;
+    let identity = Arc::new(Identity::load_or_create(&home)?);
+    let certificate = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Some((
+            qpeer_certs::config::load_certs(cert)?,
+            qpeer_certs::config::load_private_key(key)?,
+        )),
+        _ => None,
+    };
+    let limits = Limits {
+        max_nodes: cli.max_nodes,
+        max_frame_len: cli.max_frame_len as usize,
+        introductions_per_sec: cli.introductions_per_sec,
+        introduction_burst: cli.introduction_burst,
+        max_connections_per_ip: cli.max_connections_per_ip,
+        idle_timeout: Duration::from_secs(cli.idle_timeout.max(1)),
+        ..Limits::default()
+    };
+    let mut config = TrackerConfig::new(cli.listen, identity);
+    config.certificate = certificate;
+    config.limits = limits;
+    config.console = true;
+    let tracker = Tracker::bind(config).context("tracker failed to start")?;
+    tracker.run(shutdown_signal()).await;
+    println!("[STOPPED] tracker server stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,308 @@
+//! [`TrackerClient`]: a node's side of the tracker protocol, over the node's own quinn endpoint
+//! (so the address the tracker observes is the one peers will reach).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qpeer_certs::{peer_node_id, Identity, NodeId, ServerTrust};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use crate::proto::{
+    close_code, ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
+    PROTOCOL_VERSION,
+};
+use crate::stream::{write_frame, FrameReader, StreamError};
+
+/// How long a request waits for the tracker's answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most entries [`TrackerClient::list_all`] collects.
+pub const MAX_LISTED: usize = 100_000;
+
+/// A tracker request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] qpeer_certs::TlsError),
+    #[error("cannot connect to the tracker: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("tracker connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("tracker stream failed: {0}")]
+    Stream(#[from] StreamError),
+    #[error("the tracker's certificate is not a qpeer identity: {0}")]
+    TrackerIdentity(#[from] qpeer_certs::PeerCertError),
+    #[error("the tracker broke the protocol: {0}")]
+    Protocol(String),
+    #[error("node {0} is not registered with the tracker")]
+    NotFound(NodeId),
+    #[error("the tracker refused the request ({kind:?}): {message}")]
+    Refused { kind: ErrorKind, message: String },
+    #[error("the tracker did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the tracker connection is closed")]
+    Closed,
+}
+
+/// What a node tells the tracker when it registers.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterInfo {
+    pub candidates: Vec<SocketAddr>,
+    pub name: Option<String>,
+}
+
+/// An introduction: a peer we should punch toward right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Introduction {
+    pub peer: NodeId,
+    pub addrs: PeerAddrs,
+    /// True when we asked for it; false when the peer asked for us.
+    pub requested: bool,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
+
+/// A registered connection to the tracker.
+pub struct TrackerClient {
+    connection: quinn::Connection,
+    tracker_id: Option<NodeId>,
+    observed: SocketAddr,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Pending,
+    next_request: AtomicU64,
+    tasks: TaskTracker,
+    _cancel: DropGuard,
+}
+
+impl std::fmt::Debug for TrackerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackerClient")
+            .field("tracker_id", &self.tracker_id)
+            .field("observed", &self.observed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ServerFrame>>> {
+    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl TrackerClient {
+    /// Connects from `endpoint` to the tracker at `addr`, registers, and returns the client with
+    /// the stream of introductions the tracker sends us.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        identity: &Identity,
+        addr: SocketAddr,
+        server_name: &str,
+        trust: &ServerTrust,
+        info: RegisterInfo,
+    ) -> Result<(Self, mpsc::Receiver<Introduction>), ClientError> {
+        let config = qpeer_certs::client_config(identity, trust, &[ALPN])?;
+        let connection = endpoint.connect_with(config, addr, server_name)?.await?;
+        let tracker_id = match trust {
+            ServerTrust::Ca(_) => None,
+            _ => Some(peer_node_id(&connection)?),
+        };
+        let (mut send, recv) = connection.open_bi().await?;
+        let mut reader = FrameReader::new(recv, MAX_FRAME_LEN, REQUEST_TIMEOUT);
+        write_frame(
+            &mut send,
+            &ClientFrame::Register {
+                version: PROTOCOL_VERSION,
+                candidates: info.candidates,
+                name: info.name,
+            },
+            MAX_FRAME_LEN,
+        )
+        .await?;
+        let first = tokio::time::timeout(REQUEST_TIMEOUT, reader.next::<ServerFrame>())
+            .await
+            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?;
+        let observed = match first {
+            Ok(Some(ServerFrame::Registered { observed, .. })) => observed,
+            Ok(Some(other)) => return Err(ClientError::Protocol(format!("expected Registered, got {other:?}"))),
+            Ok(None) | Err(StreamError::Read(_)) => {
+                // The tracker closed us; report its reason.
+                return Err(ClientError::Connection(connection.closed().await));
+            }
+            Err(e) => return Err(e.into()),
+        };
+
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let pending: Pending = Arc::default();
+        let (intro_tx, intro_rx) = mpsc::channel(64);
+        tasks.spawn(read_frames(reader, pending.clone(), intro_tx, cancel.clone(), connection.clone()));
+        tasks.close();
+        Ok((
+            Self {
+                connection,
+                tracker_id,
+                observed,
+                send: tokio::sync::Mutex::new(send),
+                pending,
+                next_request: AtomicU64::new(1),
+                tasks,
+                _cancel: cancel.drop_guard(),
+            },
+            intro_rx,
+        ))
+    }
+
+    /// The address the tracker sees us at (our public NAT mapping).
+    pub fn observed_addr(&self) -> SocketAddr {
+        self.observed
+    }
+
+    /// The tracker's NodeId (`None` when it was verified by a CA instead).
+    pub fn tracker_id(&self) -> Option<NodeId> {
+        self.tracker_id
+    }
+
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// Resolves when the tracker connection is gone, with the reason.
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.connection.closed().await
+    }
+
+    /// Closes the connection politely and waits for the reader task.
+    pub async fn close(&self) {
+        self.connection.close(close_code::NORMAL.into(), b"node leaving");
+        self.tasks.wait().await;
+    }
+
+    async fn request(&self, build: impl FnOnce(u64) -> ClientFrame) -> Result<ServerFrame, ClientError> {
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(request_id, tx);
+        let sent = {
+            let mut send = self.send.lock().await;
+            write_frame(&mut send, &build(request_id), MAX_FRAME_LEN).await
+        };
+        if let Err(e) = sent {
+            lock(&self.pending).remove(&request_id);
+            return Err(e.into());
+        }
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, rx).await;
+        lock(&self.pending).remove(&request_id);
+        match answer {
+            Err(_) => Err(ClientError::Timeout(REQUEST_TIMEOUT)),
+            Ok(Err(_)) => Err(self
+                .connection
+                .close_reason()
+                .map(ClientError::Connection)
+                .unwrap_or(ClientError::Closed)),
+            Ok(Ok(ServerFrame::Error { kind, message, .. })) => Err(ClientError::Refused { kind, message }),
+            Ok(Ok(frame)) => Ok(frame),
+        }
+    }
+
+    /// One page of the directory.
+    pub async fn list_page(&self, after: Option<NodeId>, limit: u16) -> Result<(Vec<PeerInfo>, Option<NodeId>), ClientError> {
+        match self
+            .request(|request_id| ClientFrame::ListPeers {
+                request_id,
+                after,
+                limit,
+            })
+            .await?
+        {
+            ServerFrame::Peers { peers, next, .. } => Ok((peers, next)),
+            other => Err(ClientError::Protocol(format!("expected Peers, got {other:?}"))),
+        }
+    }
+
+    /// Every registered node (up to [`MAX_LISTED`]), page by page.
+    pub async fn list_all(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (peers, next) = self.list_page(after, MAX_PEERS_PAGE).await?;
+            all.extend(peers);
+            match next {
+                Some(cursor) if all.len() < MAX_LISTED => after = Some(cursor),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// Asks the tracker to introduce us to `target`. The target receives our addresses at the
+    /// same moment; we receive theirs.
+    pub async fn introduce(&self, target: NodeId) -> Result<Introduction, ClientError> {
+        match self.request(|request_id| ClientFrame::Introduce { request_id, target }).await? {
+            ServerFrame::Introduction { peer, addrs, .. } if peer == target => Ok(Introduction {
+                peer,
+                addrs,
+                requested: true,
+            }),
+            ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
+            other => Err(ClientError::Protocol(format!("expected Introduction, got {other:?}"))),
+        }
+    }
+}
+
+/// Routes the tracker's frames: answers to their waiting requests, introductions to the node.
+async fn read_frames(
+    mut reader: FrameReader,
+    pending: Pending,
+    introductions: mpsc::Sender<Introduction>,
+    cancel: CancellationToken,
+    connection: quinn::Connection,
+) {
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => return,
+            frame = reader.next::<ServerFrame>() => frame,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("tracker control stream ended: {e}");
+                if !matches!(e, StreamError::Read(_)) {
+                    connection.close(close_code::PROTOCOL_VIOLATION.into(), b"undecodable frame");
+                }
+                return;
+            }
+        };
+        let request_id = match &frame {
+            ServerFrame::Introduction {
+                request_id: None,
+                peer,
+                addrs,
+            } => {
+                let intro = Introduction {
+                    peer: *peer,
+                    addrs: addrs.clone(),
+                    requested: false,
+                };
+                if introductions.try_send(intro).is_err() {
+                    tracing::warn!("dropping an introduction: the node is not keeping up");
+                }
+                continue;
+            }
+            ServerFrame::Introduction {
+                request_id: Some(id), ..
+            } => *id,
+            ServerFrame::Peers { request_id, .. }
+            | ServerFrame::NotFound { request_id, .. }
+            | ServerFrame::Error { request_id, .. } => *request_id,
+            ServerFrame::Registered { .. } => {
+                connection.close(close_code::PROTOCOL_VIOLATION.into(), b"Registered sent twice");
+                return;
+            }
+        };
+        if let Some(waiter) = lock(&pending).remove(&request_id) {
+            let _ = waiter.send(frame);
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The directory of registered nodes and the per-node / per-address limits. Pure state; the
+//! server holds it behind a mutex and never awaits while holding it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use qpeer_certs::NodeId;
+use tokio::sync::mpsc;
+
+use crate::proto::{PeerAddrs, PeerInfo, ServerFrame};
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            refilled: now,
+        }
+    }
+
+    /// Takes one token if available.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One registered node.
+#[derive(Debug)]
+pub struct Entry {
+    /// Which connection registered it (a newer registration replaces an older one).
+    pub connection_id: u64,
+    pub connection: quinn::Connection,
+    pub addrs: PeerAddrs,
+    pub name: Option<String>,
+    pub registered_at: u64,
+    /// Frames for this node's control stream.
+    pub outbox: mpsc::Sender<ServerFrame>,
+    pub introductions: TokenBucket,
+}
+
+/// Result of [`Directory::register`].
+#[derive(Debug)]
+pub enum RegisterOutcome {
+    Registered,
+    /// The node was registered over another connection, which the caller must close.
+    Replaced(Box<Entry>),
+    /// The directory is full.
+    Full,
+}
+
+/// Registered nodes by NodeId, and open connections by source IP.
+#[derive(Debug, Default)]
+pub struct Directory {
+    nodes: BTreeMap<NodeId, Entry>,
+    connections_per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Directory {
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn register(&mut self, node_id: NodeId, entry: Entry, max_nodes: usize) -> RegisterOutcome {
+        if !self.nodes.contains_key(&node_id) && self.nodes.len() >= max_nodes {
+            return RegisterOutcome::Full;
+        }
+        match self.nodes.insert(node_id, entry) {
+            Some(old) => RegisterOutcome::Replaced(Box::new(old)),
+            None => RegisterOutcome::Registered,
+        }
+    }
+
+    /// Removes `node_id` if it is still registered by `connection_id`.
+    pub fn remove(&mut self, node_id: &NodeId, connection_id: u64) -> bool {
+        if self.nodes.get(node_id).is_some_and(|e| e.connection_id == connection_id) {
+            self.nodes.remove(node_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn get(&self, node_id: &NodeId) -> Option<&Entry> {
+        self.nodes.get(node_id)
+    }
+
+    pub fn get_mut(&mut self, node_id: &NodeId) -> Option<&mut Entry> {
+        self.nodes.get_mut(node_id)
+    }
+
+    /// A page of up to `limit` nodes after `after`, and the cursor of the next page.
+    pub fn page(&self, after: Option<NodeId>, limit: usize) -> (Vec<PeerInfo>, Option<NodeId>) {
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        let mut iter = self.nodes.range((start, Bound::Unbounded));
+        let peers: Vec<PeerInfo> = iter
+            .by_ref()
+            .take(limit)
+            .map(|(id, e)| PeerInfo {
+                node_id: *id,
+                name: e.name.clone(),
+                registered_at: e.registered_at,
+            })
+            .collect();
+        let next = if iter.next().is_some() {
+            peers.last().map(|p| p.node_id)
+        } else {
+            None
+        };
+        (peers, next)
+    }
+
+    /// Counts a new connection from `ip`; false (and nothing counted) past `max`.
+    pub fn open_connection(&mut self, ip: IpAddr, max: usize) -> bool {
+        let count = self.connections_per_ip.entry(ip).or_insert(0);
+        if *count >= max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    pub fn close_connection(&mut self, ip: IpAddr) {
+        if let Some(count) = self.connections_per_ip.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.connections_per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// Strips the IPv4-mapped IPv6 form so addresses read as users expect.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2, 3, start);
+        assert!((0..3).all(|_| bucket.try_take(start)));
+        assert!(!bucket.try_take(start));
+        assert!(bucket.try_take(start + Duration::from_millis(500)));
+        assert!(!bucket.try_take(start + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn per_ip_counter_caps_and_releases() {
+        let mut dir = Directory::default();
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert!(dir.open_connection(ip, 2));
+        assert!(dir.open_connection(ip, 2));
+        assert!(!dir.open_connection(ip, 2));
+        dir.close_connection(ip);
+        assert!(dir.open_connection(ip, 2));
+    }
+}

@@ -1,0 +1,141 @@
+//! Tracker wire types: what travels on a node's control stream (see docs/PROTOCOL.md).
+//!
+//! These types are pure data. Encoding lives in [`crate::codec`]; nothing here touches a socket.
+
+use std::net::SocketAddr;
+
+use qpeer_certs::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// ALPN of the node ↔ tracker protocol.
+pub const ALPN: &[u8] = b"qpeer-tracker/1";
+
+/// Protocol version carried in `Register` and `Registered`. A tracker closes a connection whose
+/// version it does not speak with [`close_code::UNSUPPORTED_VERSION`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard upper bound of a frame body in bytes. A tracker may be configured lower, never higher.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Most candidate addresses a node may register.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// Longest node name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Most peers in one `Peers` page.
+pub const MAX_PEERS_PAGE: u16 = 256;
+
+/// Frames a node sends to the tracker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame on the control stream, exactly once.
+    Register {
+        version: u16,
+        /// Local interface addresses with the endpoint's port (for same-LAN peers).
+        candidates: Vec<SocketAddr>,
+        /// Optional human-readable name, at most [`MAX_NAME_LEN`] bytes.
+        name: Option<String>,
+    },
+    /// A page of registered nodes, ordered by NodeId, starting after `after`.
+    ListPeers {
+        request_id: u64,
+        after: Option<NodeId>,
+        limit: u16,
+    },
+    /// Ask the tracker to introduce us to `target` (both sides then punch at once).
+    Introduce { request_id: u64, target: NodeId },
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub node_id: NodeId,
+    pub name: Option<String>,
+    /// Registration time, seconds since the Unix epoch (tracker clock).
+    pub registered_at: u64,
+}
+
+/// Where a peer can be reached: what the tracker observed and what the peer reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddrs {
+    pub observed: SocketAddr,
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// Typed errors carried in [`ServerFrame::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Too many introduction requests per second; retry later.
+    RateLimited,
+    /// The request was not valid (e.g. introducing yourself, a page limit of 0).
+    InvalidRequest,
+    /// The target's queue is full; retry later.
+    Busy,
+}
+
+/// Frames the tracker sends to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// Reply to `Register`: the address the tracker sees the node at (its NAT mapping).
+    Registered { version: u16, observed: SocketAddr },
+    /// Reply to `ListPeers`. `next` is the cursor for the following page, if any.
+    Peers {
+        request_id: u64,
+        peers: Vec<PeerInfo>,
+        next: Option<NodeId>,
+    },
+    /// An introduction. `request_id` is set on the reply to the node that asked, and `None` on
+    /// the copy sent at the same moment to the node that was asked for.
+    Introduction {
+        request_id: Option<u64>,
+        peer: NodeId,
+        addrs: PeerAddrs,
+    },
+    /// Reply to `Introduce` when the target is not registered.
+    NotFound { request_id: u64, target: NodeId },
+    /// A request failed; the connection stays open.
+    Error {
+        request_id: u64,
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// QUIC application close codes used by the tracker (and documented in docs/PROTOCOL.md).
+pub mod close_code {
+    /// Normal close (a node leaving).
+    pub const NORMAL: u32 = 0;
+    /// The peer broke the protocol: undecodable frame, unexpected frame, bad field.
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// A frame's length prefix exceeded the maximum frame size.
+    pub const FRAME_TOO_LARGE: u32 = 2;
+    /// `Register.version` is not one the tracker speaks.
+    pub const UNSUPPORTED_VERSION: u32 = 3;
+    /// The same NodeId registered again over another connection; this one was replaced.
+    pub const REPLACED: u32 = 4;
+    /// The tracker holds its maximum number of registered nodes.
+    pub const TRACKER_FULL: u32 = 5;
+    /// Too many connections from this source IP.
+    pub const TOO_MANY_CONNECTIONS: u32 = 6;
+    /// No `Register` arrived in time, or a frame was left incomplete for too long.
+    pub const TIMEOUT: u32 = 7;
+    /// The tracker is shutting down.
+    pub const SHUTDOWN: u32 = 8;
+
+    /// A short name for a close code, for logs.
+    pub fn name(code: u64) -> &'static str {
+        match code {
+            0 => "normal",
+            1 => "protocol violation",
+            2 => "frame too large",
+            3 => "unsupported version",
+            4 => "replaced by a newer registration",
+            5 => "tracker full",
+            6 => "too many connections from this address",
+            7 => "timeout",
+            8 => "tracker shutting down",
+            _ => "unknown",
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! The tracker server: [`Tracker::bind`] then [`Tracker::run`] until a shutdown future resolves.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use qpeer_certs::{peer_node_id, Identity, NodeId};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::codec::CodecError;
+use crate::directory::{canonical, unix_now, Directory, Entry, RegisterOutcome, TokenBucket};
+use crate::proto::{
+    close_code, ClientFrame, ErrorKind, PeerAddrs, ServerFrame, ALPN, MAX_CANDIDATES, MAX_FRAME_LEN,
+    MAX_NAME_LEN, MAX_PEERS_PAGE, PROTOCOL_VERSION,
+};
+use crate::stream::{write_frame, FrameReader, StreamError};
+
+/// Limits that keep one client from hurting the others. Defaults suit a public tracker.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most nodes registered at once.
+    pub max_nodes: usize,
+    /// Largest frame body accepted, in bytes (capped at [`MAX_FRAME_LEN`]).
+    pub max_frame_len: usize,
+    /// Introductions a node may request per second (sustained).
+    pub introductions_per_sec: u32,
+    /// Introductions a node may request in a burst.
+    pub introduction_burst: u32,
+    /// Most simultaneous connections from one source IP.
+    pub max_connections_per_ip: usize,
+    /// Time allowed from handshake to `Register`.
+    pub register_timeout: Duration,
+    /// Time allowed to finish a frame once its first byte arrived.
+    pub partial_frame_timeout: Duration,
+    /// A connection with no packets for this long is dropped (nodes send keep-alives).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_nodes: 100_000,
+            max_frame_len: MAX_FRAME_LEN,
+            introductions_per_sec: 10,
+            introduction_burst: 20,
+            max_connections_per_ip: 64,
+            register_timeout: Duration::from_secs(10),
+            partial_frame_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+/// Everything needed to start a tracker.
+pub struct TrackerConfig {
+    pub listen: SocketAddr,
+    pub identity: Arc<Identity>,
+    /// A CA-issued certificate chain and key to present instead of the self-signed identity one.
+    pub certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    pub limits: Limits,
+    /// Print the `[STARTING]`/`[NEW CONNECTION]`/… console lines on stdout.
+    pub console: bool,
+}
+
+impl TrackerConfig {
+    pub fn new(listen: SocketAddr, identity: Arc<Identity>) -> Self {
+        Self {
+            listen,
+            identity,
+            certificate: None,
+            limits: Limits::default(),
+            console: false,
+        }
+    }
+}
+
+/// Starting or running the tracker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] qpeer_certs::TlsError),
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+}
+
+/// The console lines users and tests read.
+#[derive(Debug, Clone, Copy)]
+struct Console(bool);
+
+impl Console {
+    fn line(self, text: std::fmt::Arguments<'_>) {
+        if self.0 {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+    }
+}
+
+struct Shared {
+    directory: Mutex<Directory>,
+    limits: Limits,
+    console: Console,
+    next_connection_id: AtomicU64,
+}
+
+impl Shared {
+    fn directory(&self) -> MutexGuard<'_, Directory> {
+        // A panic while holding the lock cannot leave the directory half-updated in a way that
+        // matters more than stopping the tracker, so take the data back.
+        self.directory.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A bound tracker, ready to [`run`](Tracker::run).
+pub struct Tracker {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    node_id: NodeId,
+    ca_mode: bool,
+}
+
+/// The transport settings of the tracker: one control stream per node, small windows, so
+/// that many idle nodes cost little memory.
+fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TrackerError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((4 * MAX_FRAME_LEN as u32).into())
+        .receive_window((4 * MAX_FRAME_LEN as u32).into())
+        .send_window(4 * MAX_FRAME_LEN as u64)
+        .max_idle_timeout(Some(
+            limits
+                .idle_timeout
+                .try_into()
+                .map_err(|e| TrackerError::Transport(format!("idle timeout: {e}")))?,
+        ));
+    Ok(transport)
+}
+
+/// An endpoint whose stateless-reset key is derived from the identity, so that after a restart
+/// the tracker's resets are accepted and nodes notice at once that their old connection is gone.
+pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let secret = identity.derive_secret(b"qpeer stateless reset key");
+    quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)))
+}
+
+impl Tracker {
+    /// Binds the UDP socket and prepares TLS. Prints `[STARTING]` and `[LISTENING]` when the
+    /// console is on.
+    pub fn bind(config: TrackerConfig) -> Result<Self, TrackerError> {
+        let console = Console(config.console);
+        console.line(format_args!("[STARTING] tracker server is starting..."));
+        let ca_mode = config.certificate.is_some();
+        let mut server_config = match config.certificate {
+            Some((chain, key)) => qpeer_certs::config::server_config_with_cert(chain, key, &[ALPN])?,
+            None => qpeer_certs::server_config(&config.identity, &[ALPN])?,
+        };
+        server_config.transport_config(Arc::new(transport_config(&config.limits)?));
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(|source| TrackerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config(&config.identity),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| TrackerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let tracker = Self {
+            endpoint,
+            node_id: config.identity.node_id(),
+            ca_mode,
+            shared: Arc::new(Shared {
+                directory: Mutex::new(Directory::default()),
+                limits: config.limits,
+                console,
+                next_connection_id: AtomicU64::new(1),
+            }),
+        };
+        let addr = tracker.local_addr();
+        console.line(format_args!("[LISTENING] Server is listening on {addr}"));
+        console.line(format_args!("[TRACKER] {}", tracker.tracker_string()));
+        Ok(tracker)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// What a node passes as `--tracker`: `ID@IP:PORT`, or `IP:PORT` in CA mode.
+    pub fn tracker_string(&self) -> String {
+        let addr = self.local_addr();
+        if self.ca_mode {
+            addr.to_string()
+        } else {
+            format!("{}@{addr}", self.node_id)
+        }
+    }
+
+    /// Number of registered nodes.
+    pub fn registered(&self) -> usize {
+        self.shared.directory().len()
+    }
+
+    /// A handle that reports the number of registered nodes while the tracker runs.
+    pub fn stats(&self) -> TrackerStats {
+        TrackerStats(self.shared.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection with
+    /// [`close_code::SHUTDOWN`] and waits (bounded) for the endpoint to go idle.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    let cancel = cancel.child_token();
+                    let writers = tasks.clone();
+                    tasks.spawn(async move {
+                        handle_incoming(shared, incoming, cancel, writers).await;
+                    });
+                }
+            }
+        }
+        tracing::info!("tracker shutting down");
+        cancel.cancel();
+        self.endpoint
+            .close(close_code::SHUTDOWN.into(), b"tracker shutting down");
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            tasks.wait().await;
+            self.endpoint.wait_idle().await;
+        })
+        .await;
+    }
+}
+
+/// Read-only view of a running tracker's directory size.
+#[derive(Clone)]
+pub struct TrackerStats(Arc<Shared>);
+
+impl TrackerStats {
+    pub fn registered(&self) -> usize {
+        self.0.directory().len()
+    }
+}
+
+/// Why a connection ended, for the `[DISCONNECTED]` line.
+fn describe_close(conn: &quinn::Connection) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            let code = close.error_code.into_inner();
+            let reason = String::from_utf8_lossy(&close.reason);
+            if reason.is_empty() {
+                format!("closed: {}", close_code::name(code))
+            } else {
+                format!("closed: {} ({reason})", close_code::name(code))
+            }
+        }
+        Some(quinn::ConnectionError::LocallyClosed) => "closed by tracker".into(),
+        Some(quinn::ConnectionError::TimedOut) => "idle timeout".into(),
+        Some(other) => other.to_string(),
+        None => "closed".into(),
+    }
+}
+
+fn close(conn: &quinn::Connection, code: u32, reason: &str) {
+    conn.close(code.into(), reason.as_bytes());
+}
+
+/// Counts the connection against its source IP for as long as it lives.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        self.shared.directory().close_connection(self.ip);
+    }
+}
+
+async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken, tasks: TaskTracker) {
+    let remote = canonical(incoming.remote_address());
+    let slot = {
+        let mut directory = shared.directory();
+        directory
+            .open_connection(remote.ip(), shared.limits.max_connections_per_ip)
+            .then(|| IpSlot {
+                shared: shared.clone(),
+                ip: remote.ip(),
+            })
+    };
+    let conn = match tokio::time::timeout(shared.limits.register_timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    let Some(_slot) = slot else {
+        tracing::warn!(%remote, "refusing connection: too many from this address");
+        close(&conn, close_code::TOO_MANY_CONNECTIONS, "too many connections from your address");
+        return;
+    };
+    let node_id = match peer_node_id(&conn) {
+        Ok(id) => id,
+        Err(e) => {
+            close(&conn, close_code::PROTOCOL_VIOLATION, &e.to_string());
+            return;
+        }
+    };
+    let session = Session {
+        shared: shared.clone(),
+        conn: conn.clone(),
+        node_id,
+        remote,
+        connection_id: shared.next_connection_id.fetch_add(1, Ordering::Relaxed),
+    };
+    session.run(cancel, tasks).await;
+}
+
+/// One node's connection, from `Register` to close.
+struct Session {
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    node_id: NodeId,
+    remote: SocketAddr,
+    connection_id: u64,
+}
+
+/// A protocol failure that ends the session with a close code.
+struct Fatal {
+    code: u32,
+    reason: String,
+}
+
+impl Fatal {
+    fn new(code: u32, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<StreamError> for Fatal {
+    fn from(err: StreamError) -> Self {
+        let code = match &err {
+            StreamError::Codec(CodecError::TooLarge { .. }) => close_code::FRAME_TOO_LARGE,
+            StreamError::PartialTimeout(_) => close_code::TIMEOUT,
+            _ => close_code::PROTOCOL_VIOLATION,
+        };
+        Fatal::new(code, err.to_string())
+    }
+}
+
+impl Session {
+    async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
+        let limits = self.shared.limits.clone();
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = tokio::time::timeout(limits.register_timeout, self.conn.accept_bi()) => accepted,
+        };
+        let (send, recv) = match accepted {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                close(&self.conn, close_code::TIMEOUT, "no control stream opened in time");
+                return;
+            }
+        };
+        let mut reader = FrameReader::new(recv, limits.max_frame_len, limits.partial_frame_timeout);
+        let (outbox, outbox_rx) = mpsc::channel::<ServerFrame>(64);
+        tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx, limits.max_frame_len));
+
+        let registered = match self.register(&mut reader, &outbox, &cancel).await {
+            Ok(registered) => registered,
+            Err(fatal) => {
+                close(&self.conn, fatal.code, &fatal.reason);
+                return;
+            }
+        };
+        if !registered {
+            return;
+        }
+        let console = self.shared.console;
+        let active = self.shared.directory().len();
+        console.line(format_args!(
+            "[NEW CONNECTION] {} connected. node {}",
+            self.remote,
+            self.node_id.short()
+        ));
+        console.line(format_args!("[ACTIVE CONNECTIONS] {active}"));
+
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => Err(Fatal::new(close_code::SHUTDOWN, "tracker shutting down")),
+            outcome = self.serve(&mut reader, &outbox) => outcome,
+            _ = self.conn.closed() => Ok(()),
+        };
+        if let Err(fatal) = outcome {
+            tracing::debug!(node = %self.node_id.short(), "closing: {}", fatal.reason);
+            close(&self.conn, fatal.code, &fatal.reason);
+        }
+        let removed = self.shared.directory().remove(&self.node_id, self.connection_id);
+        let active = self.shared.directory().len();
+        console.line(format_args!(
+            "[DISCONNECTED] {} node {} ({})",
+            self.remote,
+            self.node_id.short(),
+            describe_close(&self.conn)
+        ));
+        if removed {
+            console.line(format_args!("[ACTIVE CONNECTIONS] {active}"));
+        }
+    }
+
+    /// Waits for `Register`, enters the node in the directory and answers `Registered`.
+    /// Ok(false): the session ended without registering (already closed).
+    async fn register(
+        &self,
+        reader: &mut FrameReader,
+        outbox: &mpsc::Sender<ServerFrame>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Fatal> {
+        let limits = &self.shared.limits;
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return Ok(false),
+            first = tokio::time::timeout(limits.register_timeout, reader.next::<ClientFrame>()) => first,
+        };
+        let frame = match first {
+            Err(_) => return Err(Fatal::new(close_code::TIMEOUT, "no Register frame in time")),
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return Ok(false),
+            Ok(Err(StreamError::Read(_))) => return Ok(false),
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        let ClientFrame::Register {
+            version,
+            candidates,
+            name,
+        } = frame
+        else {
+            return Err(Fatal::new(close_code::PROTOCOL_VIOLATION, "the first frame must be Register"));
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(Fatal::new(
+                close_code::UNSUPPORTED_VERSION,
+                format!("protocol version {version} is not supported; this tracker speaks {PROTOCOL_VERSION}"),
+            ));
+        }
+        if candidates.len() > MAX_CANDIDATES {
+            return Err(Fatal::new(
+                close_code::PROTOCOL_VIOLATION,
+                format!("{} candidates; at most {MAX_CANDIDATES}", candidates.len()),
+            ));
+        }
+        if name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN || n.chars().any(char::is_control)) {
+            return Err(Fatal::new(
+                close_code::PROTOCOL_VIOLATION,
+                format!("name must be at most {MAX_NAME_LEN} bytes without control characters"),
+            ));
+        }
+        let observed = canonical(self.conn.remote_address());
+        let entry = Entry {
+            connection_id: self.connection_id,
+            connection: self.conn.clone(),
+            addrs: PeerAddrs { observed, candidates },
+            name,
+            registered_at: unix_now(),
+            outbox: outbox.clone(),
+            introductions: TokenBucket::new(limits.introductions_per_sec, limits.introduction_burst, Instant::now()),
+        };
+        let outcome = self.shared.directory().register(self.node_id, entry, limits.max_nodes);
+        match outcome {
+            RegisterOutcome::Registered => {}
+            RegisterOutcome::Replaced(old) => {
+                tracing::info!(node = %self.node_id.short(), "registration replaced an older connection");
+                close(
+                    &old.connection,
+                    close_code::REPLACED,
+                    &format!("this NodeId registered again from {observed}"),
+                );
+            }
+            RegisterOutcome::Full => {
+                return Err(Fatal::new(
+                    close_code::TRACKER_FULL,
+                    format!("tracker full ({} nodes)", limits.max_nodes),
+                ))
+            }
+        }
+        let _ = outbox
+            .send(ServerFrame::Registered {
+                version: PROTOCOL_VERSION,
+                observed,
+            })
+            .await;
+        Ok(true)
+    }
+
+    /// Answers requests until the node finishes its stream or breaks the protocol.
+    async fn serve(&self, reader: &mut FrameReader, outbox: &mpsc::Sender<ServerFrame>) -> Result<(), Fatal> {
+        loop {
+            let frame = match reader.next::<ClientFrame>().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(StreamError::Read(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let reply = match frame {
+                ClientFrame::Register { .. } => {
+                    return Err(Fatal::new(close_code::PROTOCOL_VIOLATION, "Register sent twice"))
+                }
+                ClientFrame::ListPeers {
+                    request_id,
+                    after,
+                    limit,
+                } => {
+                    let limit = usize::from(limit.clamp(1, MAX_PEERS_PAGE));
+                    let (peers, next) = self.shared.directory().page(after, limit);
+                    ServerFrame::Peers {
+                        request_id,
+                        peers,
+                        next,
+                    }
+                }
+                ClientFrame::Introduce { request_id, target } => self.introduce(request_id, target),
+            };
+            if outbox.send(reply).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends both introductions under one lock, so both nodes learn of each other at once.
+    /// Returns the reply for the requester.
+    fn introduce(&self, request_id: u64, target: NodeId) -> ServerFrame {
+        let error = |kind, message: &str| ServerFrame::Error {
+            request_id,
+            kind,
+            message: message.to_string(),
+        };
+        if target == self.node_id {
+            return error(ErrorKind::InvalidRequest, "a node cannot be introduced to itself");
+        }
+        let mut directory = self.shared.directory();
+        let Some(me) = directory.get_mut(&self.node_id) else {
+            return error(ErrorKind::InvalidRequest, "not registered");
+        };
+        if !me.introductions.try_take(Instant::now()) {
+            return error(ErrorKind::RateLimited, "too many introduction requests; slow down");
+        }
+        let my_addrs = me.addrs.clone();
+        let Some(peer) = directory.get(&target) else {
+            return ServerFrame::NotFound { request_id, target };
+        };
+        let to_target = ServerFrame::Introduction {
+            request_id: None,
+            peer: self.node_id,
+            addrs: my_addrs,
+        };
+        if peer.outbox.try_send(to_target).is_err() {
+            return error(ErrorKind::Busy, "the target's queue is full; retry shortly");
+        }
+        tracing::debug!(from = %self.node_id.short(), to = %target.short(), "introduction");
+        ServerFrame::Introduction {
+            request_id: Some(request_id),
+            peer: target,
+            addrs: peer.addrs.clone(),
+        }
+    }
+}
+
+/// Writes queued frames to the node's control stream until the queue closes or writing fails.
+async fn write_outbox(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut outbox: mpsc::Receiver<ServerFrame>,
+    max_frame_len: usize,
+) {
+    while let Some(frame) = outbox.recv().await {
+        if let Err(e) = write_frame(&mut send, &frame, max_frame_len).await {
+            tracing::debug!("control stream write failed: {e}");
+            close(&conn, close_code::PROTOCOL_VIOLATION, "control stream write failed");
+            return;
+        }
+    }
+    let _ = send.finish();
+}

@@ -1,0 +1,99 @@
+//! The real `qpeer-tracker` binary prints its console lines in the documented order.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use qpeer_certs::config::PINNED_SERVER_NAME;
+use qpeer_certs::{Identity, ServerTrust};
+use qpeer_tracker::client::RegisterInfo;
+use qpeer_tracker::{TrackerAddr, TrackerClient};
+
+struct Tracker {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    _home: tempfile::TempDir,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tracker {
+    fn start() -> Self {
+        let home = tempfile::tempdir().expect("home");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qpeer-tracker"))
+            .args(["--listen", "127.0.0.1:0", "--home"])
+            .arg(home.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn qpeer-tracker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, _home: home }
+    }
+
+    fn next_line(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(10)).expect("a console line within 10 s")
+    }
+}
+
+#[tokio::test]
+async fn console_lines_follow_the_documented_order() {
+    let tracker = Tracker::start();
+    assert_eq!(tracker.next_line(), "[STARTING] tracker server is starting...");
+    let listening = tracker.next_line();
+    let bound: SocketAddr = listening
+        .strip_prefix("[LISTENING] Server is listening on ")
+        .unwrap_or_else(|| panic!("unexpected line {listening:?}"))
+        .parse()
+        .expect("a socket address");
+    assert_eq!(bound.ip(), Ipv4Addr::LOCALHOST);
+    assert_ne!(bound.port(), 0, "the actually bound port is printed");
+    let tracker_line = tracker.next_line();
+    let tracker_addr: TrackerAddr = tracker_line
+        .strip_prefix("[TRACKER] ")
+        .unwrap_or_else(|| panic!("unexpected line {tracker_line:?}"))
+        .parse()
+        .expect("ID@IP:PORT");
+    assert_eq!(tracker_addr.port, bound.port());
+    let tracker_id = tracker_addr.node_id.expect("pinned form");
+
+    let endpoint = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).expect("endpoint");
+    let identity = Identity::generate().expect("identity");
+    let (client, _intros) = TrackerClient::connect(
+        &endpoint,
+        &identity,
+        bound,
+        PINNED_SERVER_NAME,
+        &ServerTrust::Pinned(tracker_id),
+        RegisterInfo::default(),
+    )
+    .await
+    .expect("register");
+    let local = endpoint.local_addr().expect("local");
+    assert_eq!(
+        tracker.next_line(),
+        format!("[NEW CONNECTION] {local} connected. node {}", identity.node_id().short())
+    );
+    assert_eq!(tracker.next_line(), "[ACTIVE CONNECTIONS] 1");
+    client.close().await;
+    let disconnected = tracker.next_line();
+    assert!(
+        disconnected.starts_with(&format!("[DISCONNECTED] {local} node {} (", identity.node_id().short())),
+        "{disconnected}"
+    );
+    assert_eq!(tracker.next_line(), "[ACTIVE CONNECTIONS] 0");
+}

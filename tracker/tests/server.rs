@@ -1,0 +1,372 @@
+//! In-process tracker tests: a real tracker on 127.0.0.1:0 and real quinn clients.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qpeer_certs::config::PINNED_SERVER_NAME;
+use qpeer_certs::{Identity, ServerTrust};
+use qpeer_tracker::client::{Introduction, RegisterInfo};
+use qpeer_tracker::proto::{close_code, ErrorKind, ALPN};
+use qpeer_tracker::{ClientError, Limits, Tracker, TrackerClient, TrackerConfig};
+use tokio::sync::{mpsc, oneshot};
+
+struct RunningTracker {
+    addr: SocketAddr,
+    id: qpeer_certs::NodeId,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningTracker {
+    async fn start(limits: Limits) -> Self {
+        let identity = Arc::new(Identity::generate().expect("identity"));
+        let mut config = TrackerConfig::new((Ipv4Addr::LOCALHOST, 0).into(), identity);
+        config.limits = limits;
+        let tracker = Tracker::bind(config).expect("bind tracker");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let addr = tracker.local_addr();
+        let id = tracker.node_id();
+        let task = tokio::spawn(tracker.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            id,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+    }
+}
+
+fn endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).expect("client endpoint")
+}
+
+#[allow(dead_code)]
+struct TestNode {
+    identity: Identity,
+    endpoint: quinn::Endpoint,
+    client: TrackerClient,
+    intros: mpsc::Receiver<Introduction>,
+}
+
+impl std::fmt::Debug for TestNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TestNode({})", self.identity.node_id())
+    }
+}
+
+async fn register(tracker: &RunningTracker, identity: Identity) -> Result<TestNode, ClientError> {
+    let endpoint = endpoint();
+    let candidates = vec![endpoint.local_addr().expect("addr")];
+    let (client, intros) = TrackerClient::connect(
+        &endpoint,
+        &identity,
+        tracker.addr,
+        PINNED_SERVER_NAME,
+        &ServerTrust::Pinned(tracker.id),
+        RegisterInfo {
+            candidates,
+            name: Some("test".into()),
+        },
+    )
+    .await?;
+    Ok(TestNode {
+        identity,
+        endpoint,
+        client,
+        intros,
+    })
+}
+
+async fn node(tracker: &RunningTracker) -> TestNode {
+    register(tracker, Identity::generate().expect("identity")).await.expect("register")
+}
+
+/// The application close code of a closed connection.
+async fn close_code_of(conn: &quinn::Connection) -> Option<u64> {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => Some(close.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn register_list_and_introduce() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let mut a = node(&tracker).await;
+    let mut b = node(&tracker).await;
+    assert_eq!(a.client.observed_addr(), a.endpoint.local_addr().expect("addr"));
+    assert_eq!(b.client.observed_addr(), b.endpoint.local_addr().expect("addr"));
+    assert_eq!(a.client.tracker_id(), Some(tracker.id));
+
+    let mut listed: Vec<_> = a.client.list_all().await.expect("list").into_iter().map(|p| p.node_id).collect();
+    listed.sort();
+    let mut expected = vec![a.identity.node_id(), b.identity.node_id()];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    let intro = a.client.introduce(b.identity.node_id()).await.expect("introduce");
+    assert_eq!(intro.peer, b.identity.node_id());
+    assert_eq!(intro.addrs.observed, b.client.observed_addr());
+    assert_eq!(intro.addrs.candidates, vec![b.endpoint.local_addr().expect("addr")]);
+    let at_b = tokio::time::timeout(Duration::from_secs(5), b.intros.recv())
+        .await
+        .expect("introduction reaches the target")
+        .expect("intro");
+    assert_eq!(at_b.peer, a.identity.node_id());
+    assert!(!at_b.requested);
+    assert_eq!(at_b.addrs.observed, a.client.observed_addr());
+    assert_eq!(at_b.addrs.candidates, vec![a.endpoint.local_addr().expect("addr")]);
+    assert!(a.intros.try_recv().is_err(), "the requester gets its answer as a reply, not an event");
+
+    let unknown = Identity::generate().expect("identity").node_id();
+    assert!(matches!(a.client.introduce(unknown).await, Err(ClientError::NotFound(id)) if id == unknown));
+    assert!(matches!(
+        a.client.introduce(a.identity.node_id()).await,
+        Err(ClientError::Refused { kind: ErrorKind::InvalidRequest, .. })
+    ));
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn listing_pages_through_the_directory() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let mut nodes = Vec::new();
+    for _ in 0..5 {
+        nodes.push(node(&tracker).await);
+    }
+    let (first, next) = nodes[0].client.list_page(None, 2).await.expect("page");
+    assert_eq!(first.len(), 2);
+    let (second, _) = nodes[0].client.list_page(next, 2).await.expect("page");
+    assert_eq!(second.len(), 2);
+    assert!(first[1].node_id < second[0].node_id, "pages are ordered and do not overlap");
+    assert_eq!(nodes[0].client.list_all().await.expect("all").len(), 5);
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn same_node_id_replaces_the_older_connection() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let identity = Identity::generate().expect("identity");
+    let key = std::env::temp_dir().join(format!("qpeer-replace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&key);
+    // Two processes with one identity: load the same key file twice.
+    let first_identity = Identity::load_or_create(&key).expect("key");
+    let second_identity = Identity::load_or_create(&key).expect("key");
+    drop(identity);
+    let first = register(&tracker, first_identity).await.expect("first");
+    let second = register(&tracker, second_identity).await.expect("second");
+    assert_eq!(close_code_of(first.client.connection()).await, Some(close_code::REPLACED.into()));
+    let listed = second.client.list_all().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    let _ = std::fs::remove_dir_all(&key);
+    tracker.stop().await;
+}
+
+/// A client that presents someone else's certificate but signs with its own key.
+mod impostor {
+    use std::sync::Arc;
+
+    use rustls::client::ResolvesClientCert;
+    use rustls::sign::CertifiedKey;
+    use rustls::SignatureScheme;
+
+    #[derive(Debug)]
+    pub struct Impostor(pub Arc<CertifiedKey>);
+
+    impl ResolvesClientCert for Impostor {
+        fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_cannot_register_another_nodes_id() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let victim = Identity::generate().expect("victim");
+    let attacker = Identity::generate().expect("attacker");
+    let provider = Arc::new(qpeer_certs::config::crypto_provider());
+    let signing_key = provider
+        .key_provider
+        .load_private_key(attacker.private_key_der())
+        .expect("key");
+    let certified = rustls::sign::CertifiedKey::new(vec![victim.self_signed_cert().expect("cert")], signing_key);
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(qpeer_certs::verify::PinnedServerVerifier::new(
+            qpeer_certs::verify::ExpectedPeer::Pinned(tracker.id),
+        ))
+        .with_client_cert_resolver(Arc::new(impostor::Impostor(Arc::new(certified))));
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic");
+    let result = endpoint()
+        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), tracker.addr, PINNED_SERVER_NAME)
+        .expect("connect")
+        .await;
+    // In TLS 1.3 the client finishes before the server checks its certificate, so the refusal
+    // arrives as the connection closing with a TLS alert.
+    let err = match result {
+        Err(err) => err,
+        Ok(conn) => tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("the tracker must close the impostor"),
+    };
+    assert!(
+        matches!(err, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("error 51"), "decrypt_error alert expected: {err}");
+    let honest = node(&tracker).await;
+    assert!(honest.client.list_all().await.expect("list").iter().all(|p| p.node_id != victim.node_id()));
+    tracker.stop().await;
+}
+
+/// Opens a raw control stream (no qpeer client code) and returns it.
+async fn raw_control_stream(tracker: &RunningTracker) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let identity = Identity::generate().expect("identity");
+    let config = qpeer_certs::client_config(&identity, &ServerTrust::Pinned(tracker.id), &[ALPN]).expect("config");
+    let conn = endpoint()
+        .connect_with(config, tracker.addr, PINNED_SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (send, recv) = conn.open_bi().await.expect("stream");
+    (conn, send, recv)
+}
+
+#[tokio::test]
+async fn bad_frames_close_only_the_offender() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let a = node(&tracker).await;
+    let mut b = node(&tracker).await;
+
+    let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
+    send.write_all(&(u32::MAX).to_be_bytes()).await.expect("write");
+    assert_eq!(close_code_of(&conn).await, Some(close_code::FRAME_TOO_LARGE.into()));
+
+    let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
+    send.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
+    assert_eq!(close_code_of(&conn).await, Some(close_code::PROTOCOL_VIOLATION.into()));
+
+    // A valid Register of an unknown version.
+    let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
+    let frame = qpeer_tracker::codec::encode_frame(
+        &qpeer_tracker::proto::ClientFrame::Register {
+            version: 99,
+            candidates: vec![],
+            name: None,
+        },
+        qpeer_tracker::proto::MAX_FRAME_LEN,
+    )
+    .expect("encode");
+    send.write_all(&frame).await.expect("write");
+    assert_eq!(close_code_of(&conn).await, Some(close_code::UNSUPPORTED_VERSION.into()));
+
+    // The honest nodes are still served.
+    assert_eq!(a.client.list_all().await.expect("list").len(), 2);
+    a.client.introduce(b.identity.node_id()).await.expect("introduce");
+    assert!(tokio::time::timeout(Duration::from_secs(5), b.intros.recv()).await.is_ok());
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn half_sent_frame_times_out() {
+    let limits = Limits {
+        partial_frame_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let tracker = RunningTracker::start(limits).await;
+    let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
+    send.write_all(&[0, 0, 0, 40, 1, 2]).await.expect("write");
+    assert_eq!(close_code_of(&conn).await, Some(close_code::TIMEOUT.into()));
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn max_nodes_limit_closes_the_newcomer() {
+    let limits = Limits {
+        max_nodes: 2,
+        ..Limits::default()
+    };
+    let tracker = RunningTracker::start(limits).await;
+    let a = node(&tracker).await;
+    let _b = node(&tracker).await;
+    let err = register(&tracker, Identity::generate().expect("identity"))
+        .await
+        .expect_err("third must be refused");
+    match err {
+        ClientError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, close_code::TRACKER_FULL.into());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(a.client.list_all().await.expect("list").len(), 2);
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn introduction_rate_limit_returns_a_typed_error() {
+    let limits = Limits {
+        introductions_per_sec: 1,
+        introduction_burst: 2,
+        ..Limits::default()
+    };
+    let tracker = RunningTracker::start(limits).await;
+    let a = node(&tracker).await;
+    let b = node(&tracker).await;
+    let target = b.identity.node_id();
+    a.client.introduce(target).await.expect("first");
+    a.client.introduce(target).await.expect("second");
+    assert!(matches!(
+        a.client.introduce(target).await,
+        Err(ClientError::Refused { kind: ErrorKind::RateLimited, .. })
+    ));
+    // Other nodes are not limited by a's bucket.
+    b.client.introduce(a.identity.node_id()).await.expect("b is not limited");
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_ip_limit_closes_the_extra_connection() {
+    let limits = Limits {
+        max_connections_per_ip: 2,
+        ..Limits::default()
+    };
+    let tracker = RunningTracker::start(limits).await;
+    let a = node(&tracker).await;
+    let _b = node(&tracker).await;
+    let err = register(&tracker, Identity::generate().expect("identity"))
+        .await
+        .expect_err("third connection from 127.0.0.1 must be refused");
+    let closed = match err {
+        ClientError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => close.error_code,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(closed, close_code::TOO_MANY_CONNECTIONS.into());
+    assert_eq!(a.client.list_all().await.expect("list").len(), 2);
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_nodes_with_a_reason() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let a = node(&tracker).await;
+    tracker.stop().await;
+    assert_eq!(close_code_of(a.client.connection()).await, Some(close_code::SHUTDOWN.into()));
+}
