@@ -43,6 +43,8 @@ pub enum ClientError {
     NotFound(NodeId),
     #[error("the tracker refused the request ({kind:?}): {message}")]
     Refused { kind: ErrorKind, message: String },
+    #[error("the tracker is {actual}, but {expected} was expected")]
+    WrongTracker { expected: NodeId, actual: NodeId },
     #[error("the tracker did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the tracker connection is closed")]
@@ -63,6 +65,21 @@ pub struct Introduction {
     pub addrs: PeerAddrs,
     /// True when we asked for it; false when the peer asked for us.
     pub requested: bool,
+}
+
+/// Keep-alive well inside NAT mapping timeouts (often 30 s for UDP), and an idle timeout
+/// that notices a vanished tracker.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Transport settings of a node's tracker connection.
+pub fn client_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
@@ -95,6 +112,10 @@ fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Se
 impl TrackerClient {
     /// Connects from `endpoint` to the tracker at `addr`, registers, and returns the client with
     /// the stream of introductions the tracker sends us.
+    ///
+    /// With [`ServerTrust::Pinned`], the tracker's id is checked right after the handshake and
+    /// before anything is sent, so a mismatch comes back as the typed
+    /// [`ClientError::WrongTracker`].
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         identity: &Identity,
@@ -103,12 +124,23 @@ impl TrackerClient {
         trust: &ServerTrust,
         info: RegisterInfo,
     ) -> Result<(Self, mpsc::Receiver<Introduction>), ClientError> {
-        let config = qpeer_certs::client_config(identity, trust, &[ALPN])?;
+        let (tls_trust, expected) = match trust {
+            ServerTrust::Pinned(id) => (ServerTrust::FirstUse, Some(*id)),
+            other => (other.clone(), None),
+        };
+        let mut config = qpeer_certs::client_config(identity, &tls_trust, &[ALPN])?;
+        config.transport_config(Arc::new(client_transport()));
         let connection = endpoint.connect_with(config, addr, server_name)?.await?;
         let tracker_id = match trust {
             ServerTrust::Ca(_) => None,
             _ => Some(peer_node_id(&connection)?),
         };
+        if let (Some(expected), Some(actual)) = (expected, tracker_id) {
+            if expected != actual {
+                connection.close(close_code::NORMAL.into(), b"unexpected tracker identity");
+                return Err(ClientError::WrongTracker { expected, actual });
+            }
+        }
         let (mut send, recv) = connection.open_bi().await?;
         let mut reader = FrameReader::new(recv, MAX_FRAME_LEN, REQUEST_TIMEOUT);
         write_frame(

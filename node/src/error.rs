@@ -1,0 +1,80 @@
+//! Typed errors of the node library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use qpeer_certs::NodeId;
+
+/// One candidate address tried while punching, and what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub addr: SocketAddr,
+    pub outcome: String,
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.addr, self.outcome)
+    }
+}
+
+fn list(attempts: &[Attempt]) -> String {
+    if attempts.is_empty() {
+        return "no candidate addresses".into();
+    }
+    attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] qpeer_certs::IdentityError),
+    #[error(transparent)]
+    Tls(#[from] qpeer_certs::TlsError),
+    #[error("cannot bind UDP socket {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("no tracker given: pass --tracker ID@HOST:PORT or set QPEER_TRACKER")]
+    NoTracker,
+    #[error(transparent)]
+    TrackerAddr(#[from] qpeer_tracker::addr::TrackerAddrError),
+    #[error("tracker {tracker}: {source}")]
+    Tracker {
+        tracker: String,
+        source: qpeer_tracker::ClientError,
+    },
+    #[error(
+        "the tracker at {addr} is {actual}, but {expected} was expected ({origin}). \
+         Someone may be impersonating it, or its key changed.{fix}"
+    )]
+    TrackerIdMismatch {
+        addr: String,
+        expected: NodeId,
+        actual: NodeId,
+        origin: String,
+        fix: String,
+    },
+    #[error("cannot use known_trackers file {}: {source}", path.display())]
+    KnownTrackers { path: PathBuf, source: std::io::Error },
+    #[error("not registered with the tracker after {0:?}")]
+    RegistrationTimeout(Duration),
+    #[error("node {0} is not registered with the tracker")]
+    PeerNotFound(NodeId),
+    #[error("no direct path to {peer} within {timeout:?}; tried {}", list(attempts))]
+    NoDirectPath {
+        peer: NodeId,
+        timeout: Duration,
+        attempts: Vec<Attempt>,
+    },
+    #[error("connection to {peer} failed: {source}")]
+    Connection {
+        peer: NodeId,
+        source: quinn::ConnectionError,
+    },
+    #[error("peer {peer}: {message}")]
+    Peer { peer: NodeId, message: String },
+    #[error("a node cannot connect to itself")]
+    SelfConnect,
+    #[error("the node is shut down")]
+    Shutdown,
+}

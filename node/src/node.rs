@@ -1,0 +1,837 @@
+//! [`Node`]: one quinn endpoint on one UDP socket, used for the tracker and for every peer.
+//!
+//! Punching scheme (docs/ARCHITECTURE.md): the tracker introduces both nodes at the same
+//! moment. The node with the lower NodeId is the *dialer*: it starts QUIC handshakes to every
+//! candidate address of the other at once. The node with the higher NodeId is the *acceptor*:
+//! it sends 1-byte punch packets from the same socket toward every candidate of the dialer (opening
+//! its own NAT's mapping and filter) and waits for the handshake. The first candidate connection
+//! to complete wins; the dialer marks it with a `Select` stream and drops the others. Only the
+//! dialer creates connections and only a selected connection counts, so exactly one survives
+//! and both sides agree on it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use qpeer_certs::{Identity, NodeId, ServerTrust};
+use qpeer_tracker::client::{Introduction, RegisterInfo};
+use qpeer_tracker::proto::{PeerAddrs, PeerInfo};
+use qpeer_tracker::{ClientError, TrackerAddr, TrackerClient};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::candidates::{dial_targets, local_candidates};
+use crate::error::{Attempt, NodeError};
+use crate::known_trackers::KnownTrackers;
+use crate::peer::{answer_pings, close_code, describe_close, PeerConnection, StreamKind, ALPN};
+
+/// Default time allowed for punching a direct path.
+pub const DEFAULT_PUNCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Interval between punch packets.
+const PUNCH_INTERVAL: Duration = Duration::from_millis(100);
+/// Re-registration backoff: first delay and cap.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Configures and starts a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    home: Option<PathBuf>,
+    identity: Option<Arc<Identity>>,
+    bind: SocketAddr,
+    tracker: Option<TrackerAddr>,
+    tracker_ca: Option<PathBuf>,
+    name: Option<String>,
+    console: bool,
+    punch_timeout: Duration,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        Self {
+            home: None,
+            identity: None,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            tracker: None,
+            tracker_ca: None,
+            name: None,
+            console: false,
+            punch_timeout: DEFAULT_PUNCH_TIMEOUT,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// Home directory (identity key, known_trackers). Default: `$QPEER_HOME`, else the
+    /// platform data dir.
+    pub fn home(mut self, home: impl Into<PathBuf>) -> Self {
+        self.home = Some(home.into());
+        self
+    }
+
+    /// Use this identity instead of the home's key file.
+    pub fn identity(mut self, identity: Arc<Identity>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The UDP address of the node's one socket. Default `0.0.0.0:0`.
+    pub fn bind_addr(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    pub fn tracker(mut self, tracker: TrackerAddr) -> Self {
+        self.tracker = Some(tracker);
+        self
+    }
+
+    /// Verify a `HOST:PORT` tracker against this CA file instead of pinning its id.
+    pub fn tracker_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tracker_ca = Some(path.into());
+        self
+    }
+
+    /// A name shown in the tracker's directory.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Print `[REGISTERED]` / `[PEER CONNECTED]` lines on stdout.
+    pub fn console(mut self, on: bool) -> Self {
+        self.console = on;
+        self
+    }
+
+    pub fn punch_timeout(mut self, timeout: Duration) -> Self {
+        self.punch_timeout = timeout;
+        self
+    }
+
+    /// Binds the socket, starts serving peers and starts registering with the tracker in the
+    /// background (see [`Node::registered`]).
+    pub async fn bind(self) -> Result<Node, NodeError> {
+        Node::start(self).await
+    }
+}
+
+/// The node's relation to the tracker.
+#[derive(Clone)]
+enum TrackerState {
+    Connecting { last_error: Option<String> },
+    Registered(Arc<TrackerClient>),
+    Failed(Arc<NodeError>),
+}
+
+struct Shared {
+    identity: Arc<Identity>,
+    endpoint: quinn::Endpoint,
+    /// A second handle on the endpoint's socket (same port), for punch packets only.
+    punch_socket: std::net::UdpSocket,
+    local_addr: SocketAddr,
+    tracker: watch::Sender<TrackerState>,
+    peers: Mutex<HashMap<NodeId, PeerConnection>>,
+    /// Serializes connection attempts per peer.
+    dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Local `connect` calls waiting for a peer to dial us.
+    waiters: Mutex<HashMap<NodeId, Vec<oneshot::Sender<PeerConnection>>>>,
+    accepted: mpsc::Sender<PeerConnection>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    console: bool,
+    punch_timeout: Duration,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    fn say(&self, line: std::fmt::Arguments<'_>) {
+        if self.console {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+
+    fn id(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    fn live_peer(&self, peer: &NodeId) -> Option<PeerConnection> {
+        lock(&self.peers).get(peer).filter(|p| p.is_open()).cloned()
+    }
+
+    fn dial_lock(&self, peer: NodeId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.dial_locks).entry(peer).or_default().clone()
+    }
+
+    fn peer_client_config(&self, peer: NodeId) -> Result<quinn::ClientConfig, NodeError> {
+        let mut config = qpeer_certs::client_config(&self.identity, &ServerTrust::Pinned(peer), &[ALPN])?;
+        config.transport_config(Arc::new(peer_transport()));
+        Ok(config)
+    }
+
+    async fn tracker_client(&self) -> Result<Arc<TrackerClient>, NodeError> {
+        let mut state = self.tracker.subscribe();
+        loop {
+            match &*state.borrow_and_update() {
+                TrackerState::Registered(client) => return Ok(client.clone()),
+                TrackerState::Failed(e) => return Err(NodeError::Peer {
+                    peer: self.id(),
+                    message: e.to_string(),
+                }),
+                TrackerState::Connecting { .. } => {}
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(NodeError::Shutdown),
+                changed = state.changed() => if changed.is_err() { return Err(NodeError::Shutdown) },
+            }
+        }
+    }
+
+    /// Makes `conn` the connection to its peer: replaces an older one, wakes waiting
+    /// `connect` calls, or hands it to `accept` when `for_accept`.
+    fn install(self: &Arc<Self>, conn: PeerConnection, for_accept: bool) {
+        let peer = conn.node_id();
+        let old = lock(&self.peers).insert(peer, conn.clone());
+        if let Some(old) = old {
+            if old.connection().stable_id() != conn.connection().stable_id() {
+                old.close(close_code::REPLACED, "replaced by a newer connection");
+            }
+        }
+        self.say(format_args!(
+            "[PEER CONNECTED] {peer} {} rtt {:.1} ms",
+            conn.path(),
+            conn.rtt().as_secs_f64() * 1000.0
+        ));
+        let waiters = lock(&self.waiters).remove(&peer).unwrap_or_default();
+        let mut delivered = false;
+        for waiter in waiters {
+            delivered |= waiter.send(conn.clone()).is_ok();
+        }
+        if for_accept && !delivered {
+            let _ = self.accepted.try_send(conn.clone());
+        }
+        let shared = self.clone();
+        self.tasks.spawn(async move { shared.drive(conn).await });
+    }
+
+    /// Serves the peer's streams until the connection closes.
+    async fn drive(self: Arc<Self>, conn: PeerConnection) {
+        let connection = conn.connection().clone();
+        let streams = async {
+            loop {
+                let (send, mut recv) = match connection.accept_bi().await {
+                    Ok(streams) => streams,
+                    Err(e) => return e,
+                };
+                let mut kind = [0u8; 1];
+                if recv.read_exact(&mut kind).await.is_err() {
+                    continue;
+                }
+                match StreamKind::from_byte(kind[0]) {
+                    Some(StreamKind::Ping) => {
+                        self.tasks.spawn(answer_pings(send, recv));
+                    }
+                    Some(kind @ StreamKind::Transfer) => {
+                        if !conn.offer_stream((kind, send, recv)) {
+                            tracing::debug!(peer = %conn.node_id().short(), "no one accepts application streams");
+                        }
+                    }
+                    _ => {
+                        connection.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown stream kind");
+                    }
+                }
+            }
+        };
+        let reason = tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            reason = streams => Some(reason),
+        };
+        let removed = {
+            let mut peers = lock(&self.peers);
+            let current = peers
+                .get(&conn.node_id())
+                .is_some_and(|p| p.connection().stable_id() == connection.stable_id());
+            if current {
+                peers.remove(&conn.node_id());
+            }
+            current
+        };
+        if let (Some(reason), true) = (reason, removed) {
+            self.say(format_args!("[PEER DISCONNECTED] {} ({})", conn.node_id(), describe_close(&reason)));
+        }
+    }
+
+    /// Dialer role: handshakes to every candidate at once; the first to complete wins.
+    async fn dial(self: &Arc<Self>, peer: NodeId, addrs: &PeerAddrs) -> Result<PeerConnection, NodeError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let targets = dial_targets(addrs);
+        let config = self.peer_client_config(peer)?;
+        let mut attempts: Vec<Attempt> = Vec::new();
+        let mut racing = FuturesUnordered::new();
+        for addr in &targets {
+            match self.endpoint.connect_with(config.clone(), *addr, qpeer_certs::config::PINNED_SERVER_NAME) {
+                Ok(connecting) => racing.push(async move { (*addr, connecting.await) }),
+                Err(e) => attempts.push(Attempt {
+                    addr: *addr,
+                    outcome: format!("cannot start: {e}"),
+                }),
+            }
+        }
+        let deadline = tokio::time::sleep(self.punch_timeout);
+        tokio::pin!(deadline);
+        let winner = loop {
+            tokio::select! {
+                _ = &mut deadline => break None,
+                _ = self.cancel.cancelled() => return Err(NodeError::Shutdown),
+                next = racing.next() => match next {
+                    None => break None,
+                    Some((addr, Ok(connection))) => break Some((addr, connection)),
+                    Some((addr, Err(e))) => attempts.push(Attempt { addr, outcome: e.to_string() }),
+                },
+            }
+        };
+        // Dropping the losers' handshakes closes them.
+        drop(racing);
+        let Some((addr, connection)) = winner else {
+            for addr in targets {
+                if !attempts.iter().any(|a| a.addr == addr) {
+                    attempts.push(Attempt {
+                        addr,
+                        outcome: format!("no answer within {:?}", self.punch_timeout),
+                    });
+                }
+            }
+            return Err(NodeError::NoDirectPath {
+                peer,
+                timeout: self.punch_timeout,
+                attempts,
+            });
+        };
+        tracing::debug!(peer = %peer.short(), %addr, "dial won");
+        let select = async {
+            let mut send = connection.open_uni().await?;
+            send.write_all(&[StreamKind::Select as u8]).await?;
+            send.finish()?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        select.await.map_err(|e| NodeError::Peer {
+            peer,
+            message: format!("cannot select the connection: {e}"),
+        })?;
+        Ok(PeerConnection::new(peer, connection))
+    }
+
+    /// Acceptor role: punch packets toward the dialer's candidates until cancelled or timeout.
+    async fn punch(self: Arc<Self>, peer: NodeId, addrs: PeerAddrs, stop: CancellationToken) {
+        let targets = dial_targets(&addrs);
+        tracing::debug!(peer = %peer.short(), ?targets, "punching");
+        let deadline = tokio::time::Instant::now() + self.punch_timeout;
+        let mut tick = tokio::time::interval(PUNCH_INTERVAL);
+        while tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for target in &targets {
+                // A 1-byte datagram opens our NAT's mapping and filter toward the target;
+                // QUIC endpoints drop it as malformed. A full send buffer just skips a round.
+                let _ = self.punch_socket.send_to(&[0u8], target);
+            }
+        }
+    }
+
+    /// Handles an introduction the tracker sent because the peer asked for us.
+    async fn on_introduction(self: Arc<Self>, intro: Introduction) {
+        let peer = intro.peer;
+        if peer < self.id() {
+            // We are the acceptor: punch toward the dialer until it reaches us.
+            let stop = CancellationToken::new();
+            let waiter = self.wait_for(peer);
+            let puncher = self.tasks.spawn(self.clone().punch(peer, intro.addrs, stop.clone()));
+            let _ = tokio::time::timeout(self.punch_timeout, waiter).await;
+            stop.cancel();
+            let _ = puncher.await;
+            return;
+        }
+        // We are the dialer. A connection selected within the punch window already answers
+        // this introduction (both sides asked at once); otherwise dial.
+        let lock = self.dial_lock(peer);
+        let _guard = lock.lock().await;
+        if let Some(existing) = self.live_peer(&peer) {
+            if existing.established().elapsed() < self.punch_timeout {
+                return;
+            }
+        }
+        match self.dial(peer, &intro.addrs).await {
+            Ok(conn) => self.install(conn, true),
+            Err(e) => tracing::warn!("could not reach {} after its introduction: {e}", peer.short()),
+        }
+    }
+
+    fn wait_for(&self, peer: NodeId) -> oneshot::Receiver<PeerConnection> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).entry(peer).or_default().push(tx);
+        rx
+    }
+
+    /// Handshake of an incoming connection; installs it once the dialer selects it.
+    async fn accept_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = canonical(incoming.remote_address());
+        let connection = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, "incoming handshake failed: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let peer = match qpeer_certs::peer_node_id(&connection) {
+            Ok(peer) => peer,
+            Err(e) => {
+                connection.close(close_code::PROTOCOL_VIOLATION.into(), e.to_string().as_bytes());
+                return;
+            }
+        };
+        let selected = async {
+            let mut recv = connection.accept_uni().await.ok()?;
+            let mut kind = [0u8; 1];
+            recv.read_exact(&mut kind).await.ok()?;
+            (StreamKind::from_byte(kind[0]) == Some(StreamKind::Select)).then_some(())
+        };
+        match tokio::time::timeout(self.punch_timeout + Duration::from_secs(5), selected).await {
+            Ok(Some(())) => {
+                self.install(PeerConnection::new(peer, connection), true);
+            }
+            Ok(None) => tracing::debug!(peer = %peer.short(), %remote, "candidate connection not selected"),
+            Err(_) => connection.close(close_code::SELECT_TIMEOUT.into(), b"not selected in time"),
+        }
+    }
+}
+
+/// Transport settings of peer connections: keep-alives hold NAT mappings open; a lower
+/// initial RTT retransmits Initials dropped by a not-yet-opened NAT sooner.
+pub fn peer_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .initial_rtt(Duration::from_millis(100))
+        .max_concurrent_uni_streams(4u32.into())
+        .max_concurrent_bidi_streams(256u32.into());
+    if let Ok(idle) = Duration::from_secs(30).try_into() {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport
+}
+
+/// A running qpeer node.
+pub struct Node {
+    shared: Arc<Shared>,
+    accepted: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
+}
+
+impl Node {
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    async fn start(config: NodeBuilder) -> Result<Self, NodeError> {
+        let home = qpeer_certs::resolve_home(config.home.as_deref())?;
+        let identity = match config.identity {
+            Some(identity) => identity,
+            None => Arc::new(Identity::load_or_create(&home)?),
+        };
+        let tracker = config.tracker.ok_or(NodeError::NoTracker)?;
+        let roots = match &config.tracker_ca {
+            Some(path) => Some(qpeer_certs::config::load_ca_roots(path)?),
+            None => None,
+        };
+        let socket = std::net::UdpSocket::bind(config.bind).map_err(|source| NodeError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let punch_socket = socket.try_clone().map_err(|source| NodeError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let mut server_config = qpeer_certs::server_config(&identity, &[ALPN])?;
+        server_config.transport_config(Arc::new(peer_transport()));
+        let endpoint = quinn::Endpoint::new(
+            qpeer_tracker::server::endpoint_config(&identity),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| NodeError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let (accepted_tx, accepted_rx) = mpsc::channel(64);
+        let (tracker_state, _) = watch::channel(TrackerState::Connecting { last_error: None });
+        let shared = Arc::new(Shared {
+            identity,
+            endpoint,
+            punch_socket,
+            local_addr,
+            tracker: tracker_state,
+            peers: Mutex::default(),
+            dial_locks: Mutex::default(),
+            waiters: Mutex::default(),
+            accepted: accepted_tx,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            console: config.console,
+            punch_timeout: config.punch_timeout,
+        });
+        let link = TrackerLink {
+            shared: shared.clone(),
+            tracker,
+            roots,
+            known: KnownTrackers::in_home(&home),
+            name: config.name,
+        };
+        shared.tasks.spawn(link.run());
+        shared.tasks.spawn(accept_loop(shared.clone()));
+        Ok(Self {
+            shared,
+            accepted: tokio::sync::Mutex::new(accepted_rx),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.shared.id()
+    }
+
+    /// The address of the node's one UDP socket.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The address the tracker observes us at, once registered.
+    pub fn observed_addr(&self) -> Option<SocketAddr> {
+        match &*self.shared.tracker.borrow() {
+            TrackerState::Registered(client) => Some(client.observed_addr()),
+            _ => None,
+        }
+    }
+
+    /// The local address of the current tracker connection (the single-socket check).
+    pub fn tracker_local_addr(&self) -> Option<SocketAddr> {
+        match &*self.shared.tracker.borrow() {
+            TrackerState::Registered(_) => Some(self.local_addr()),
+            _ => None,
+        }
+    }
+
+    /// Waits until registered with the tracker (returns the observed address), a fatal tracker
+    /// error, or `timeout`.
+    pub async fn registered(&self, timeout: Duration) -> Result<SocketAddr, NodeError> {
+        let mut state = self.shared.tracker.subscribe();
+        let wait = async {
+            loop {
+                let last_error = match &*state.borrow_and_update() {
+                    TrackerState::Registered(client) => return Ok(client.observed_addr()),
+                    TrackerState::Failed(e) => return Err(clone_fatal(e)),
+                    TrackerState::Connecting { last_error } => last_error.clone(),
+                };
+                if state.changed().await.is_err() {
+                    return Err(NodeError::Shutdown);
+                }
+                let _ = last_error;
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => {
+                let detail = match &*self.shared.tracker.borrow() {
+                    TrackerState::Connecting { last_error: Some(e) } => Some(e.clone()),
+                    _ => None,
+                };
+                match detail {
+                    Some(message) => Err(NodeError::Tracker {
+                        tracker: "registration".into(),
+                        source: ClientError::Protocol(format!("not registered after {timeout:?}: {message}")),
+                    }),
+                    None => Err(NodeError::RegistrationTimeout(timeout)),
+                }
+            }
+        }
+    }
+
+    /// Registered nodes, as the tracker lists them.
+    pub async fn list_peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        let client = self.shared.tracker_client().await?;
+        client.list_all().await.map_err(|source| NodeError::Tracker {
+            tracker: "list".into(),
+            source,
+        })
+    }
+
+    /// A direct, verified connection to `peer`: the existing one, or a new one punched through
+    /// both NATs after a tracker introduction.
+    pub async fn connect(&self, peer: NodeId) -> Result<PeerConnection, NodeError> {
+        let shared = &self.shared;
+        if peer == shared.id() {
+            return Err(NodeError::SelfConnect);
+        }
+        if let Some(existing) = shared.live_peer(&peer) {
+            return Ok(existing);
+        }
+        let lock = shared.dial_lock(peer);
+        let _guard = lock.lock().await;
+        if let Some(existing) = shared.live_peer(&peer) {
+            return Ok(existing);
+        }
+        let client = shared.tracker_client().await?;
+        // The higher id is the acceptor: register the waiter before the introduction goes out.
+        let waiter = (peer < shared.id()).then(|| shared.wait_for(peer));
+        let intro = client.introduce(peer).await.map_err(|source| match source {
+            ClientError::NotFound(id) => NodeError::PeerNotFound(id),
+            source => NodeError::Tracker {
+                tracker: "introduce".into(),
+                source,
+            },
+        })?;
+        match waiter {
+            None => {
+                let conn = shared.dial(peer, &intro.addrs).await?;
+                shared.install(conn.clone(), false);
+                Ok(conn)
+            }
+            Some(waiter) => {
+                let stop = CancellationToken::new();
+                let targets = dial_targets(&intro.addrs);
+                let puncher = shared.tasks.spawn(shared.clone().punch(peer, intro.addrs, stop.clone()));
+                let result = tokio::time::timeout(shared.punch_timeout, waiter).await;
+                stop.cancel();
+                let _ = puncher.await;
+                match result {
+                    Ok(Ok(conn)) => Ok(conn),
+                    _ => Err(NodeError::NoDirectPath {
+                        peer,
+                        timeout: shared.punch_timeout,
+                        attempts: targets
+                            .into_iter()
+                            .map(|addr| Attempt {
+                                addr,
+                                outcome: "punched; the peer's handshake never arrived".into(),
+                            })
+                            .collect(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The next connection a peer established with us (not ones we asked for).
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        let mut accepted = self.accepted.lock().await;
+        tokio::select! {
+            _ = self.shared.cancel.cancelled() => None,
+            conn = accepted.recv() => conn,
+        }
+    }
+
+    /// Current peer connections.
+    pub fn peers(&self) -> Vec<PeerConnection> {
+        lock(&self.shared.peers).values().filter(|p| p.is_open()).cloned().collect()
+    }
+
+    /// Closes everything with a reason and waits (bounded) for the endpoint to go idle.
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        shared.cancel.cancel();
+        shared.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), shared.tasks.wait()).await;
+        for peer in lock(&shared.peers).drain().map(|(_, p)| p) {
+            peer.close(close_code::SHUTDOWN, "node shutting down");
+        }
+        shared.endpoint.close(close_code::SHUTDOWN.into(), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+fn clone_fatal(error: &Arc<NodeError>) -> NodeError {
+    match &**error {
+        NodeError::TrackerIdMismatch {
+            addr,
+            expected,
+            actual,
+            origin,
+            fix,
+        } => NodeError::TrackerIdMismatch {
+            addr: addr.clone(),
+            expected: *expected,
+            actual: *actual,
+            origin: origin.clone(),
+            fix: fix.clone(),
+        },
+        other => NodeError::Tracker {
+            tracker: "registration".into(),
+            source: ClientError::Protocol(other.to_string()),
+        },
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            incoming = shared.endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { return };
+        shared.tasks.spawn(shared.clone().accept_incoming(incoming));
+    }
+}
+
+/// Keeps the node registered: connects, re-registers with capped exponential backoff after
+/// any loss, and stops only on a fatal error (wrong tracker identity) or shutdown.
+struct TrackerLink {
+    shared: Arc<Shared>,
+    tracker: TrackerAddr,
+    roots: Option<Arc<rustls::RootCertStore>>,
+    known: KnownTrackers,
+    name: Option<String>,
+}
+
+impl TrackerLink {
+    async fn run(self) {
+        let shared = self.shared.clone();
+        let mut backoff = BACKOFF_START;
+        let mut registrations = 0u64;
+        loop {
+            match self.connect_once().await {
+                Ok((client, mut intros)) => {
+                    backoff = BACKOFF_START;
+                    registrations += 1;
+                    let client = Arc::new(client);
+                    let observed = client.observed_addr();
+                    shared.say(format_args!("[REGISTERED] observed {observed} as {}", shared.id()));
+                    if registrations > 1 {
+                        tracing::info!("re-registered with the tracker {}", self.tracker.host_port());
+                    }
+                    shared.tracker.send_replace(TrackerState::Registered(client.clone()));
+                    let reason = loop {
+                        tokio::select! {
+                            _ = shared.cancel.cancelled() => {
+                                client.close().await;
+                                return;
+                            }
+                            intro = intros.recv() => match intro {
+                                Some(intro) => {
+                                    shared.tasks.spawn(shared.clone().on_introduction(intro));
+                                }
+                                None => break client.closed().await,
+                            },
+                            reason = client.closed() => break reason,
+                        }
+                    };
+                    let reason = describe_close(&reason);
+                    tracing::warn!("tracker connection lost ({reason}); re-registering");
+                    shared.tracker.send_replace(TrackerState::Connecting {
+                        last_error: Some(format!("tracker connection lost ({reason})")),
+                    });
+                }
+                Err(fatal @ NodeError::TrackerIdMismatch { .. }) => {
+                    tracing::error!("{fatal}");
+                    shared.tracker.send_replace(TrackerState::Failed(Arc::new(fatal)));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot register with the tracker: {e}; retrying in {backoff:?}");
+                    shared.tracker.send_replace(TrackerState::Connecting {
+                        last_error: Some(e.to_string()),
+                    });
+                }
+            }
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    async fn connect_once(&self) -> Result<(TrackerClient, mpsc::Receiver<Introduction>), NodeError> {
+        let shared = &self.shared;
+        let host_port = self.tracker.host_port();
+        let addr = self.tracker.resolve().await?;
+        let known = if self.tracker.node_id.is_none() && self.roots.is_none() {
+            self.known.lookup(&host_port)?
+        } else {
+            None
+        };
+        let (trust, server_name) = match (&self.tracker.node_id, &self.roots, &known) {
+            (Some(id), _, _) => (ServerTrust::Pinned(*id), qpeer_certs::config::PINNED_SERVER_NAME),
+            (None, Some(roots), _) => (ServerTrust::Ca(roots.clone()), self.tracker.host.as_str()),
+            (None, None, Some(known)) => (ServerTrust::Pinned(known.node_id), qpeer_certs::config::PINNED_SERVER_NAME),
+            (None, None, None) => (ServerTrust::FirstUse, qpeer_certs::config::PINNED_SERVER_NAME),
+        };
+        let info = RegisterInfo {
+            candidates: local_candidates(shared.local_addr),
+            name: self.name.clone(),
+        };
+        let result =
+            TrackerClient::connect(&shared.endpoint, &shared.identity, addr, server_name, &trust, info).await;
+        let (client, intros) = match result {
+            Ok(ok) => ok,
+            Err(ClientError::WrongTracker { expected, actual }) => {
+                let (origin, fix) = match &known {
+                    Some(k) => (
+                        format!("recorded in {} line {}", self.known.path().display(), k.line),
+                        format!(
+                            " If the tracker's key really changed, remove line {} from {} and connect again.",
+                            k.line,
+                            self.known.path().display()
+                        ),
+                    ),
+                    None => ("pinned by --tracker".to_string(), String::new()),
+                };
+                return Err(NodeError::TrackerIdMismatch {
+                    addr: host_port,
+                    expected,
+                    actual,
+                    origin,
+                    fix,
+                });
+            }
+            Err(source) => {
+                return Err(NodeError::Tracker {
+                    tracker: host_port,
+                    source,
+                })
+            }
+        };
+        if let (ServerTrust::FirstUse, Some(id)) = (&trust, client.tracker_id()) {
+            self.known.remember(&host_port, id)?;
+            shared.say(format_args!(
+                "[TRACKER] trusting {id} at {host_port} on first use (saved in {})",
+                self.known.path().display()
+            ));
+        }
+        Ok((client, intros))
+    }
+}

@@ -1,0 +1,222 @@
+//! Peer connections and the node-to-node stream protocol (ALPN `qpeer/1`).
+//!
+//! Every stream starts with one byte naming its kind. The dialer's first uni stream is
+//! [`StreamKind::Select`]: it marks the one connection (of those raced over several candidate
+//! addresses) that both sides keep. Ping streams are answered by the node itself; other
+//! kinds are handed to the application through [`PeerConnection::accept_stream`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qpeer_certs::NodeId;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::error::NodeError;
+
+/// ALPN of node-to-node connections.
+pub const ALPN: &[u8] = b"qpeer/1";
+
+/// The first byte of every node-to-node stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamKind {
+    /// Uni, dialer → acceptor: "this is the connection we keep".
+    Select = 1,
+    /// Bi: 8-byte probes echoed back.
+    Ping = 2,
+    /// Bi: file transfer (see the transfer module, when present).
+    Transfer = 3,
+}
+
+impl StreamKind {
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(Self::Select),
+            2 => Some(Self::Ping),
+            3 => Some(Self::Transfer),
+            _ => None,
+        }
+    }
+}
+
+/// QUIC application close codes between nodes (docs/PROTOCOL.md).
+pub mod close_code {
+    /// Normal close.
+    pub const NORMAL: u32 = 0;
+    /// One of several raced candidate connections that was not selected.
+    pub const NOT_SELECTED: u32 = 0x10;
+    /// A newer connection to the same peer replaced this one.
+    pub const REPLACED: u32 = 0x11;
+    /// The peer broke the node protocol (unknown stream kind, bad ping).
+    pub const PROTOCOL_VIOLATION: u32 = 0x12;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u32 = 0x13;
+    /// The dialer never selected this connection in time.
+    pub const SELECT_TIMEOUT: u32 = 0x14;
+}
+
+/// How a peer connection travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the peer's address.
+    Direct(SocketAddr),
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Direct(addr) => write!(f, "direct {addr}"),
+        }
+    }
+}
+
+/// A stream the peer opened for the application: its kind and both halves.
+pub type AppStream = (StreamKind, quinn::SendStream, quinn::RecvStream);
+
+/// An established, selected connection to a verified peer.
+#[derive(Clone)]
+pub struct PeerConnection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: NodeId,
+    connection: quinn::Connection,
+    path: Path,
+    established: Instant,
+    app_streams_tx: mpsc::Sender<AppStream>,
+    app_streams: Mutex<mpsc::Receiver<AppStream>>,
+}
+
+impl std::fmt::Debug for PeerConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConnection")
+            .field("peer", &self.inner.node_id)
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerConnection {
+    pub(crate) fn new(node_id: NodeId, connection: quinn::Connection) -> Self {
+        let (app_streams_tx, app_streams) = mpsc::channel(16);
+        let path = Path::Direct(crate::node::canonical(connection.remote_address()));
+        Self {
+            inner: Arc::new(Inner {
+                node_id,
+                connection,
+                path,
+                established: Instant::now(),
+                app_streams_tx,
+                app_streams: Mutex::new(app_streams),
+            }),
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    pub fn path(&self) -> Path {
+        self.inner.path
+    }
+
+    /// quinn's current RTT estimate.
+    pub fn rtt(&self) -> Duration {
+        self.inner.connection.rtt()
+    }
+
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.inner.connection
+    }
+
+    /// When this connection was selected.
+    pub fn established(&self) -> Instant {
+        self.inner.established
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.inner.connection.close_reason().is_none()
+    }
+
+    /// Opens a bidirectional stream of `kind` for the application.
+    pub async fn open_stream(&self, kind: StreamKind) -> Result<(quinn::SendStream, quinn::RecvStream), NodeError> {
+        let (mut send, recv) = self.inner.connection.open_bi().await.map_err(|e| self.conn_err(e))?;
+        send.write_all(&[kind as u8]).await.map_err(|e| self.peer_err(e))?;
+        Ok((send, recv))
+    }
+
+    /// The next stream the peer opened for the application (not ping); `None` once closed.
+    pub async fn accept_stream(&self) -> Option<AppStream> {
+        let mut streams = self.inner.app_streams.lock().await;
+        tokio::select! {
+            stream = streams.recv() => stream,
+            _ = self.inner.connection.closed() => None,
+        }
+    }
+
+    /// Queues a stream the peer opened for [`accept_stream`](Self::accept_stream); false when
+    /// the queue is full (the application is not accepting).
+    pub(crate) fn offer_stream(&self, stream: AppStream) -> bool {
+        self.inner.app_streams_tx.try_send(stream).is_ok()
+    }
+
+    /// One round trip on a fresh ping stream.
+    pub async fn ping(&self, seq: u64) -> Result<Duration, NodeError> {
+        let (mut send, mut recv) = self.open_stream(StreamKind::Ping).await?;
+        let start = Instant::now();
+        send.write_all(&seq.to_be_bytes()).await.map_err(|e| self.peer_err(e))?;
+        let mut echo = [0u8; 8];
+        recv.read_exact(&mut echo).await.map_err(|e| self.peer_err(e))?;
+        let rtt = start.elapsed();
+        let _ = send.finish();
+        if u64::from_be_bytes(echo) != seq {
+            return Err(self.peer_err("ping echo does not match"));
+        }
+        Ok(rtt)
+    }
+
+    /// Closes the connection with a reason.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.inner.connection.close(code.into(), reason.as_bytes());
+    }
+
+    fn conn_err(&self, source: quinn::ConnectionError) -> NodeError {
+        NodeError::Connection {
+            peer: self.inner.node_id,
+            source,
+        }
+    }
+
+    fn peer_err(&self, message: impl std::fmt::Display) -> NodeError {
+        NodeError::Peer {
+            peer: self.inner.node_id,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Answers pings on one stream until the peer finishes it.
+pub(crate) async fn answer_pings(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut probe = [0u8; 8];
+    while recv.read_exact(&mut probe).await.is_ok() {
+        if send.write_all(&probe).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Why a connection ended, in words.
+pub fn describe_close(error: &quinn::ConnectionError) -> String {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason);
+            format!("closed by peer: {reason} (code {})", close.error_code)
+        }
+        quinn::ConnectionError::LocallyClosed => "closed locally".into(),
+        quinn::ConnectionError::TimedOut => "timed out".into(),
+        other => other.to_string(),
+    }
+}
