@@ -22,11 +22,7 @@ pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TlsError + 'a {
-    move |source| TlsError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| TlsError::Io { action, path: path.to_path_buf(), source }
 }
 
 fn write_new(path: &Path, contents: &[u8], private: bool) -> Result<(), TlsError> {
@@ -64,10 +60,7 @@ pub fn create_ca(out: &Path, days: i64) -> Result<WrittenPair, TlsError> {
     params.not_after = now + Duration::days(days);
     let cert = params.self_signed(&key)?;
     create_out_dir(out)?;
-    let pair = WrittenPair {
-        cert: out.join(CA_CERT_FILE),
-        key: out.join(CA_KEY_FILE),
-    };
+    let pair = WrittenPair { cert: out.join(CA_CERT_FILE), key: out.join(CA_KEY_FILE) };
     write_new(&pair.key, key.serialize_pem().as_bytes(), true)?;
     write_new(&pair.cert, cert.pem().as_bytes(), false)?;
     Ok(pair)
@@ -86,34 +79,26 @@ impl IssueRequest {
     /// Valid from an hour ago for `days` days.
     pub fn new(dns_names: Vec<String>, ips: Vec<IpAddr>, days: i64) -> Self {
         let now = OffsetDateTime::now_utc();
-        Self {
-            dns_names,
-            ips,
-            not_before: now - Duration::hours(1),
-            not_after: now + Duration::days(days),
-        }
+        Self { dns_names, ips, not_before: now - Duration::hours(1), not_after: now + Duration::days(days) }
     }
 }
 
 /// Issues a server certificate + key (PEM) signed by the CA in `ca_dir`. Returns (cert DER, key PEM).
-pub fn issue(ca_dir: &Path, request: &IssueRequest) -> Result<(CertificateDer<'static>, String, String), TlsError> {
+pub fn issue(
+    ca_dir: &Path,
+    request: &IssueRequest,
+) -> Result<(CertificateDer<'static>, String, String), TlsError> {
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io("read", &ca_key_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::BadFile {
-        path: ca_key_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| TlsError::BadFile { path: ca_key_path.clone(), reason: e.to_string() })?;
     let ca_cert_pem = std::fs::read_to_string(&ca_cert_path).map_err(io("read", &ca_cert_path))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).map_err(|e| TlsError::BadFile {
-        path: ca_cert_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)
+        .map_err(|e| TlsError::BadFile { path: ca_cert_path.clone(), reason: e.to_string() })?;
 
     let mut params = CertificateParams::new(request.dns_names.clone())?;
-    params
-        .subject_alt_names
-        .extend(request.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.subject_alt_names.extend(request.ips.iter().map(|ip| SanType::IpAddress(*ip)));
     let common_name = request
         .dns_names
         .first()
@@ -134,10 +119,7 @@ pub fn issue(ca_dir: &Path, request: &IssueRequest) -> Result<(CertificateDer<'s
 pub fn issue_to_dir(ca_dir: &Path, request: &IssueRequest, out: &Path) -> Result<WrittenPair, TlsError> {
     let (_, cert_pem, key_pem) = issue(ca_dir, request)?;
     create_out_dir(out)?;
-    let pair = WrittenPair {
-        cert: out.join(CERT_FILE),
-        key: out.join(KEY_FILE),
-    };
+    let pair = WrittenPair { cert: out.join(CERT_FILE), key: out.join(KEY_FILE) };
     write_new(&pair.key, key_pem.as_bytes(), true)?;
     write_new(&pair.cert, cert_pem.as_bytes(), false)?;
     Ok(pair)
@@ -158,10 +140,7 @@ pub struct CertSummary {
 }
 
 pub fn summarize(der: &CertificateDer<'_>) -> Result<CertSummary, TlsError> {
-    let bad = |reason: String| TlsError::BadFile {
-        path: PathBuf::from("<certificate>"),
-        reason,
-    };
+    let bad = |reason: String| TlsError::BadFile { path: PathBuf::from("<certificate>"), reason };
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| bad(e.to_string()))?;
     let node_id = crate::verify::node_id_from_cert(der, &[]).ok();
     let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());

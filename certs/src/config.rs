@@ -21,9 +21,7 @@ pub const PINNED_SERVER_NAME: &str = "qpeer";
 /// The ring provider restricted to TLS 1.3 suites.
 pub fn crypto_provider() -> CryptoProvider {
     let mut provider = rustls::crypto::ring::default_provider();
-    provider
-        .cipher_suites
-        .retain(|suite| suite.version() == &rustls::version::TLS13);
+    provider.cipher_suites.retain(|suite| suite.version() == &rustls::version::TLS13);
     provider
 }
 
@@ -51,9 +49,9 @@ pub fn client_config(
         ServerTrust::Pinned(id) => builder
             .dangerous()
             .with_custom_certificate_verifier(PinnedServerVerifier::new(ExpectedPeer::Pinned(*id))),
-        ServerTrust::FirstUse => builder
-            .dangerous()
-            .with_custom_certificate_verifier(PinnedServerVerifier::new(ExpectedPeer::Any)),
+        ServerTrust::FirstUse => {
+            builder.dangerous().with_custom_certificate_verifier(PinnedServerVerifier::new(ExpectedPeer::Any))
+        }
         ServerTrust::Ca(roots) => {
             let verifier =
                 rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider)
@@ -62,9 +60,11 @@ pub fn client_config(
             builder.with_webpki_verifier(verifier)
         }
     };
-    let mut tls = builder.with_client_auth_cert(vec![identity.self_signed_cert()?], identity.private_key_der())?;
+    let mut tls =
+        builder.with_client_auth_cert(vec![identity.self_signed_cert()?], identity.private_key_der())?;
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
@@ -85,7 +85,8 @@ pub fn server_config_with_cert(
         .with_client_cert_verifier(AnyNodeClientVerifier::new())
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let quic =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
 

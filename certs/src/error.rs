@@ -10,11 +10,7 @@ pub enum IdentityError {
     #[error("no home directory: pass --home DIR or set QPEER_HOME")]
     NoHome,
     #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error(
         "key file {} has mode {mode:04o}: it must be readable only by its owner. \
          Fix it with: chmod 600 {}",
@@ -63,11 +59,7 @@ pub enum TlsError {
     #[error("QUIC crypto configuration failed: {0}")]
     Quic(String),
     #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{}: {reason}", path.display())]
     BadFile { path: PathBuf, reason: String },
     #[error("{} already exists; refusing to overwrite it", path.display())]

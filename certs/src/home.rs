@@ -27,13 +27,9 @@ pub fn ensure_home(home: &Path) -> Result<(), IdentityError> {
     if home.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(home)
-        .map_err(|source| IdentityError::Io {
-            action: "create home directory",
-            path: home.to_path_buf(),
-            source,
-        })
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(home).map_err(|source| IdentityError::Io {
+        action: "create home directory",
+        path: home.to_path_buf(),
+        source,
+    })
 }

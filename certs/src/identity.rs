@@ -51,42 +51,27 @@ impl Identity {
 
     /// Loads an existing key file, checking its permissions first.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        let io_err = |action, source| IdentityError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_err = |action, source| IdentityError::Io { action, path: path.to_path_buf(), source };
         let metadata = std::fs::metadata(path).map_err(|e| io_err("read", e))?;
         let mode = metadata.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(IdentityError::InsecurePermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
+            return Err(IdentityError::InsecurePermissions { path: path.to_path_buf(), mode });
         }
         let pem = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => IdentityError::Corrupt {
-                path: path.to_path_buf(),
-                reason: "not a text file".into(),
-            },
+            std::io::ErrorKind::InvalidData => {
+                IdentityError::Corrupt { path: path.to_path_buf(), reason: "not a text file".into() }
+            }
             _ => io_err("read", e),
         })?;
-        let key_pair = KeyPair::from_pem(&pem).map_err(|e| IdentityError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let key_pair = KeyPair::from_pem(&pem)
+            .map_err(|e| IdentityError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
         Self::from_key_pair(key_pair, path)
     }
 
     fn create(path: &Path) -> Result<Self, IdentityError> {
         let identity = Self::generate()?;
-        write_private_file(path, identity.key_pair.serialize_pem().as_bytes()).map_err(|source| {
-            IdentityError::Io {
-                action: "write",
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+        write_private_file(path, identity.key_pair.serialize_pem().as_bytes())
+            .map_err(|source| IdentityError::Io { action: "write", path: path.to_path_buf(), source })?;
         // Another process may have created the key at the same moment: whoever linked
         // first won, and everyone uses the file on disk.
         Self::load(path)
@@ -99,18 +84,10 @@ impl Identity {
                 found: format!("{:?}", key_pair.algorithm()),
             });
         }
-        let raw: [u8; NODE_ID_LEN] =
-            key_pair
-                .public_key_raw()
-                .try_into()
-                .map_err(|_| IdentityError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: "public key is not 32 bytes".into(),
-                })?;
-        Ok(Self {
-            key_pair,
-            node_id: NodeId::from_bytes(raw),
-        })
+        let raw: [u8; NODE_ID_LEN] = key_pair.public_key_raw().try_into().map_err(|_| {
+            IdentityError::Corrupt { path: path.to_path_buf(), reason: "public key is not 32 bytes".into() }
+        })?;
+        Ok(Self { key_pair, node_id: NodeId::from_bytes(raw) })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -125,9 +102,7 @@ impl Identity {
     /// A fresh self-signed certificate for this identity (made on each start: only its key matters).
     pub fn self_signed_cert(&self) -> Result<CertificateDer<'static>, TlsError> {
         let mut params = rcgen::CertificateParams::new(vec!["qpeer".to_string()])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, self.node_id.to_string());
+        params.distinguished_name.push(rcgen::DnType::CommonName, self.node_id.to_string());
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(3650);
@@ -154,11 +129,7 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         name.into()
     };
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         std::fs::hard_link(&tmp, path)

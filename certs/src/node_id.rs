@@ -60,10 +60,8 @@ impl FromStr for NodeId {
         if chars != NODE_ID_LEN * 2 {
             return Err(NodeIdParseError::Length(chars));
         }
-        if let Some((position, found)) = text
-            .chars()
-            .enumerate()
-            .find(|(_, c)| !matches!(c, '0'..='9' | 'a'..='f'))
+        if let Some((position, found)) =
+            text.chars().enumerate().find(|(_, c)| !matches!(c, '0'..='9' | 'a'..='f'))
         {
             return Err(NodeIdParseError::Alphabet { found, position });
         }
@@ -83,16 +81,10 @@ mod tests {
         assert_eq!("abc".parse::<NodeId>(), Err(NodeIdParseError::Length(3)));
         let mut upper = "a".repeat(64);
         upper.replace_range(10..11, "A");
-        assert_eq!(
-            upper.parse::<NodeId>(),
-            Err(NodeIdParseError::Alphabet { found: 'A', position: 10 })
-        );
+        assert_eq!(upper.parse::<NodeId>(), Err(NodeIdParseError::Alphabet { found: 'A', position: 10 }));
         let mut z = "0".repeat(63);
         z.push('z');
-        assert!(matches!(
-            z.parse::<NodeId>(),
-            Err(NodeIdParseError::Alphabet { found: 'z', position: 63 })
-        ));
+        assert!(matches!(z.parse::<NodeId>(), Err(NodeIdParseError::Alphabet { found: 'z', position: 63 })));
     }
 
     proptest! {

@@ -68,9 +68,7 @@ pub fn key_type_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
 /// verified in the handshake).
 pub fn peer_node_id(conn: &quinn::Connection) -> Result<NodeId, PeerCertError> {
     let identity = conn.peer_identity().ok_or(PeerCertError::Missing)?;
-    let certs = identity
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| PeerCertError::Missing)?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| PeerCertError::Missing)?;
     let (end_entity, intermediates) = certs.split_first().ok_or(PeerCertError::Missing)?;
     node_id_from_cert(end_entity, intermediates)
 }

@@ -59,16 +59,10 @@ fn pinned_verifier_rejects_each_bad_certificate_distinctly() {
     let cert = id.self_signed_cert().expect("cert");
 
     let wrong = server_check(ExpectedPeer::Pinned(other.node_id()), &cert, &[]);
-    assert_eq!(
-        wrong,
-        Err(PeerCertError::WrongNodeId { expected: other.node_id(), actual: id.node_id() })
-    );
+    assert_eq!(wrong, Err(PeerCertError::WrongNodeId { expected: other.node_id(), actual: id.node_id() }));
 
     let (p256, _) = p256_self_signed();
-    assert_eq!(
-        server_check(ExpectedPeer::Any, &p256, &[]),
-        Err(PeerCertError::NotEd25519("ECDSA".into()))
-    );
+    assert_eq!(server_check(ExpectedPeer::Any, &p256, &[]), Err(PeerCertError::NotEd25519("ECDSA".into())));
 
     let garbage = CertificateDer::from(b"\x30\x03not a certificate".to_vec());
     assert!(matches!(server_check(ExpectedPeer::Any, &garbage, &[]), Err(PeerCertError::Malformed(_))));
@@ -122,7 +116,9 @@ fn expired_ca_issued_certificate_is_rejected() {
     assert!(
         matches!(
             err,
-            rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. }
+            )
         ),
         "{err:?}"
     );
@@ -158,7 +154,8 @@ async fn mutual_tls_handshake_pins_both_ids() {
     let server_id = identity();
     let client_id = identity();
     let (endpoint, addr) = server(&server_id);
-    let config = client_config(&client_id, &ServerTrust::Pinned(server_id.node_id()), &[ALPN]).expect("client config");
+    let config =
+        client_config(&client_id, &ServerTrust::Pinned(server_id.node_id()), &[ALPN]).expect("client config");
     let (client_side, server_side) = handshake(config, &endpoint, addr).await;
     let client_conn = client_side.expect("client connected");
     let server_conn = server_side.expect("server accepted");

@@ -26,6 +26,22 @@ fn list(attempts: &[Attempt]) -> String {
     attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
+/// The tracker presented another id than the one pinned or recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the tracker at {addr} is {actual}, but {expected} was expected ({origin}). \
+     Someone may be impersonating it, or its key changed.{fix}"
+)]
+pub struct TrackerMismatch {
+    pub addr: String,
+    pub expected: NodeId,
+    pub actual: NodeId,
+    /// Where the expected id came from (`--tracker`, or known_trackers and its line).
+    pub origin: String,
+    /// How to accept a legitimately changed key, when there is a way.
+    pub fix: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
@@ -39,21 +55,9 @@ pub enum NodeError {
     #[error(transparent)]
     TrackerAddr(#[from] qpeer_tracker::addr::TrackerAddrError),
     #[error("tracker {tracker}: {source}")]
-    Tracker {
-        tracker: String,
-        source: qpeer_tracker::ClientError,
-    },
-    #[error(
-        "the tracker at {addr} is {actual}, but {expected} was expected ({origin}). \
-         Someone may be impersonating it, or its key changed.{fix}"
-    )]
-    TrackerIdMismatch {
-        addr: String,
-        expected: NodeId,
-        actual: NodeId,
-        origin: String,
-        fix: String,
-    },
+    Tracker { tracker: String, source: qpeer_tracker::ClientError },
+    #[error(transparent)]
+    TrackerIdMismatch(Box<TrackerMismatch>),
     #[error("cannot use known_trackers file {}: {source}", path.display())]
     KnownTrackers { path: PathBuf, source: std::io::Error },
     #[error("not registered with the tracker after {0:?}")]
@@ -61,16 +65,9 @@ pub enum NodeError {
     #[error("node {0} is not registered with the tracker")]
     PeerNotFound(NodeId),
     #[error("no direct path to {peer} within {timeout:?}; tried {}", list(attempts))]
-    NoDirectPath {
-        peer: NodeId,
-        timeout: Duration,
-        attempts: Vec<Attempt>,
-    },
+    NoDirectPath { peer: NodeId, timeout: Duration, attempts: Vec<Attempt> },
     #[error("connection to {peer} failed: {source}")]
-    Connection {
-        peer: NodeId,
-        source: quinn::ConnectionError,
-    },
+    Connection { peer: NodeId, source: quinn::ConnectionError },
     #[error("peer {peer}: {message}")]
     Peer { peer: NodeId, message: String },
     #[error("a node cannot connect to itself")]

@@ -26,9 +26,7 @@ pub struct KnownTrackers {
 
 impl KnownTrackers {
     pub fn in_home(home: &Path) -> Self {
-        Self {
-            path: home.join(FILE_NAME),
-        }
+        Self { path: home.join(FILE_NAME) }
     }
 
     pub fn path(&self) -> &Path {
@@ -40,12 +38,7 @@ impl KnownTrackers {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(NodeError::KnownTrackers {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(NodeError::KnownTrackers { path: self.path.clone(), source }),
         };
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -61,12 +54,7 @@ impl KnownTrackers {
                 continue;
             }
             match id.parse() {
-                Ok(node_id) => {
-                    return Ok(Some(KnownTracker {
-                        node_id,
-                        line: index + 1,
-                    }))
-                }
+                Ok(node_id) => return Ok(Some(KnownTracker { node_id, line: index + 1 })),
                 Err(e) => tracing::warn!("{}:{}: bad tracker id: {e}", self.path.display(), index + 1),
             }
         }
@@ -76,10 +64,7 @@ impl KnownTrackers {
     /// Appends `host_port NODEID` (creating the file, mode 0600).
     pub fn remember(&self, host_port: &str, node_id: NodeId) -> Result<(), NodeError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let io_err = |source| NodeError::KnownTrackers {
-            path: self.path.clone(),
-            source,
-        };
+        let io_err = |source| NodeError::KnownTrackers { path: self.path.clone(), source };
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

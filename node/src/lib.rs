@@ -8,7 +8,7 @@
 //! - [`peer`]: [`PeerConnection`], the node-to-node stream protocol (stream kinds, ping, close codes).
 //! - [`candidates`]: which local addresses to register and which peer addresses to try.
 //! - [`known_trackers`]: tracker ids trusted on first use.
-//! - [`error`]: [`NodeError`].
+//! - [`error`]: typed errors ([`NodeError`]).
 //!
 //! # Example
 //! ```no_run

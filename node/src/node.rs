@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::candidates::{dial_targets, local_candidates};
-use crate::error::{Attempt, NodeError};
+use crate::error::{Attempt, NodeError, TrackerMismatch};
 use crate::known_trackers::KnownTrackers;
 use crate::peer::{answer_pings, close_code, describe_close, PeerConnection, StreamKind, ALPN};
 
@@ -142,13 +142,20 @@ struct Shared {
     peers: Mutex<HashMap<NodeId, PeerConnection>>,
     /// Serializes connection attempts per peer.
     dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
-    /// Local `connect` calls waiting for a peer to dial us.
-    waiters: Mutex<HashMap<NodeId, Vec<oneshot::Sender<PeerConnection>>>>,
+    /// Tasks waiting for a peer to dial us: `connect` calls (which take the connection for
+    /// their caller) and introduction handlers (which only stop punching).
+    waiters: Mutex<HashMap<NodeId, Vec<Waiter>>>,
     accepted: mpsc::Sender<PeerConnection>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     console: bool,
     punch_timeout: Duration,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<PeerConnection>,
+    /// True for a `connect` call: the connection then goes to it instead of `accept`.
+    takes_connection: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,10 +194,9 @@ impl Shared {
         loop {
             match &*state.borrow_and_update() {
                 TrackerState::Registered(client) => return Ok(client.clone()),
-                TrackerState::Failed(e) => return Err(NodeError::Peer {
-                    peer: self.id(),
-                    message: e.to_string(),
-                }),
+                TrackerState::Failed(e) => {
+                    return Err(NodeError::Peer { peer: self.id(), message: e.to_string() })
+                }
                 TrackerState::Connecting { .. } => {}
             }
             tokio::select! {
@@ -218,7 +224,8 @@ impl Shared {
         let waiters = lock(&self.waiters).remove(&peer).unwrap_or_default();
         let mut delivered = false;
         for waiter in waiters {
-            delivered |= waiter.send(conn.clone()).is_ok();
+            let sent = waiter.tx.send(conn.clone()).is_ok();
+            delivered |= sent && waiter.takes_connection;
         }
         if for_accept && !delivered {
             let _ = self.accepted.try_send(conn.clone());
@@ -284,10 +291,7 @@ impl Shared {
         for addr in &targets {
             match self.endpoint.connect_with(config.clone(), *addr, qpeer_certs::config::PINNED_SERVER_NAME) {
                 Ok(connecting) => racing.push(async move { (*addr, connecting.await) }),
-                Err(e) => attempts.push(Attempt {
-                    addr: *addr,
-                    outcome: format!("cannot start: {e}"),
-                }),
+                Err(e) => attempts.push(Attempt { addr: *addr, outcome: format!("cannot start: {e}") }),
             }
         }
         let deadline = tokio::time::sleep(self.punch_timeout);
@@ -314,11 +318,7 @@ impl Shared {
                     });
                 }
             }
-            return Err(NodeError::NoDirectPath {
-                peer,
-                timeout: self.punch_timeout,
-                attempts,
-            });
+            return Err(NodeError::NoDirectPath { peer, timeout: self.punch_timeout, attempts });
         };
         tracing::debug!(peer = %peer.short(), %addr, "dial won");
         let select = async {
@@ -327,10 +327,9 @@ impl Shared {
             send.finish()?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         };
-        select.await.map_err(|e| NodeError::Peer {
-            peer,
-            message: format!("cannot select the connection: {e}"),
-        })?;
+        select
+            .await
+            .map_err(|e| NodeError::Peer { peer, message: format!("cannot select the connection: {e}") })?;
         Ok(PeerConnection::new(peer, connection))
     }
 
@@ -360,7 +359,7 @@ impl Shared {
         if peer < self.id() {
             // We are the acceptor: punch toward the dialer until it reaches us.
             let stop = CancellationToken::new();
-            let waiter = self.wait_for(peer);
+            let waiter = self.wait_for(peer, false);
             let puncher = self.tasks.spawn(self.clone().punch(peer, intro.addrs, stop.clone()));
             let _ = tokio::time::timeout(self.punch_timeout, waiter).await;
             stop.cancel();
@@ -382,9 +381,9 @@ impl Shared {
         }
     }
 
-    fn wait_for(&self, peer: NodeId) -> oneshot::Receiver<PeerConnection> {
+    fn wait_for(&self, peer: NodeId, takes_connection: bool) -> oneshot::Receiver<PeerConnection> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).entry(peer).or_default().push(tx);
+        lock(&self.waiters).entry(peer).or_default().push(Waiter { tx, takes_connection });
         rx
     }
 
@@ -459,14 +458,10 @@ impl Node {
             Some(path) => Some(qpeer_certs::config::load_ca_roots(path)?),
             None => None,
         };
-        let socket = std::net::UdpSocket::bind(config.bind).map_err(|source| NodeError::Bind {
-            addr: config.bind,
-            source,
-        })?;
-        let punch_socket = socket.try_clone().map_err(|source| NodeError::Bind {
-            addr: config.bind,
-            source,
-        })?;
+        let socket = std::net::UdpSocket::bind(config.bind)
+            .map_err(|source| NodeError::Bind { addr: config.bind, source })?;
+        let punch_socket =
+            socket.try_clone().map_err(|source| NodeError::Bind { addr: config.bind, source })?;
         let mut server_config = qpeer_certs::server_config(&identity, &[ALPN])?;
         server_config.transport_config(Arc::new(peer_transport()));
         let endpoint = quinn::Endpoint::new(
@@ -475,14 +470,9 @@ impl Node {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| NodeError::Bind {
-            addr: config.bind,
-            source,
-        })?;
-        let local_addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
-            addr: config.bind,
-            source,
-        })?;
+        .map_err(|source| NodeError::Bind { addr: config.bind, source })?;
+        let local_addr =
+            endpoint.local_addr().map_err(|source| NodeError::Bind { addr: config.bind, source })?;
         let (accepted_tx, accepted_rx) = mpsc::channel(64);
         let (tracker_state, _) = watch::channel(TrackerState::Connecting { last_error: None });
         let shared = Arc::new(Shared {
@@ -509,10 +499,7 @@ impl Node {
         };
         shared.tasks.spawn(link.run());
         shared.tasks.spawn(accept_loop(shared.clone()));
-        Ok(Self {
-            shared,
-            accepted: tokio::sync::Mutex::new(accepted_rx),
-        })
+        Ok(Self { shared, accepted: tokio::sync::Mutex::new(accepted_rx) })
     }
 
     pub fn id(&self) -> NodeId {
@@ -578,10 +565,7 @@ impl Node {
     /// Registered nodes, as the tracker lists them.
     pub async fn list_peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
         let client = self.shared.tracker_client().await?;
-        client.list_all().await.map_err(|source| NodeError::Tracker {
-            tracker: "list".into(),
-            source,
-        })
+        client.list_all().await.map_err(|source| NodeError::Tracker { tracker: "list".into(), source })
     }
 
     /// A direct, verified connection to `peer`: the existing one, or a new one punched through
@@ -601,13 +585,10 @@ impl Node {
         }
         let client = shared.tracker_client().await?;
         // The higher id is the acceptor: register the waiter before the introduction goes out.
-        let waiter = (peer < shared.id()).then(|| shared.wait_for(peer));
+        let waiter = (peer < shared.id()).then(|| shared.wait_for(peer, true));
         let intro = client.introduce(peer).await.map_err(|source| match source {
             ClientError::NotFound(id) => NodeError::PeerNotFound(id),
-            source => NodeError::Tracker {
-                tracker: "introduce".into(),
-                source,
-            },
+            source => NodeError::Tracker { tracker: "introduce".into(), source },
         })?;
         match waiter {
             None => {
@@ -676,19 +657,7 @@ impl Drop for Node {
 
 fn clone_fatal(error: &Arc<NodeError>) -> NodeError {
     match &**error {
-        NodeError::TrackerIdMismatch {
-            addr,
-            expected,
-            actual,
-            origin,
-            fix,
-        } => NodeError::TrackerIdMismatch {
-            addr: addr.clone(),
-            expected: *expected,
-            actual: *actual,
-            origin: origin.clone(),
-            fix: fix.clone(),
-        },
+        NodeError::TrackerIdMismatch(mismatch) => NodeError::TrackerIdMismatch(mismatch.clone()),
         other => NodeError::Tracker {
             tracker: "registration".into(),
             source: ClientError::Protocol(other.to_string()),
@@ -755,16 +724,14 @@ impl TrackerLink {
                         last_error: Some(format!("tracker connection lost ({reason})")),
                     });
                 }
-                Err(fatal @ NodeError::TrackerIdMismatch { .. }) => {
+                Err(fatal @ NodeError::TrackerIdMismatch(_)) => {
                     tracing::error!("{fatal}");
                     shared.tracker.send_replace(TrackerState::Failed(Arc::new(fatal)));
                     return;
                 }
                 Err(e) => {
                     tracing::warn!("cannot register with the tracker: {e}; retrying in {backoff:?}");
-                    shared.tracker.send_replace(TrackerState::Connecting {
-                        last_error: Some(e.to_string()),
-                    });
+                    shared.tracker.send_replace(TrackerState::Connecting { last_error: Some(e.to_string()) });
                 }
             }
             tokio::select! {
@@ -787,13 +754,12 @@ impl TrackerLink {
         let (trust, server_name) = match (&self.tracker.node_id, &self.roots, &known) {
             (Some(id), _, _) => (ServerTrust::Pinned(*id), qpeer_certs::config::PINNED_SERVER_NAME),
             (None, Some(roots), _) => (ServerTrust::Ca(roots.clone()), self.tracker.host.as_str()),
-            (None, None, Some(known)) => (ServerTrust::Pinned(known.node_id), qpeer_certs::config::PINNED_SERVER_NAME),
+            (None, None, Some(known)) => {
+                (ServerTrust::Pinned(known.node_id), qpeer_certs::config::PINNED_SERVER_NAME)
+            }
             (None, None, None) => (ServerTrust::FirstUse, qpeer_certs::config::PINNED_SERVER_NAME),
         };
-        let info = RegisterInfo {
-            candidates: local_candidates(shared.local_addr),
-            name: self.name.clone(),
-        };
+        let info = RegisterInfo { candidates: local_candidates(shared.local_addr), name: self.name.clone() };
         let result =
             TrackerClient::connect(&shared.endpoint, &shared.identity, addr, server_name, &trust, info).await;
         let (client, intros) = match result {
@@ -810,20 +776,15 @@ impl TrackerLink {
                     ),
                     None => ("pinned by --tracker".to_string(), String::new()),
                 };
-                return Err(NodeError::TrackerIdMismatch {
+                return Err(NodeError::TrackerIdMismatch(Box::new(TrackerMismatch {
                     addr: host_port,
                     expected,
                     actual,
                     origin,
                     fix,
-                });
+                })));
             }
-            Err(source) => {
-                return Err(NodeError::Tracker {
-                    tracker: host_port,
-                    source,
-                })
-            }
+            Err(source) => return Err(NodeError::Tracker { tracker: host_port, source }),
         };
         if let (ServerTrust::FirstUse, Some(id)) = (&trust, client.tracker_id()) {
             self.known.remember(&host_port, id)?;

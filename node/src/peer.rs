@@ -141,7 +141,10 @@ impl PeerConnection {
     }
 
     /// Opens a bidirectional stream of `kind` for the application.
-    pub async fn open_stream(&self, kind: StreamKind) -> Result<(quinn::SendStream, quinn::RecvStream), NodeError> {
+    pub async fn open_stream(
+        &self,
+        kind: StreamKind,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), NodeError> {
         let (mut send, recv) = self.inner.connection.open_bi().await.map_err(|e| self.conn_err(e))?;
         send.write_all(&[kind as u8]).await.map_err(|e| self.peer_err(e))?;
         Ok((send, recv))
@@ -183,17 +186,11 @@ impl PeerConnection {
     }
 
     fn conn_err(&self, source: quinn::ConnectionError) -> NodeError {
-        NodeError::Connection {
-            peer: self.inner.node_id,
-            source,
-        }
+        NodeError::Connection { peer: self.inner.node_id, source }
     }
 
     fn peer_err(&self, message: impl std::fmt::Display) -> NodeError {
-        NodeError::Peer {
-            peer: self.inner.node_id,
-            message: message.to_string(),
-        }
+        NodeError::Peer { peer: self.inner.node_id, message: message.to_string() }
     }
 }
 

@@ -1,1 +1,126 @@
+//! qpeer-tests: cross-crate integration tests and the helpers they share.
+//!
+//! # Layout
+//! - [`TestTracker`]: an in-process tracker on `127.0.0.1:0` that can be stopped and restarted
+//!   on the same address with the same identity.
+//! - [`node`]: a node bound to `127.0.0.1:0` with a throwaway home.
+//! - Tests live in `tests/tests/`.
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qpeer_certs::Identity;
+use qpeer_node::Node;
+use qpeer_tracker::{Limits, Tracker, TrackerAddr, TrackerConfig};
+use tokio::sync::oneshot;
+
+/// An in-process tracker.
+pub struct TestTracker {
+    pub identity: Arc<Identity>,
+    pub addr: SocketAddr,
+    limits: Limits,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestTracker {
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Limits::default())
+    }
+
+    pub fn start_with(limits: Limits) -> anyhow::Result<Self> {
+        let identity = Arc::new(Identity::generate()?);
+        let mut tracker =
+            Self { identity, addr: (Ipv4Addr::LOCALHOST, 0).into(), limits, stop: None, task: None };
+        tracker.launch()?;
+        Ok(tracker)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let mut config = TrackerConfig::new(self.addr, self.identity.clone());
+        config.limits = self.limits.clone();
+        let tracker = Tracker::bind(config)?;
+        self.addr = tracker.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.stop = Some(stop);
+        self.task = Some(tokio::spawn(tracker.run(async {
+            let _ = stopped.await;
+        })));
+        Ok(())
+    }
+
+    /// The pinned `ID@IP:PORT` address nodes use.
+    pub fn tracker_addr(&self) -> TrackerAddr {
+        TrackerAddr {
+            node_id: Some(self.identity.node_id()),
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+        }
+    }
+
+    /// Stops the tracker (connections closed with the shutdown code) and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    /// Starts again on the same address with the same identity.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.launch()
+    }
+}
+
+impl Drop for TestTracker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A node on 127.0.0.1:0 with its own temporary home, registered with `tracker`.
+pub struct TestNode {
+    pub node: Node,
+    pub home: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestNode {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+pub async fn node(tracker: &TestTracker) -> anyhow::Result<TestNode> {
+    let home = tempfile::tempdir()?;
+    let node = Node::builder()
+        .home(home.path())
+        .bind_addr((Ipv4Addr::LOCALHOST, 0).into())
+        .tracker(tracker.tracker_addr())
+        .bind()
+        .await?;
+    node.registered(Duration::from_secs(10)).await?;
+    Ok(TestNode { node, home })
+}
+
+/// Key material both ends of one QUIC connection derive alike, and no other connection shares:
+/// proves two sides hold the same connection.
+pub fn connection_fingerprint(conn: &quinn::Connection) -> anyhow::Result<[u8; 16]> {
+    let mut out = [0u8; 16];
+    conn.export_keying_material(&mut out, b"qpeer test fingerprint", b"")
+        .map_err(|_| anyhow::anyhow!("keying material export failed"))?;
+    Ok(out)
+}
+
+/// Installs a tracing subscriber once (RUST_LOG), for debugging tests.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -37,27 +37,21 @@ impl FromStr for TrackerAddr {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (node_id, host_port) = match text.split_once('@') {
             Some((id, rest)) => {
-                let id = id.parse().map_err(|source| TrackerAddrError::BadNodeId {
-                    text: text.to_string(),
-                    source,
-                })?;
+                let id = id
+                    .parse()
+                    .map_err(|source| TrackerAddrError::BadNodeId { text: text.to_string(), source })?;
                 (Some(id), rest)
             }
             None => (None, text),
         };
-        let (host, port) = host_port
-            .rsplit_once(':')
-            .ok_or_else(|| TrackerAddrError::MissingPort(text.to_string()))?;
+        let (host, port) =
+            host_port.rsplit_once(':').ok_or_else(|| TrackerAddrError::MissingPort(text.to_string()))?;
         let port = port.parse().map_err(|_| TrackerAddrError::BadPort(text.to_string()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(TrackerAddrError::EmptyHost(text.to_string()));
         }
-        Ok(Self {
-            node_id,
-            host: host.to_string(),
-            port,
-        })
+        Ok(Self { node_id, host: host.to_string(), port })
     }
 }
 
@@ -82,10 +76,7 @@ impl TrackerAddr {
 
     /// Resolves the host to socket addresses, preferring IPv4 (IPv6 only when nothing else).
     pub async fn resolve(&self) -> Result<SocketAddr, TrackerAddrError> {
-        let resolve_err = |reason: String| TrackerAddrError::Resolve {
-            host: self.host.clone(),
-            reason,
-        };
+        let resolve_err = |reason: String| TrackerAddrError::Resolve { host: self.host.clone(), reason };
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|e| resolve_err(e.to_string()))?

@@ -13,8 +13,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::proto::{
-    close_code, ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
-    PROTOCOL_VERSION,
+    close_code, ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN,
+    MAX_PEERS_PAGE, PROTOCOL_VERSION,
 };
 use crate::stream::{write_frame, FrameReader, StreamError};
 
@@ -158,7 +158,9 @@ impl TrackerClient {
             .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?;
         let observed = match first {
             Ok(Some(ServerFrame::Registered { observed, .. })) => observed,
-            Ok(Some(other)) => return Err(ClientError::Protocol(format!("expected Registered, got {other:?}"))),
+            Ok(Some(other)) => {
+                return Err(ClientError::Protocol(format!("expected Registered, got {other:?}")))
+            }
             Ok(None) | Err(StreamError::Read(_)) => {
                 // The tracker closed us; report its reason.
                 return Err(ClientError::Connection(connection.closed().await));
@@ -239,15 +241,12 @@ impl TrackerClient {
     }
 
     /// One page of the directory.
-    pub async fn list_page(&self, after: Option<NodeId>, limit: u16) -> Result<(Vec<PeerInfo>, Option<NodeId>), ClientError> {
-        match self
-            .request(|request_id| ClientFrame::ListPeers {
-                request_id,
-                after,
-                limit,
-            })
-            .await?
-        {
+    pub async fn list_page(
+        &self,
+        after: Option<NodeId>,
+        limit: u16,
+    ) -> Result<(Vec<PeerInfo>, Option<NodeId>), ClientError> {
+        match self.request(|request_id| ClientFrame::ListPeers { request_id, after, limit }).await? {
             ServerFrame::Peers { peers, next, .. } => Ok((peers, next)),
             other => Err(ClientError::Protocol(format!("expected Peers, got {other:?}"))),
         }
@@ -271,11 +270,9 @@ impl TrackerClient {
     /// same moment; we receive theirs.
     pub async fn introduce(&self, target: NodeId) -> Result<Introduction, ClientError> {
         match self.request(|request_id| ClientFrame::Introduce { request_id, target }).await? {
-            ServerFrame::Introduction { peer, addrs, .. } if peer == target => Ok(Introduction {
-                peer,
-                addrs,
-                requested: true,
-            }),
+            ServerFrame::Introduction { peer, addrs, .. } if peer == target => {
+                Ok(Introduction { peer, addrs, requested: true })
+            }
             ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
             other => Err(ClientError::Protocol(format!("expected Introduction, got {other:?}"))),
         }
@@ -307,24 +304,14 @@ async fn read_frames(
             }
         };
         let request_id = match &frame {
-            ServerFrame::Introduction {
-                request_id: None,
-                peer,
-                addrs,
-            } => {
-                let intro = Introduction {
-                    peer: *peer,
-                    addrs: addrs.clone(),
-                    requested: false,
-                };
+            ServerFrame::Introduction { request_id: None, peer, addrs } => {
+                let intro = Introduction { peer: *peer, addrs: addrs.clone(), requested: false };
                 if introductions.try_send(intro).is_err() {
                     tracing::warn!("dropping an introduction: the node is not keeping up");
                 }
                 continue;
             }
-            ServerFrame::Introduction {
-                request_id: Some(id), ..
-            } => *id,
+            ServerFrame::Introduction { request_id: Some(id), .. } => *id,
             ServerFrame::Peers { request_id, .. }
             | ServerFrame::NotFound { request_id, .. }
             | ServerFrame::Error { request_id, .. } => *request_id,

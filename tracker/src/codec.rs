@@ -68,10 +68,7 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max_len: usize) -> Self {
-        Self {
-            buffer: Vec::new(),
-            max_len: max_len.min(MAX_FRAME_LEN),
-        }
+        Self { buffer: Vec::new(), max_len: max_len.min(MAX_FRAME_LEN) }
     }
 
     /// Appends received bytes.
@@ -133,11 +130,20 @@ mod tests {
 
     fn client_frame() -> impl Strategy<Value = ClientFrame> {
         prop_oneof![
-            (any::<u16>(), prop::collection::vec(addr(), 0..MAX_CANDIDATES), prop::option::of("[a-z0-9 é]{0,20}"))
-                .prop_map(|(version, candidates, name)| ClientFrame::Register { version, candidates, name }),
+            (
+                any::<u16>(),
+                prop::collection::vec(addr(), 0..MAX_CANDIDATES),
+                prop::option::of("[a-z0-9 é]{0,20}")
+            )
+                .prop_map(|(version, candidates, name)| ClientFrame::Register {
+                    version,
+                    candidates,
+                    name
+                }),
             (any::<u64>(), prop::option::of(node_id()), any::<u16>())
                 .prop_map(|(request_id, after, limit)| ClientFrame::ListPeers { request_id, after, limit }),
-            (any::<u64>(), node_id()).prop_map(|(request_id, target)| ClientFrame::Introduce { request_id, target }),
+            (any::<u64>(), node_id())
+                .prop_map(|(request_id, target)| ClientFrame::Introduce { request_id, target }),
         ]
     }
 
@@ -146,20 +152,22 @@ mod tests {
             .prop_map(|(node_id, name, registered_at)| PeerInfo { node_id, name, registered_at });
         let addrs = (addr(), prop::collection::vec(addr(), 0..4))
             .prop_map(|(observed, candidates)| PeerAddrs { observed, candidates });
-        let kind = prop_oneof![
-            Just(ErrorKind::RateLimited),
-            Just(ErrorKind::InvalidRequest),
-            Just(ErrorKind::Busy)
-        ];
+        let kind =
+            prop_oneof![Just(ErrorKind::RateLimited), Just(ErrorKind::InvalidRequest), Just(ErrorKind::Busy)];
         prop_oneof![
-            (any::<u16>(), addr()).prop_map(|(version, observed)| ServerFrame::Registered { version, observed }),
+            (any::<u16>(), addr())
+                .prop_map(|(version, observed)| ServerFrame::Registered { version, observed }),
             (any::<u64>(), prop::collection::vec(peer, 0..8), prop::option::of(node_id()))
                 .prop_map(|(request_id, peers, next)| ServerFrame::Peers { request_id, peers, next }),
             (prop::option::of(any::<u64>()), node_id(), addrs)
                 .prop_map(|(request_id, peer, addrs)| ServerFrame::Introduction { request_id, peer, addrs }),
-            (any::<u64>(), node_id()).prop_map(|(request_id, target)| ServerFrame::NotFound { request_id, target }),
-            (any::<u64>(), kind, ".{0,30}")
-                .prop_map(|(request_id, kind, message)| ServerFrame::Error { request_id, kind, message }),
+            (any::<u64>(), node_id())
+                .prop_map(|(request_id, target)| ServerFrame::NotFound { request_id, target }),
+            (any::<u64>(), kind, ".{0,30}").prop_map(|(request_id, kind, message)| ServerFrame::Error {
+                request_id,
+                kind,
+                message
+            }),
         ]
     }
 
@@ -196,8 +204,9 @@ mod tests {
 
     #[test]
     fn trailing_bytes_are_refused() {
-        let mut body = encode_body(&ClientFrame::Introduce { request_id: 1, target: NodeId::from_bytes([7; 32]) })
-            .expect("encode");
+        let mut body =
+            encode_body(&ClientFrame::Introduce { request_id: 1, target: NodeId::from_bytes([7; 32]) })
+                .expect("encode");
         body.push(0);
         assert_eq!(decode_body::<ClientFrame>(&body), Err(CodecError::TrailingBytes(1)));
     }

@@ -122,17 +122,9 @@ impl Directory {
         let peers: Vec<PeerInfo> = iter
             .by_ref()
             .take(limit)
-            .map(|(id, e)| PeerInfo {
-                node_id: *id,
-                name: e.name.clone(),
-                registered_at: e.registered_at,
-            })
+            .map(|(id, e)| PeerInfo { node_id: *id, name: e.name.clone(), registered_at: e.registered_at })
             .collect();
-        let next = if iter.next().is_some() {
-            peers.last().map(|p| p.node_id)
-        } else {
-            None
-        };
+        let next = if iter.next().is_some() { peers.last().map(|p| p.node_id) } else { None };
         (peers, next)
     }
 
@@ -158,10 +150,7 @@ impl Directory {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
 }
 
 /// Strips the IPv4-mapped IPv6 form so addresses read as users expect.

@@ -38,11 +38,7 @@ pub enum ClientFrame {
         name: Option<String>,
     },
     /// A page of registered nodes, ordered by NodeId, starting after `after`.
-    ListPeers {
-        request_id: u64,
-        after: Option<NodeId>,
-        limit: u16,
-    },
+    ListPeers { request_id: u64, after: Option<NodeId>, limit: u16 },
     /// Ask the tracker to introduce us to `target` (both sides then punch at once).
     Introduce { request_id: u64, target: NodeId },
 }
@@ -80,26 +76,14 @@ pub enum ServerFrame {
     /// Reply to `Register`: the address the tracker sees the node at (its NAT mapping).
     Registered { version: u16, observed: SocketAddr },
     /// Reply to `ListPeers`. `next` is the cursor for the following page, if any.
-    Peers {
-        request_id: u64,
-        peers: Vec<PeerInfo>,
-        next: Option<NodeId>,
-    },
+    Peers { request_id: u64, peers: Vec<PeerInfo>, next: Option<NodeId> },
     /// An introduction. `request_id` is set on the reply to the node that asked, and `None` on
     /// the copy sent at the same moment to the node that was asked for.
-    Introduction {
-        request_id: Option<u64>,
-        peer: NodeId,
-        addrs: PeerAddrs,
-    },
+    Introduction { request_id: Option<u64>, peer: NodeId, addrs: PeerAddrs },
     /// Reply to `Introduce` when the target is not registered.
     NotFound { request_id: u64, target: NodeId },
     /// A request failed; the connection stays open.
-    Error {
-        request_id: u64,
-        kind: ErrorKind,
-        message: String,
-    },
+    Error { request_id: u64, kind: ErrorKind, message: String },
 }
 
 /// QUIC application close codes used by the tracker (and documented in docs/PROTOCOL.md).

@@ -70,13 +70,7 @@ pub struct TrackerConfig {
 
 impl TrackerConfig {
     pub fn new(listen: SocketAddr, identity: Arc<Identity>) -> Self {
-        Self {
-            listen,
-            identity,
-            certificate: None,
-            limits: Limits::default(),
-            console: false,
-        }
+        Self { listen, identity, certificate: None, limits: Limits::default(), console: false }
     }
 }
 
@@ -166,20 +160,15 @@ impl Tracker {
             None => qpeer_certs::server_config(&config.identity, &[ALPN])?,
         };
         server_config.transport_config(Arc::new(transport_config(&config.limits)?));
-        let socket = std::net::UdpSocket::bind(config.listen).map_err(|source| TrackerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let socket = std::net::UdpSocket::bind(config.listen)
+            .map_err(|source| TrackerError::Bind { addr: config.listen, source })?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config(&config.identity),
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| TrackerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        .map_err(|source| TrackerError::Bind { addr: config.listen, source })?;
         let tracker = Self {
             endpoint,
             node_id: config.identity.node_id(),
@@ -198,9 +187,7 @@ impl Tracker {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -249,8 +236,7 @@ impl Tracker {
         }
         tracing::info!("tracker shutting down");
         cancel.cancel();
-        self.endpoint
-            .close(close_code::SHUTDOWN.into(), b"tracker shutting down");
+        self.endpoint.close(close_code::SHUTDOWN.into(), b"tracker shutting down");
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
             tasks.wait().await;
@@ -305,16 +291,18 @@ impl Drop for IpSlot {
     }
 }
 
-async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken, tasks: TaskTracker) {
+async fn handle_incoming(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
     let remote = canonical(incoming.remote_address());
     let slot = {
         let mut directory = shared.directory();
         directory
             .open_connection(remote.ip(), shared.limits.max_connections_per_ip)
-            .then(|| IpSlot {
-                shared: shared.clone(),
-                ip: remote.ip(),
-            })
+            .then(|| IpSlot { shared: shared.clone(), ip: remote.ip() })
     };
     let conn = match tokio::time::timeout(shared.limits.register_timeout, incoming).await {
         Ok(Ok(conn)) => conn,
@@ -366,10 +354,7 @@ struct Fatal {
 
 impl Fatal {
     fn new(code: u32, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-        }
+        Self { code, reason: reason.into() }
     }
 }
 
@@ -464,18 +449,15 @@ impl Session {
             Ok(Err(StreamError::Read(_))) => return Ok(false),
             Ok(Err(e)) => return Err(e.into()),
         };
-        let ClientFrame::Register {
-            version,
-            candidates,
-            name,
-        } = frame
-        else {
+        let ClientFrame::Register { version, candidates, name } = frame else {
             return Err(Fatal::new(close_code::PROTOCOL_VIOLATION, "the first frame must be Register"));
         };
         if version != PROTOCOL_VERSION {
             return Err(Fatal::new(
                 close_code::UNSUPPORTED_VERSION,
-                format!("protocol version {version} is not supported; this tracker speaks {PROTOCOL_VERSION}"),
+                format!(
+                    "protocol version {version} is not supported; this tracker speaks {PROTOCOL_VERSION}"
+                ),
             ));
         }
         if candidates.len() > MAX_CANDIDATES {
@@ -498,7 +480,11 @@ impl Session {
             name,
             registered_at: unix_now(),
             outbox: outbox.clone(),
-            introductions: TokenBucket::new(limits.introductions_per_sec, limits.introduction_burst, Instant::now()),
+            introductions: TokenBucket::new(
+                limits.introductions_per_sec,
+                limits.introduction_burst,
+                Instant::now(),
+            ),
         };
         let outcome = self.shared.directory().register(self.node_id, entry, limits.max_nodes);
         match outcome {
@@ -518,12 +504,7 @@ impl Session {
                 ))
             }
         }
-        let _ = outbox
-            .send(ServerFrame::Registered {
-                version: PROTOCOL_VERSION,
-                observed,
-            })
-            .await;
+        let _ = outbox.send(ServerFrame::Registered { version: PROTOCOL_VERSION, observed }).await;
         Ok(true)
     }
 
@@ -539,18 +520,10 @@ impl Session {
                 ClientFrame::Register { .. } => {
                     return Err(Fatal::new(close_code::PROTOCOL_VIOLATION, "Register sent twice"))
                 }
-                ClientFrame::ListPeers {
-                    request_id,
-                    after,
-                    limit,
-                } => {
+                ClientFrame::ListPeers { request_id, after, limit } => {
                     let limit = usize::from(limit.clamp(1, MAX_PEERS_PAGE));
                     let (peers, next) = self.shared.directory().page(after, limit);
-                    ServerFrame::Peers {
-                        request_id,
-                        peers,
-                        next,
-                    }
+                    ServerFrame::Peers { request_id, peers, next }
                 }
                 ClientFrame::Introduce { request_id, target } => self.introduce(request_id, target),
             };
@@ -563,11 +536,8 @@ impl Session {
     /// Sends both introductions under one lock, so both nodes learn of each other at once.
     /// Returns the reply for the requester.
     fn introduce(&self, request_id: u64, target: NodeId) -> ServerFrame {
-        let error = |kind, message: &str| ServerFrame::Error {
-            request_id,
-            kind,
-            message: message.to_string(),
-        };
+        let error =
+            |kind, message: &str| ServerFrame::Error { request_id, kind, message: message.to_string() };
         if target == self.node_id {
             return error(ErrorKind::InvalidRequest, "a node cannot be introduced to itself");
         }
@@ -582,20 +552,12 @@ impl Session {
         let Some(peer) = directory.get(&target) else {
             return ServerFrame::NotFound { request_id, target };
         };
-        let to_target = ServerFrame::Introduction {
-            request_id: None,
-            peer: self.node_id,
-            addrs: my_addrs,
-        };
+        let to_target = ServerFrame::Introduction { request_id: None, peer: self.node_id, addrs: my_addrs };
         if peer.outbox.try_send(to_target).is_err() {
             return error(ErrorKind::Busy, "the target's queue is full; retry shortly");
         }
         tracing::debug!(from = %self.node_id.short(), to = %target.short(), "introduction");
-        ServerFrame::Introduction {
-            request_id: Some(request_id),
-            peer: target,
-            addrs: peer.addrs.clone(),
-        }
+        ServerFrame::Introduction { request_id: Some(request_id), peer: target, addrs: peer.addrs.clone() }
     }
 }
 

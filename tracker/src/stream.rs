@@ -34,11 +34,7 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(recv: quinn::RecvStream, max_frame_len: usize, partial_timeout: Duration) -> Self {
-        Self {
-            recv,
-            decoder: FrameDecoder::new(max_frame_len),
-            partial_timeout,
-        }
+        Self { recv, decoder: FrameDecoder::new(max_frame_len), partial_timeout }
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.

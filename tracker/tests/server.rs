@@ -30,12 +30,7 @@ impl RunningTracker {
         let task = tokio::spawn(tracker.run(async {
             let _ = stopped.await;
         }));
-        Self {
-            addr,
-            id,
-            stop: Some(stop),
-            task,
-        }
+        Self { addr, id, stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
@@ -73,18 +68,10 @@ async fn register(tracker: &RunningTracker, identity: Identity) -> Result<TestNo
         tracker.addr,
         PINNED_SERVER_NAME,
         &ServerTrust::Pinned(tracker.id),
-        RegisterInfo {
-            candidates,
-            name: Some("test".into()),
-        },
+        RegisterInfo { candidates, name: Some("test".into()) },
     )
     .await?;
-    Ok(TestNode {
-        identity,
-        endpoint,
-        client,
-        intros,
-    })
+    Ok(TestNode { identity, endpoint, client, intros })
 }
 
 async fn node(tracker: &RunningTracker) -> TestNode {
@@ -108,7 +95,8 @@ async fn register_list_and_introduce() {
     assert_eq!(b.client.observed_addr(), b.endpoint.local_addr().expect("addr"));
     assert_eq!(a.client.tracker_id(), Some(tracker.id));
 
-    let mut listed: Vec<_> = a.client.list_all().await.expect("list").into_iter().map(|p| p.node_id).collect();
+    let mut listed: Vec<_> =
+        a.client.list_all().await.expect("list").into_iter().map(|p| p.node_id).collect();
     listed.sort();
     let mut expected = vec![a.identity.node_id(), b.identity.node_id()];
     expected.sort();
@@ -200,11 +188,9 @@ async fn a_node_cannot_register_another_nodes_id() {
     let victim = Identity::generate().expect("victim");
     let attacker = Identity::generate().expect("attacker");
     let provider = Arc::new(qpeer_certs::config::crypto_provider());
-    let signing_key = provider
-        .key_provider
-        .load_private_key(attacker.private_key_der())
-        .expect("key");
-    let certified = rustls::sign::CertifiedKey::new(vec![victim.self_signed_cert().expect("cert")], signing_key);
+    let signing_key = provider.key_provider.load_private_key(attacker.private_key_der()).expect("key");
+    let certified =
+        rustls::sign::CertifiedKey::new(vec![victim.self_signed_cert().expect("cert")], signing_key);
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
@@ -228,7 +214,10 @@ async fn a_node_cannot_register_another_nodes_id() {
             .expect("the tracker must close the impostor"),
     };
     assert!(
-        matches!(err, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)),
+        matches!(
+            err,
+            quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("error 51"), "decrypt_error alert expected: {err}");
@@ -238,9 +227,12 @@ async fn a_node_cannot_register_another_nodes_id() {
 }
 
 /// Opens a raw control stream (no qpeer client code) and returns it.
-async fn raw_control_stream(tracker: &RunningTracker) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+async fn raw_control_stream(
+    tracker: &RunningTracker,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let identity = Identity::generate().expect("identity");
-    let config = qpeer_certs::client_config(&identity, &ServerTrust::Pinned(tracker.id), &[ALPN]).expect("config");
+    let config =
+        qpeer_certs::client_config(&identity, &ServerTrust::Pinned(tracker.id), &[ALPN]).expect("config");
     let conn = endpoint()
         .connect_with(config, tracker.addr, PINNED_SERVER_NAME)
         .expect("connect")
@@ -267,11 +259,7 @@ async fn bad_frames_close_only_the_offender() {
     // A valid Register of an unknown version.
     let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
     let frame = qpeer_tracker::codec::encode_frame(
-        &qpeer_tracker::proto::ClientFrame::Register {
-            version: 99,
-            candidates: vec![],
-            name: None,
-        },
+        &qpeer_tracker::proto::ClientFrame::Register { version: 99, candidates: vec![], name: None },
         qpeer_tracker::proto::MAX_FRAME_LEN,
     )
     .expect("encode");
@@ -287,10 +275,7 @@ async fn bad_frames_close_only_the_offender() {
 
 #[tokio::test]
 async fn half_sent_frame_times_out() {
-    let limits = Limits {
-        partial_frame_timeout: Duration::from_millis(300),
-        ..Limits::default()
-    };
+    let limits = Limits { partial_frame_timeout: Duration::from_millis(300), ..Limits::default() };
     let tracker = RunningTracker::start(limits).await;
     let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
     send.write_all(&[0, 0, 0, 40, 1, 2]).await.expect("write");
@@ -300,16 +285,12 @@ async fn half_sent_frame_times_out() {
 
 #[tokio::test]
 async fn max_nodes_limit_closes_the_newcomer() {
-    let limits = Limits {
-        max_nodes: 2,
-        ..Limits::default()
-    };
+    let limits = Limits { max_nodes: 2, ..Limits::default() };
     let tracker = RunningTracker::start(limits).await;
     let a = node(&tracker).await;
     let _b = node(&tracker).await;
-    let err = register(&tracker, Identity::generate().expect("identity"))
-        .await
-        .expect_err("third must be refused");
+    let err =
+        register(&tracker, Identity::generate().expect("identity")).await.expect_err("third must be refused");
     match err {
         ClientError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
             assert_eq!(close.error_code, close_code::TRACKER_FULL.into());
@@ -322,11 +303,7 @@ async fn max_nodes_limit_closes_the_newcomer() {
 
 #[tokio::test]
 async fn introduction_rate_limit_returns_a_typed_error() {
-    let limits = Limits {
-        introductions_per_sec: 1,
-        introduction_burst: 2,
-        ..Limits::default()
-    };
+    let limits = Limits { introductions_per_sec: 1, introduction_burst: 2, ..Limits::default() };
     let tracker = RunningTracker::start(limits).await;
     let a = node(&tracker).await;
     let b = node(&tracker).await;
@@ -344,10 +321,7 @@ async fn introduction_rate_limit_returns_a_typed_error() {
 
 #[tokio::test]
 async fn connections_per_ip_limit_closes_the_extra_connection() {
-    let limits = Limits {
-        max_connections_per_ip: 2,
-        ..Limits::default()
-    };
+    let limits = Limits { max_connections_per_ip: 2, ..Limits::default() };
     let tracker = RunningTracker::start(limits).await;
     let a = node(&tracker).await;
     let _b = node(&tracker).await;

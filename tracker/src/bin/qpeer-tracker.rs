@@ -66,10 +66,9 @@ async fn main() -> Result<()> {
     let home = resolve_home(cli.home.as_deref())?;
     let identity = Arc::new(Identity::load_or_create(&home)?);
     let certificate = match (&cli.cert, &cli.key) {
-        (Some(cert), Some(key)) => Some((
-            qpeer_certs::config::load_certs(cert)?,
-            qpeer_certs::config::load_private_key(key)?,
-        )),
+        (Some(cert), Some(key)) => {
+            Some((qpeer_certs::config::load_certs(cert)?, qpeer_certs::config::load_private_key(key)?))
+        }
         _ => None,
     };
     let limits = Limits {
