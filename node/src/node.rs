@@ -353,10 +353,20 @@ impl Shared {
         }
     }
 
+    /// Whether we dial `peer` (else we punch and wait for it). Both sides compute the same
+    /// answer from the same facts: a node whose observed address is one of its own interface
+    /// addresses has no NAT and anyone can reach it, so the other side dials; otherwise the
+    /// lower NodeId dials.
+    fn we_dial(&self, client: &TrackerClient, peer: NodeId, peer_addrs: &PeerAddrs) -> bool {
+        let ours =
+            PeerAddrs { observed: client.observed_addr(), candidates: local_candidates(self.local_addr) };
+        dialer_is_first((self.id(), &ours), (peer, peer_addrs))
+    }
+
     /// Handles an introduction the tracker sent because the peer asked for us.
-    async fn on_introduction(self: Arc<Self>, intro: Introduction) {
+    async fn on_introduction(self: Arc<Self>, client: Arc<TrackerClient>, intro: Introduction) {
         let peer = intro.peer;
-        if peer < self.id() {
+        if !self.we_dial(&client, peer, &intro.addrs) {
             // We are the acceptor: punch toward the dialer until it reaches us.
             let stop = CancellationToken::new();
             let waiter = self.wait_for(peer, false);
@@ -418,6 +428,21 @@ impl Shared {
             Ok(None) => tracing::debug!(peer = %peer.short(), %remote, "candidate connection not selected"),
             Err(_) => connection.close(close_code::SELECT_TIMEOUT.into(), b"not selected in time"),
         }
+    }
+}
+
+/// True when a node without NAT (observed address among its own candidates).
+fn reachable(addrs: &PeerAddrs) -> bool {
+    addrs.candidates.contains(&addrs.observed)
+}
+
+/// The dialer rule, seen from the first node: a node behind NAT dials a node without NAT;
+/// otherwise the lower NodeId dials.
+pub(crate) fn dialer_is_first(first: (NodeId, &PeerAddrs), second: (NodeId, &PeerAddrs)) -> bool {
+    match (reachable(first.1), reachable(second.1)) {
+        (false, true) => true,
+        (true, false) => false,
+        _ => first.0 < second.0,
     }
 }
 
@@ -584,40 +609,39 @@ impl Node {
             return Ok(existing);
         }
         let client = shared.tracker_client().await?;
-        // The higher id is the acceptor: register the waiter before the introduction goes out.
-        let waiter = (peer < shared.id()).then(|| shared.wait_for(peer, true));
+        // Our role depends on the peer's addresses, which the introduction brings; wait for a
+        // dialer from before the request so an early handshake is not missed.
+        let waiter = shared.wait_for(peer, true);
         let intro = client.introduce(peer).await.map_err(|source| match source {
             ClientError::NotFound(id) => NodeError::PeerNotFound(id),
             source => NodeError::Tracker { tracker: "introduce".into(), source },
         })?;
-        match waiter {
-            None => {
-                let conn = shared.dial(peer, &intro.addrs).await?;
-                shared.install(conn.clone(), false);
-                Ok(conn)
-            }
-            Some(waiter) => {
-                let stop = CancellationToken::new();
-                let targets = dial_targets(&intro.addrs);
-                let puncher = shared.tasks.spawn(shared.clone().punch(peer, intro.addrs, stop.clone()));
-                let result = tokio::time::timeout(shared.punch_timeout, waiter).await;
-                stop.cancel();
-                let _ = puncher.await;
-                match result {
-                    Ok(Ok(conn)) => Ok(conn),
-                    _ => Err(NodeError::NoDirectPath {
-                        peer,
-                        timeout: shared.punch_timeout,
-                        attempts: targets
-                            .into_iter()
-                            .map(|addr| Attempt {
-                                addr,
-                                outcome: "punched; the peer's handshake never arrived".into(),
-                            })
-                            .collect(),
-                    }),
-                }
-            }
+        if shared.we_dial(&client, peer, &intro.addrs) {
+            drop(waiter);
+            let conn = shared.dial(peer, &intro.addrs).await?;
+            shared.install(conn.clone(), false);
+            return Ok(conn);
+        }
+        // We are the acceptor: punch toward the dialer and wait for its handshake.
+        let stop = CancellationToken::new();
+        let targets = dial_targets(&intro.addrs);
+        let puncher = shared.tasks.spawn(shared.clone().punch(peer, intro.addrs, stop.clone()));
+        let result = tokio::time::timeout(shared.punch_timeout, waiter).await;
+        stop.cancel();
+        let _ = puncher.await;
+        match result {
+            Ok(Ok(conn)) => Ok(conn),
+            _ => Err(NodeError::NoDirectPath {
+                peer,
+                timeout: shared.punch_timeout,
+                attempts: targets
+                    .into_iter()
+                    .map(|addr| Attempt {
+                        addr,
+                        outcome: "punched; the peer's handshake never arrived".into(),
+                    })
+                    .collect(),
+            }),
         }
     }
 
@@ -711,7 +735,7 @@ impl TrackerLink {
                             }
                             intro = intros.recv() => match intro {
                                 Some(intro) => {
-                                    shared.tasks.spawn(shared.clone().on_introduction(intro));
+                                    shared.tasks.spawn(shared.clone().on_introduction(client.clone(), intro));
                                 }
                                 None => break client.closed().await,
                             },
@@ -794,5 +818,39 @@ impl TrackerLink {
             ));
         }
         Ok((client, intros))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(observed: &str, candidates: &[&str]) -> PeerAddrs {
+        PeerAddrs {
+            observed: observed.parse().expect("addr"),
+            candidates: candidates.iter().map(|c| c.parse().expect("addr")).collect(),
+        }
+    }
+
+    #[test]
+    fn both_sides_agree_on_the_dialer() {
+        let low = NodeId::from_bytes([1; 32]);
+        let high = NodeId::from_bytes([2; 32]);
+        let public = addrs("198.51.100.10:4000", &["198.51.100.10:4000"]);
+        let natted = addrs("198.51.100.20:5000", &["10.1.1.2:5000"]);
+        let natted2 = addrs("198.51.100.21:6000", &["10.2.1.2:6000"]);
+        for (a, b) in [(&public, &natted), (&natted, &public), (&natted, &natted2), (&public, &public)] {
+            for (x, y) in [(low, high), (high, low)] {
+                let first = dialer_is_first((x, a), (y, b));
+                let second = dialer_is_first((y, b), (x, a));
+                assert_ne!(first, second, "exactly one side dials");
+            }
+        }
+        // The natted node dials the public one, whatever the ids.
+        assert!(dialer_is_first((high, &natted), (low, &public)));
+        assert!(dialer_is_first((low, &natted), (high, &public)));
+        // Otherwise the lower id dials.
+        assert!(dialer_is_first((low, &natted), (high, &natted2)));
+        assert!(!dialer_is_first((high, &public), (low, &public)));
     }
 }

@@ -6,6 +6,8 @@
 //! - [`node`]: a node bound to `127.0.0.1:0` with a throwaway home.
 //! - Tests live in `tests/tests/`.
 
+pub mod lab;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;

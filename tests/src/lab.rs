@@ -1,0 +1,454 @@
+//! The NAT lab: real kernel NATs in Linux network namespaces, for testing hole punching with
+//! the real `qpeer-tracker` and `qpeer` binaries. Needs root, `ip` (iproute2) and `nft`.
+//!
+//! "The internet" is a bridge in its own namespace on 198.51.100.0/24. A home router is a
+//! namespace that masquerades on its WAN interface and drops unsolicited inbound packets there
+//! (input and forward chains accept only established/related from the WAN), like a real home
+//! router; `masquerade random` makes it a symmetric NAT. A carrier NAT is the same on
+//! 100.64.x.0/24. Home LANs are 10.x.1.0/24 bridges. No address outside these ranges is used.
+//!
+//! Every [`Lab`] uses a unique namespace prefix; dropping it ends every process it started,
+//! then every process still inside its namespaces, then deletes the namespaces, also when a
+//! test panics.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Prefix shared by every namespace this process creates (for the end-of-suite leak check).
+pub fn process_prefix() -> String {
+    format!("qpl{}x", std::process::id())
+}
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Where a node sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// On the internet, no NAT.
+    Public,
+    /// Behind a home router (endpoint-independent mapping, port-restricted filtering).
+    Cone,
+    /// Behind a symmetric NAT (`masquerade random`).
+    Symmetric,
+    /// Behind a home router behind a carrier-grade NAT.
+    Cgnat,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Place::Public => "public",
+            Place::Cone => "cone",
+            Place::Symmetric => "symmetric",
+            Place::Cgnat => "cgnat",
+        };
+        f.write_str(name)
+    }
+}
+
+/// A namespace that runs programs.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub netns: String,
+    pub addr: Ipv4Addr,
+}
+
+/// A router namespace with a LAN bridge hosts can join.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub netns: String,
+    /// The LAN prefix's first three octets, e.g. 10.3.1.
+    lan: [u8; 3],
+    next_host: u8,
+}
+
+/// Output lines of a program, collected by a reader thread.
+#[derive(Debug, Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn text(&self) -> String {
+        self.snapshot().join("\n")
+    }
+
+    /// Waits for a line matching `pred` and returns it.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.snapshot().into_iter().find(|l| pred(l)) {
+                return Ok(line);
+            }
+            if Instant::now() > deadline {
+                bail!("no matching line within {timeout:?}; output so far:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn collect(&self, reader: impl std::io::Read + Send + 'static) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                if let Ok(mut lines) = lines.lock() {
+                    lines.push(line);
+                }
+            }
+        });
+    }
+}
+
+/// A program started in a lab namespace.
+pub struct Process {
+    child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Process {
+    /// Waits for the program to exit (killing it after `timeout`); returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Result<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!(
+                    "program still running after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout.text(),
+                    self.stderr.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A set of namespaces: the internet plus whatever a test adds. Removed on drop.
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    internet: String,
+    next_public: u8,
+    next_subnet: u8,
+    next_link: u32,
+    pub dir: tempfile::TempDir,
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed: {}\ninput:\n{input}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The directory holding the `qpeer` and `qpeer-tracker` binaries: `QPEER_BIN_DIR`, else the
+/// cargo target directory this test binary was built into.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("QPEER_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let dir =
+        exe.parent().and_then(Path::parent).context("cannot locate the target directory")?.to_path_buf();
+    for bin in ["qpeer", "qpeer-tracker"] {
+        if !dir.join(bin).exists() {
+            bail!("{} is missing: build the binaries first (cargo build --bins)", dir.join(bin).display());
+        }
+    }
+    Ok(dir)
+}
+
+impl Lab {
+    /// Creates the internet namespace. Fails with a clear reason when the machine cannot host
+    /// the lab (not root, no `ip` or `nft`).
+    pub fn new() -> Result<Self> {
+        run("ip", &["-V"]).context("the NAT lab needs iproute2 (`ip`)")?;
+        run("nft", &["--version"]).context("the NAT lab needs nftables (`nft`)")?;
+        let prefix = format!("{}{}", process_prefix(), NEXT_LAB.fetch_add(1, Ordering::Relaxed));
+        let mut lab = Self {
+            internet: format!("{prefix}-inet"),
+            prefix,
+            namespaces: Vec::new(),
+            next_public: 10,
+            next_subnet: 1,
+            next_link: 0,
+            dir: tempfile::tempdir()?,
+        };
+        let internet = lab.internet.clone();
+        lab.add_netns(&internet).context("cannot create network namespaces (the lab needs root)")?;
+        lab.ip(&internet, &["link", "add", "br0", "type", "bridge"])?;
+        lab.ip(&internet, &["link", "set", "br0", "up"])?;
+        Ok(lab)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        run("ip", &["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        self.ip(name, &["link", "set", "lo", "up"])
+    }
+
+    fn ip(&self, netns: &str, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", netns];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    fn sysctl(&self, netns: &str, setting: &str) -> Result<()> {
+        run("ip", &["netns", "exec", netns, "sysctl", "-qw", setting])
+    }
+
+    fn link_name(&mut self, stem: &str) -> String {
+        self.next_link += 1;
+        format!("{stem}{}", self.next_link)
+    }
+
+    /// Connects `netns` to the internet bridge as `wan` with the next public address.
+    fn attach_to_internet(&mut self, netns: &str) -> Result<Ipv4Addr> {
+        let addr = Ipv4Addr::new(198, 51, 100, self.next_public);
+        self.next_public += 1;
+        let port = self.link_name("v");
+        let internet = self.internet.clone();
+        self.ip(&internet, &["link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", netns])?;
+        self.ip(&internet, &["link", "set", &port, "master", "br0", "up"])?;
+        self.ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", "wan"])?;
+        self.ip(netns, &["link", "set", "wan", "up"])?;
+        Ok(addr)
+    }
+
+    /// A host on the internet with the given last octet (e.g. 1 for the tracker), or the next free one.
+    pub fn public_host(&mut self, name: &str, last_octet: Option<u8>) -> Result<Host> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)?;
+        if let Some(octet) = last_octet {
+            let saved = self.next_public;
+            self.next_public = octet;
+            let addr = self.attach_to_internet(&netns)?;
+            self.next_public = saved;
+            return Ok(Host { netns, addr });
+        }
+        let addr = self.attach_to_internet(&netns)?;
+        Ok(Host { netns, addr })
+    }
+
+    /// Masquerade on `wan` (random port mapping when `symmetric`), and drop unsolicited
+    /// packets arriving on `wan`.
+    fn nat_rules(&self, netns: &str, symmetric: bool) -> Result<()> {
+        let masquerade = if symmetric { "masquerade random" } else { "masquerade" };
+        let rules = format!(
+            "table ip qpeer_nat {{\n\
+               chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; oifname \"wan\" {masquerade}; }}\n\
+             }}\n\
+             table inet qpeer_filter {{\n\
+               chain input {{ type filter hook input priority filter; policy accept; iifname \"wan\" ct state established,related accept; iifname \"wan\" drop; }}\n\
+               chain forward {{ type filter hook forward priority filter; policy accept; iifname \"wan\" ct state established,related accept; iifname \"wan\" drop; }}\n\
+             }}\n"
+        );
+        run_stdin("ip", &["netns", "exec", netns, "nft", "-f", "-"], &rules)
+    }
+
+    fn router_lan(&mut self, netns: &str, lan: [u8; 3]) -> Result<()> {
+        self.ip(netns, &["link", "add", "lan0", "type", "bridge"])?;
+        self.ip(netns, &["link", "set", "lan0", "up"])?;
+        let gateway = format!("{}.{}.{}.1/24", lan[0], lan[1], lan[2]);
+        self.ip(netns, &["addr", "add", &gateway, "dev", "lan0"])?;
+        self.sysctl(netns, "net.ipv4.ip_forward=1")
+    }
+
+    /// A home router on the internet (or behind `carrier`), cone or symmetric.
+    pub fn home_router(
+        &mut self,
+        name: &str,
+        symmetric: bool,
+        carrier: Option<&mut Router>,
+    ) -> Result<Router> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)?;
+        match carrier {
+            None => {
+                self.attach_to_internet(&netns)?;
+            }
+            Some(carrier) => {
+                let wan = carrier.next_addr();
+                self.join_lan(carrier, &netns, "wan", wan)?;
+                let gateway = carrier.gateway().to_string();
+                self.ip(&netns, &["route", "add", "default", "via", &gateway])?;
+            }
+        }
+        let subnet = self.next_subnet;
+        self.next_subnet += 1;
+        let lan = [10, subnet, 1];
+        self.router_lan(&netns, lan)?;
+        self.nat_rules(&netns, symmetric)?;
+        Ok(Router { netns, lan, next_host: 2 })
+    }
+
+    /// A carrier-grade NAT on the internet whose customers sit on 100.64.x.0/24.
+    pub fn carrier_nat(&mut self, name: &str) -> Result<Router> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)?;
+        self.attach_to_internet(&netns)?;
+        let subnet = self.next_subnet;
+        self.next_subnet += 1;
+        let lan = [100, 64, subnet];
+        self.router_lan(&netns, lan)?;
+        self.nat_rules(&netns, false)?;
+        Ok(Router { netns, lan, next_host: 2 })
+    }
+
+    /// Plugs `netns` into `router`'s LAN bridge as interface `ifname` with `addr`.
+    fn join_lan(&mut self, router: &Router, netns: &str, ifname: &str, addr: Ipv4Addr) -> Result<()> {
+        let port = self.link_name("h");
+        self.ip(
+            &router.netns,
+            &["link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", netns],
+        )?;
+        self.ip(&router.netns, &["link", "set", &port, "master", "lan0", "up"])?;
+        self.ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+        self.ip(netns, &["link", "set", ifname, "up"])
+    }
+
+    /// A host on `router`'s LAN, with the router as its default gateway.
+    pub fn host_behind(&mut self, router: &mut Router, name: &str) -> Result<Host> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)?;
+        let addr = router.next_addr();
+        self.join_lan(router, &netns, "eth0", addr)?;
+        let gateway = router.gateway().to_string();
+        self.ip(&netns, &["route", "add", "default", "via", &gateway])?;
+        Ok(Host { netns, addr })
+    }
+
+    /// A host placed as `place` describes, with whatever routers that takes.
+    pub fn node_host(&mut self, name: &str, place: Place) -> Result<Host> {
+        match place {
+            Place::Public => self.public_host(name, None),
+            Place::Cone | Place::Symmetric => {
+                let mut router = self.home_router(&format!("{name}r"), place == Place::Symmetric, None)?;
+                self.host_behind(&mut router, name)
+            }
+            Place::Cgnat => {
+                let mut carrier = self.carrier_nat(&format!("{name}c"))?;
+                let mut router = self.home_router(&format!("{name}r"), false, Some(&mut carrier))?;
+                self.host_behind(&mut router, name)
+            }
+        }
+    }
+
+    /// Starts `program args` inside `host`'s namespace, collecting its output.
+    pub fn spawn(&self, host: &Host, program: &Path, args: &[String]) -> Result<Process> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &host.netns])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {} in {}", program.display(), host.netns))?;
+        let stdout = Lines::default();
+        let stderr = Lines::default();
+        stdout.collect(child.stdout.take().context("stdout")?);
+        stderr.collect(child.stderr.take().context("stderr")?);
+        Ok(Process { child, stdout, stderr })
+    }
+
+    /// Every namespace of this lab.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+}
+
+impl Router {
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.lan[0], self.lan[1], self.lan[2], 1)
+    }
+
+    fn next_addr(&mut self) -> Ipv4Addr {
+        let addr = Ipv4Addr::new(self.lan[0], self.lan[1], self.lan[2], self.next_host);
+        self.next_host += 1;
+        addr
+    }
+}
+
+/// Ends every process inside `netns` (deleting a namespace does not).
+fn kill_namespace_processes(netns: &str) {
+    let Ok(output) = Command::new("ip").args(["netns", "pids", netns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for netns in self.namespaces.iter().rev() {
+            kill_namespace_processes(netns);
+        }
+        for netns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
+    }
+}
+
+/// Namespaces whose name starts with `prefix` (for leak checks).
+pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
