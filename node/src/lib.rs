@@ -6,6 +6,8 @@
 //! - [`node`]: [`Node`] and [`NodeBuilder`]: the endpoint, tracker registration (with
 //!   re-registration), introductions, punching, and the accept loop.
 //! - [`peer`]: [`PeerConnection`], the node-to-node stream protocol (stream kinds, ping, close codes).
+//! - [`transfer`]: sending and receiving files and directories (BLAKE3-verified, resumable).
+//! - [`progress`]: progress bars / lines for transfers.
 //! - [`candidates`]: which local addresses to register and which peer addresses to try.
 //! - [`known_trackers`]: tracker ids trusted on first use.
 //! - [`error`]: typed errors ([`NodeError`]).
@@ -29,6 +31,8 @@ pub mod error;
 pub mod known_trackers;
 pub mod node;
 pub mod peer;
+pub mod progress;
+pub mod transfer;
 
 pub use error::NodeError;
 pub use node::{Node, NodeBuilder};

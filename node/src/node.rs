@@ -251,7 +251,7 @@ impl Shared {
                     Some(StreamKind::Ping) => {
                         self.tasks.spawn(answer_pings(send, recv));
                     }
-                    Some(kind @ StreamKind::Transfer) => {
+                    Some(kind @ (StreamKind::Transfer | StreamKind::FileData)) => {
                         if !conn.offer_stream((kind, send, recv)) {
                             tracing::debug!(peer = %conn.node_id().short(), "no one accepts application streams");
                         }

@@ -25,8 +25,10 @@ pub enum StreamKind {
     Select = 1,
     /// Bi: 8-byte probes echoed back.
     Ping = 2,
-    /// Bi: file transfer (see the transfer module, when present).
+    /// Bi: a file transfer's control stream (offer, decision, summary).
     Transfer = 3,
+    /// Bi: one file's data and its verification.
+    FileData = 4,
 }
 
 impl StreamKind {
@@ -35,6 +37,7 @@ impl StreamKind {
             1 => Some(Self::Select),
             2 => Some(Self::Ping),
             3 => Some(Self::Transfer),
+            4 => Some(Self::FileData),
             _ => None,
         }
     }
@@ -210,7 +213,11 @@ pub fn describe_close(error: &quinn::ConnectionError) -> String {
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason);
-            format!("closed by peer: {reason} (code {})", close.error_code)
+            if reason.is_empty() {
+                format!("closed by peer (code {})", close.error_code)
+            } else {
+                format!("closed by peer: {reason} (code {})", close.error_code)
+            }
         }
         quinn::ConnectionError::LocallyClosed => "closed locally".into(),
         quinn::ConnectionError::TimedOut => "timed out".into(),

@@ -37,6 +37,13 @@ impl FrameReader {
         Self { recv, decoder: FrameDecoder::new(max_frame_len), partial_timeout }
     }
 
+    /// The underlying stream, for raw bytes after the framed part. Bytes already buffered by
+    /// the decoder are dropped, so call this only right after a frame the peer follows with
+    /// raw data it sends only once answered.
+    pub fn into_inner(self) -> quinn::RecvStream {
+        self.recv
+    }
+
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, StreamError> {
         loop {

@@ -8,6 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use qpeer_certs::{resolve_home, Identity, NodeId};
+use std::sync::Arc;
+
+use qpeer_node::progress::{mib, Progress, ProgressMode};
+use qpeer_node::transfer::receive::{read_allowlist, AcceptPolicy, ReceiveConfig, Receiver};
+use qpeer_node::transfer::scan::scan;
+use qpeer_node::transfer::send::send;
 use qpeer_node::Node;
 use qpeer_tracker::TrackerAddr;
 
@@ -56,19 +62,41 @@ enum Command {
         #[command(flatten)]
         node: NodeOpts,
     },
-    /// Register with the tracker and accept peers until Ctrl-C.
+    /// Register with the tracker, answer pings and receive files until Ctrl-C.
+    ///
+    /// Files arrive as DIR/<name>, directories as DIR/<name>/... . Each file is written to
+    /// <name>.part, checked against the sender's BLAKE3 hash, and moved into place; an existing
+    /// file is never overwritten (the sender is told). Only senders named with --accept-from or
+    /// in HOME/allowlist (one NodeId per line) may send, unless --accept-any.
     Listen {
         #[command(flatten)]
         node: NodeOpts,
-        /// Directory where received files will be written (file transfer).
+        /// Directory where received files are written (created if missing). Without it, file
+        /// offers are refused.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
-        /// Accept transfers from any node.
+        /// Accept files from any node.
         #[arg(long, conflicts_with = "accept_from")]
         accept_any: bool,
-        /// Accept transfers from this NodeId (repeatable).
+        /// Accept files from this NodeId (repeatable).
         #[arg(long, value_name = "ID")]
         accept_from: Vec<NodeId>,
+    },
+    /// Send files and directories to a peer; exits 0 only when the peer verified every file.
+    ///
+    /// Run the same command again after an interruption to resume: each file continues from
+    /// what the receiver already holds.
+    Send {
+        #[command(flatten)]
+        node: NodeOpts,
+        /// The receiving peer's NodeId.
+        peer: NodeId,
+        /// Files and directories to send.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print only the result.
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
     /// List the nodes registered with the tracker, one per line, id first.
     Peers {
@@ -89,7 +117,7 @@ enum Command {
         interval: f64,
     },
     /// Run the whole thing locally: a tracker and two nodes on 127.0.0.1 with throwaway
-    /// identities; the nodes meet through the tracker and talk directly.
+    /// identities; alice sends bob a generated 64 MiB file, which bob verifies by BLAKE3.
     Demo,
 }
 
@@ -142,15 +170,40 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Listen { node, out, accept_any, accept_from } => {
-            let node = start(&node, true).await?;
+            let home = resolve_home(node.home.as_deref())?;
+            let policy = if accept_any {
+                AcceptPolicy::Any
+            } else {
+                let allowlist = home.join("allowlist");
+                let mut ids = read_allowlist(&allowlist).map_err(anyhow::Error::msg)?;
+                ids.extend(accept_from);
+                if out.is_some() && ids.is_empty() {
+                    println!(
+                        "[WARNING] no sender is allowed yet: use --accept-from ID, list ids in {}, or --accept-any",
+                        allowlist.display()
+                    );
+                }
+                AcceptPolicy::Only(ids)
+            };
             if let Some(out) = &out {
-                println!("[INFO] receiving files into {} is not available in this version", out.display());
+                std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
             }
-            let _ = (accept_any, accept_from);
-            println!("[LISTENING] node {} on {}; Ctrl-C to stop", node.id(), node.local_addr());
+            let node = start(&node, true).await?;
+            let receiver = Receiver::new(ReceiveConfig { out: out.clone(), policy, console: true });
+            match &out {
+                Some(out) => println!(
+                    "[LISTENING] node {} on {}; receiving into {}; Ctrl-C to stop",
+                    node.id(),
+                    node.local_addr(),
+                    out.display()
+                ),
+                None => println!("[LISTENING] node {} on {}; Ctrl-C to stop", node.id(), node.local_addr()),
+            }
             let accept = async {
+                let mut serving = tokio::task::JoinSet::new();
                 while let Some(conn) = node.accept().await {
-                    tracing::info!(peer = %conn.node_id(), "peer connected");
+                    serving.spawn(receiver.clone().serve(conn));
+                    while serving.try_join_next().is_some() {}
                 }
             };
             tokio::select! {
@@ -176,14 +229,54 @@ async fn run(cli: Cli) -> Result<()> {
             node.shutdown().await;
             result
         }
+        Command::Send { node, peer, paths, quiet } => {
+            let mode = ProgressMode::detect(quiet);
+            let plan = tokio::task::spawn_blocking(move || scan(&paths)).await??;
+            for (path, reason) in &plan.skipped {
+                if mode != ProgressMode::Quiet {
+                    println!("[SKIPPED] {}: {reason}", path.display());
+                }
+            }
+            let node = start(&node, mode != ProgressMode::Quiet).await?;
+            let result = send_plan(&node, peer, plan, mode).await;
+            node.shutdown().await;
+            let report = result?;
+            println!(
+                "[SENT] {} files, {} bytes, {:.1} MiB/s",
+                report.files,
+                report.total_bytes,
+                mib(report.sent_bytes) / report.elapsed.as_secs_f64().max(1e-9)
+            );
+            Ok(())
+        }
         Command::Demo => demo().await,
     }
+}
+
+const DEMO_FILE_MIB: u64 = 64;
+
+/// Writes `mib` MiB of pseudo-random bytes (xorshift; fast, incompressible enough).
+fn write_demo_file(path: &std::path::Path, mib: u64) -> Result<u64> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for word in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        out.write_all(&block)?;
+    }
+    out.flush()?;
+    Ok(mib << 20)
 }
 
 /// A tracker and two nodes in this process, on loopback, with temporary homes.
 async fn demo() -> Result<()> {
     use std::net::Ipv4Addr;
-    use std::sync::Arc;
 
     let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
     let tracker_identity = Arc::new(Identity::load_or_create(&scratch.path().join("tracker"))?);
@@ -210,15 +303,80 @@ async fn demo() -> Result<()> {
         nodes.push(node);
     }
     let (alice, bob) = (&nodes[0], &nodes[1]);
-    let result = ping(alice, bob.id(), 3, Duration::from_millis(200)).await;
+
+    // Bob receives into inbox/, from alice only.
+    let inbox = scratch.path().join("inbox");
+    let receiver = Receiver::new(ReceiveConfig {
+        out: Some(inbox.clone()),
+        policy: AcceptPolicy::Only([alice.id()].into_iter().collect()),
+        console: true,
+    });
+    let serving = async {
+        let mut serving = tokio::task::JoinSet::new();
+        while let Some(conn) = bob.accept().await {
+            serving.spawn(receiver.clone().serve(conn));
+        }
+    };
+
+    // Alice sends a generated file.
+    let source = scratch.path().join("demo-payload.bin");
+    let size = write_demo_file(&source, DEMO_FILE_MIB)?;
+    println!("[DEMO] alice sends {} ({} MiB) to bob", source.display(), DEMO_FILE_MIB);
+    let sending = async {
+        let result = async {
+            let conn = alice.connect(bob.id()).await?;
+            println!("[DEMO] ping: {:.2} ms", conn.ping(1).await?.as_secs_f64() * 1000.0);
+            let paths = vec![source.clone()];
+            let plan = tokio::task::spawn_blocking(move || scan(&paths)).await??;
+            let progress = Arc::new(Progress::new(ProgressMode::detect(false), "to bob", plan.total_bytes));
+            let report = send(&conn, plan, progress.clone()).await;
+            progress.finish();
+            anyhow::Ok(report?)
+        };
+        result.await
+    };
+    let result = tokio::select! {
+        result = sending => result,
+        _ = serving => Err(anyhow::anyhow!("bob stopped accepting")),
+    };
     for node in &nodes {
         node.shutdown().await;
     }
     let _ = stop_tracker.send(());
     let _ = tracker_task.await;
-    result?;
-    println!("[DEMO] done: two nodes met through the tracker and talked directly");
+    let report = result?;
+    println!(
+        "[SENT] {} files, {} bytes, {:.1} MiB/s",
+        report.files,
+        report.total_bytes,
+        mib(report.sent_bytes) / report.elapsed.as_secs_f64().max(1e-9)
+    );
+    let received = inbox.join("demo-payload.bin");
+    let (sent_hash, got_hash) =
+        (qpeer_node::transfer::scan::hash_file(&source)?, qpeer_node::transfer::scan::hash_file(&received)?);
+    anyhow::ensure!(sent_hash == got_hash, "the received file differs from the one sent");
+    anyhow::ensure!(std::fs::metadata(&received)?.len() == size, "the received file has the wrong size");
+    println!(
+        "[DEMO] verified: {} is byte-identical to what alice sent (blake3 {})",
+        received.display(),
+        sent_hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
     Ok(())
+}
+
+/// Connects to `peer` and sends `plan` with progress shown per `mode`.
+async fn send_plan(
+    node: &Node,
+    peer: NodeId,
+    plan: qpeer_node::transfer::scan::Plan,
+    mode: ProgressMode,
+) -> Result<qpeer_node::transfer::send::SendReport> {
+    let conn = node.connect(peer).await?;
+    let progress = Arc::new(Progress::new(mode, format!("to {}", peer.short()), plan.total_bytes));
+    let result = send(&conn, plan, progress.clone()).await;
+    progress.finish();
+    conn.close(qpeer_node::peer::close_code::NORMAL, "transfer done");
+    Ok(result?)
 }
 
 async fn ping(node: &Node, peer: NodeId, count: u32, interval: Duration) -> Result<()> {

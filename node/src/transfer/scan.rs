@@ -1,0 +1,118 @@
+//! The sender's side of an offer: walk the paths the user named, hash every file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::wire::{EntryKind, OfferEntry, MAX_ENTRIES};
+use super::TransferError;
+
+/// A file to send: where it is here and what the offer says about it.
+#[derive(Debug, Clone)]
+pub struct LocalFile {
+    pub source: PathBuf,
+    pub path: String,
+    pub size: u64,
+    pub blake3: [u8; 32],
+}
+
+/// Everything one `send` offers.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub entries: Vec<OfferEntry>,
+    /// The offer's File entries, in order (their index is the file index on the wire).
+    pub files: Vec<LocalFile>,
+    pub total_bytes: u64,
+    /// Paths left out, with the reason (symbolic links inside directories, special files).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
+    move |source| TransferError::Io { path: path.to_path_buf(), source }
+}
+
+/// BLAKE3 of a whole file, read in 1 MiB blocks.
+pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            return Ok(*hasher.finalize().as_bytes());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+fn utf8_name(path: &Path) -> Result<String, TransferError> {
+    path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| TransferError::BadSource {
+        path: path.to_path_buf(),
+        reason: "the name is not UTF-8".into(),
+    })
+}
+
+/// Builds the offer for `paths` (blocking: reads and hashes every file).
+pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
+    let mut plan = Plan::default();
+    let mut top_names = std::collections::HashSet::new();
+    for path in paths {
+        let canonical = path.canonicalize().map_err(io_err(path))?;
+        let name = utf8_name(&canonical)?;
+        if !top_names.insert(name.clone()) {
+            return Err(TransferError::BadSource {
+                path: path.clone(),
+                reason: format!("another argument is also named {name:?}; they would collide"),
+            });
+        }
+        // A path named on the command line is followed if it is a link, like scp does.
+        let metadata = std::fs::metadata(&canonical).map_err(io_err(path))?;
+        if metadata.is_dir() {
+            walk(&canonical, name, &mut plan)?;
+        } else if metadata.is_file() {
+            add_file(&canonical, name, metadata.len(), &mut plan)?;
+        } else {
+            return Err(TransferError::BadSource {
+                path: path.clone(),
+                reason: "not a regular file or directory".into(),
+            });
+        }
+    }
+    if plan.entries.len() > MAX_ENTRIES as usize {
+        return Err(TransferError::BadSource {
+            path: paths.first().cloned().unwrap_or_default(),
+            reason: format!("{} entries; at most {MAX_ENTRIES} per send", plan.entries.len()),
+        });
+    }
+    Ok(plan)
+}
+
+fn add_file(source: &Path, path: String, size: u64, plan: &mut Plan) -> Result<(), TransferError> {
+    let blake3 = hash_file(source)?;
+    plan.entries.push(OfferEntry { path: path.clone(), kind: EntryKind::File { size, blake3 } });
+    plan.files.push(LocalFile { source: source.to_path_buf(), path, size, blake3 });
+    plan.total_bytes += size;
+    Ok(())
+}
+
+fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
+    plan.entries.push(OfferEntry { path: rel.clone(), kind: EntryKind::Directory });
+    let mut children: Vec<_> =
+        std::fs::read_dir(dir).map_err(io_err(dir))?.collect::<Result<Vec<_>, _>>().map_err(io_err(dir))?;
+    children.sort_by_key(|e| e.file_name());
+    for child in children {
+        let source = child.path();
+        let name = utf8_name(&source)?;
+        let child_rel = format!("{rel}/{name}");
+        let metadata = std::fs::symlink_metadata(&source).map_err(io_err(&source))?;
+        if metadata.file_type().is_symlink() {
+            plan.skipped.push((source, "symbolic link (not followed)".into()));
+        } else if metadata.is_dir() {
+            walk(&source, child_rel, plan)?;
+        } else if metadata.is_file() {
+            add_file(&source, child_rel, metadata.len(), plan)?;
+        } else {
+            plan.skipped.push((source, "not a regular file".into()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! The sending side: offer, then stream every file (a few at once), then wait for each file's
+//! verification.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qpeer_tracker::proto::MAX_FRAME_LEN;
+use qpeer_tracker::stream::{write_frame, FrameReader, StreamError};
+use tokio::sync::Semaphore;
+
+use super::scan::{LocalFile, Plan};
+use super::wire::{ControlFrame, FileHeader, FileReply, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION};
+use super::{TransferError, CHUNK};
+use crate::peer::StreamKind;
+use crate::progress::Progress;
+use crate::PeerConnection;
+
+/// Files streamed at the same time.
+pub const DEFAULT_CONCURRENCY: usize = 4;
+/// How long the receiver may take to answer the offer (it may be asking its user).
+const DECISION_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a single reply (not data) may take.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a completed send did.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    pub files: usize,
+    /// Bytes of all files (whether sent now or already held by the receiver).
+    pub total_bytes: u64,
+    /// Bytes actually streamed in this run.
+    pub sent_bytes: u64,
+    pub elapsed: Duration,
+}
+
+fn new_transfer_id() -> TransferId {
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut id).is_err() {
+        // No randomness source: fall back to something unique enough for one session name.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        id = nanos.to_le_bytes();
+    }
+    id
+}
+
+fn lost(conn: &PeerConnection, e: impl std::fmt::Display) -> TransferError {
+    TransferError::Lost { peer: conn.node_id(), message: e.to_string() }
+}
+
+fn protocol(conn: &PeerConnection, message: impl Into<String>) -> TransferError {
+    TransferError::Protocol { peer: conn.node_id(), message: message.into() }
+}
+
+async fn next<T: serde::de::DeserializeOwned>(
+    conn: &PeerConnection,
+    reader: &mut FrameReader,
+    timeout: Duration,
+) -> Result<T, TransferError> {
+    match tokio::time::timeout(timeout, reader.next::<T>()).await {
+        Err(_) => {
+            Err(TransferError::Timeout(format!("no answer from {} within {timeout:?}", conn.node_id())))
+        }
+        Ok(Ok(Some(frame))) => Ok(frame),
+        Ok(Ok(None)) => Err(lost(conn, "the receiver closed the stream")),
+        Ok(Err(StreamError::Read(e))) => Err(lost(conn, e)),
+        Ok(Err(e)) => Err(protocol(conn, e.to_string())),
+    }
+}
+
+/// Offers `plan` to the peer and sends every file. Succeeds only when the receiver confirmed
+/// every file's hash.
+pub async fn send(
+    conn: &PeerConnection,
+    plan: Plan,
+    progress: Arc<Progress>,
+) -> Result<SendReport, TransferError> {
+    let transfer_id = new_transfer_id();
+    let (mut control, recv) = conn.open_stream(StreamKind::Transfer).await?;
+    let mut replies = FrameReader::new(recv, MAX_FRAME_LEN, REPLY_TIMEOUT);
+    let offer = ControlFrame::Offer {
+        version: TRANSFER_VERSION,
+        transfer_id,
+        entries: plan.entries.len() as u32,
+        total_bytes: plan.total_bytes,
+    };
+    write_frame(&mut control, &offer, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
+    for chunk in plan.entries.chunks(ENTRIES_PER_FRAME) {
+        write_frame(&mut control, &ControlFrame::Entries(chunk.to_vec()), MAX_FRAME_LEN)
+            .await
+            .map_err(|e| lost(conn, e))?;
+    }
+    write_frame(&mut control, &ControlFrame::OfferEnd, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
+    match next::<ControlFrame>(conn, &mut replies, DECISION_TIMEOUT).await? {
+        ControlFrame::Accept => {}
+        ControlFrame::Reject { reason } => return Err(TransferError::Rejected(reason)),
+        other => return Err(protocol(conn, format!("expected Accept or Reject, got {other:?}"))),
+    }
+
+    let permits = Arc::new(Semaphore::new(DEFAULT_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, file) in plan.files.iter().cloned().enumerate() {
+        let permit = permits.clone().acquire_owned().await.map_err(|e| lost(conn, e))?;
+        let conn = conn.clone();
+        let progress = progress.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let result = send_file(&conn, transfer_id, index as u32, &file, &progress).await;
+            (file.path, result)
+        });
+    }
+    let mut failures = Vec::new();
+    let mut sent_bytes = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(sent))) => sent_bytes += sent,
+            Ok((path, Err(e))) => failures.push((path, e.to_string())),
+            Err(e) => failures.push(("<task>".into(), e.to_string())),
+        }
+    }
+    write_frame(&mut control, &ControlFrame::Finish, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
+    let summary = next::<ControlFrame>(conn, &mut replies, REPLY_TIMEOUT).await;
+    let _ = control.finish();
+    if !failures.is_empty() {
+        failures.sort();
+        return Err(TransferError::FilesFailed { total: plan.files.len(), failures });
+    }
+    match summary? {
+        ControlFrame::Summary { .. } => {}
+        other => return Err(protocol(conn, format!("expected Summary, got {other:?}"))),
+    }
+    Ok(SendReport {
+        files: plan.files.len(),
+        total_bytes: plan.total_bytes,
+        sent_bytes,
+        elapsed: progress.elapsed(),
+    })
+}
+
+/// Sends one file (retrying once from zero after a hash mismatch). Returns the bytes streamed.
+async fn send_file(
+    conn: &PeerConnection,
+    transfer_id: TransferId,
+    index: u32,
+    file: &LocalFile,
+    progress: &Progress,
+) -> Result<u64, TransferError> {
+    let mut streamed = 0;
+    for attempt in 0..2 {
+        let (mut send, recv) = conn.open_stream(StreamKind::FileData).await?;
+        let mut replies = FrameReader::new(recv, MAX_FRAME_LEN, REPLY_TIMEOUT);
+        write_frame(&mut send, &FileHeader { transfer_id, index }, MAX_FRAME_LEN)
+            .await
+            .map_err(|e| lost(conn, e))?;
+        let offset = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
+            FileReply::Start { offset } if offset <= file.size => offset,
+            FileReply::Start { offset } => {
+                return Err(protocol(conn, format!("resume offset {offset} is past the end ({})", file.size)))
+            }
+            FileReply::AlreadyComplete => {
+                if attempt == 0 {
+                    progress.add(file.size);
+                }
+                let _ = send.finish();
+                return Ok(streamed);
+            }
+            FileReply::Refused { reason } => return Err(TransferError::Rejected(reason)),
+            other => return Err(protocol(conn, format!("expected Start, got {other:?}"))),
+        };
+        if attempt == 0 {
+            progress.add(offset);
+        }
+        streamed += stream_file(conn, &mut send, file, offset, progress).await?;
+        let _ = send.finish();
+        match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
+            FileReply::Verified { blake3 } if blake3 == file.blake3 => return Ok(streamed),
+            FileReply::Verified { .. } => return Err(protocol(conn, "confirmed a different hash")),
+            FileReply::HashMismatch if attempt == 0 => {
+                progress.say(&format!(
+                    "[RETRY] {}: the receiver's copy did not verify; sending it again",
+                    file.path
+                ));
+            }
+            FileReply::HashMismatch => {
+                return Err(TransferError::BadSource {
+                    path: file.source.clone(),
+                    reason:
+                        "the receiver's copy did not verify twice (is the file changing while it is sent?)"
+                            .into(),
+                })
+            }
+            FileReply::Failed { reason } => return Err(TransferError::Rejected(reason)),
+            other => return Err(protocol(conn, format!("expected a file result, got {other:?}"))),
+        }
+    }
+    Err(protocol(conn, "file retry loop ended"))
+}
+
+/// Streams `file` from `offset` to its end; the file is read on a blocking thread.
+async fn stream_file(
+    conn: &PeerConnection,
+    send: &mut quinn::SendStream,
+    file: &LocalFile,
+    offset: u64,
+    progress: &Progress,
+) -> Result<u64, TransferError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let source = file.source.clone();
+    let remaining = file.size - offset;
+    let reader = tokio::task::spawn_blocking(move || {
+        let read = || -> Result<(), std::io::Error> {
+            let mut f = std::fs::File::open(&source)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut left = remaining;
+            while left > 0 {
+                let mut buf = vec![0u8; CHUNK.min(left as usize)];
+                f.read_exact(&mut buf)?;
+                left -= buf.len() as u64;
+                if tx.blocking_send(Ok(buf)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = read() {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let mut sent = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk.map_err(|source| TransferError::Io { path: file.source.clone(), source })?;
+        send.write_all(&chunk).await.map_err(|e| lost(conn, e))?;
+        sent += chunk.len() as u64;
+        progress.add(chunk.len() as u64);
+    }
+    let _ = reader.await;
+    if sent != remaining {
+        return Err(TransferError::BadSource {
+            path: file.source.clone(),
+            reason: format!("the file shrank while it was sent ({sent} of {remaining} bytes)"),
+        });
+    }
+    Ok(sent)
+}

@@ -1,0 +1,200 @@
+//! File-transfer wire types (docs/PROTOCOL.md, "File transfer"). Pure data; encoded with the
+//! shared length-prefixed bincode codec (`qpeer_tracker::codec`).
+//!
+//! A transfer uses one control stream (kind [`StreamKind::Transfer`]) and one stream per
+//! file (kind [`StreamKind::FileData`]):
+//!
+//! ```text
+//! control:  S→R Offer, Entries…, OfferEnd      R→S Accept | Reject
+//! per file: S→R FileHeader                     R→S FileStart{offset} | FileDone | FileRefused
+//!           S→R <size - offset raw bytes>, FIN R→S FileResult
+//! control:  S→R Finish                         R→S Summary
+//! ```
+//!
+//! [`StreamKind::Transfer`]: crate::peer::StreamKind::Transfer
+//! [`StreamKind::FileData`]: crate::peer::StreamKind::FileData
+
+use serde::{Deserialize, Serialize};
+
+/// Version carried in [`ControlFrame::Offer`].
+pub const TRANSFER_VERSION: u16 = 1;
+/// Most entries in one offer.
+pub const MAX_ENTRIES: u32 = 100_000;
+/// Most entries in one [`ControlFrame::Entries`] frame (keeps frames under the codec limit).
+pub const ENTRIES_PER_FRAME: usize = 64;
+/// Longest relative path in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Longest reason string.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// A 128-bit random id naming one transfer session.
+pub type TransferId = [u8; 16];
+
+/// What an offered path is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file: its size and BLAKE3 hash.
+    File { size: u64, blake3: [u8; 32] },
+    /// A directory (listed so that empty directories arrive too).
+    Directory,
+    /// A symbolic link. Receivers refuse offers that contain one; the variant exists so that
+    /// the refusal is explicit rather than a decoding error.
+    Symlink { target: String },
+}
+
+/// One offered path, relative, with `/` separators; the first component is the name of what
+/// the user sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferEntry {
+    pub path: String,
+    pub kind: EntryKind,
+}
+
+/// Frames on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlFrame {
+    /// S→R: a transfer of `entries` entries totalling `total_bytes` file bytes.
+    Offer { version: u16, transfer_id: TransferId, entries: u32, total_bytes: u64 },
+    /// S→R: the next entries, in order (file indices count files only, in this order).
+    Entries(Vec<OfferEntry>),
+    /// S→R: all entries sent.
+    OfferEnd,
+    /// R→S: the receiver takes the offer.
+    Accept,
+    /// R→S: the receiver refuses the whole offer.
+    Reject { reason: String },
+    /// S→R: every file has its result; the sender is done.
+    Finish,
+    /// R→S: what the receiver holds now from this transfer.
+    Summary { files: u32, bytes: u64 },
+}
+
+/// First frame of a file stream, S→R.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHeader {
+    pub transfer_id: TransferId,
+    /// Index of the file among the offer's File entries.
+    pub index: u32,
+}
+
+/// R→S answers on a file stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileReply {
+    /// Send from `offset`: the receiver already holds the bytes before it (in `<name>.part`).
+    Start { offset: u64 },
+    /// The receiver already has this exact file; nothing to send.
+    AlreadyComplete,
+    /// The receiver will not take this file.
+    Refused { reason: String },
+    /// After the data: the file is complete, verified and in place.
+    Verified { blake3: [u8; 32] },
+    /// After the data: the file's hash does not match the offer; the partial file was discarded,
+    /// so a retry starts from zero.
+    HashMismatch,
+    /// After the data: writing failed; what was written is kept in `<name>.part` for resume.
+    Failed { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use qpeer_tracker::codec::{decode_body, encode_frame, FrameDecoder};
+    use qpeer_tracker::proto::MAX_FRAME_LEN;
+
+    use super::*;
+
+    fn entry() -> impl Strategy<Value = OfferEntry> {
+        let kind = prop_oneof![
+            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(size, blake3)| EntryKind::File { size, blake3 }),
+            Just(EntryKind::Directory),
+            ".{0,20}".prop_map(|target| EntryKind::Symlink { target }),
+        ];
+        (".{0,40}", kind).prop_map(|(path, kind)| OfferEntry { path, kind })
+    }
+
+    fn control() -> impl Strategy<Value = ControlFrame> {
+        prop_oneof![
+            (any::<u16>(), any::<[u8; 16]>(), any::<u32>(), any::<u64>()).prop_map(
+                |(version, transfer_id, entries, total_bytes)| ControlFrame::Offer {
+                    version,
+                    transfer_id,
+                    entries,
+                    total_bytes
+                }
+            ),
+            prop::collection::vec(entry(), 0..ENTRIES_PER_FRAME).prop_map(ControlFrame::Entries),
+            Just(ControlFrame::OfferEnd),
+            Just(ControlFrame::Accept),
+            ".{0,50}".prop_map(|reason| ControlFrame::Reject { reason }),
+            Just(ControlFrame::Finish),
+            (any::<u32>(), any::<u64>()).prop_map(|(files, bytes)| ControlFrame::Summary { files, bytes }),
+        ]
+    }
+
+    fn reply() -> impl Strategy<Value = FileReply> {
+        prop_oneof![
+            any::<u64>().prop_map(|offset| FileReply::Start { offset }),
+            Just(FileReply::AlreadyComplete),
+            ".{0,50}".prop_map(|reason| FileReply::Refused { reason }),
+            any::<[u8; 32]>().prop_map(|blake3| FileReply::Verified { blake3 }),
+            Just(FileReply::HashMismatch),
+            ".{0,50}".prop_map(|reason| FileReply::Failed { reason }),
+        ]
+    }
+
+    fn roundtrip<T>(value: &T) -> T
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let frame = encode_frame(value, MAX_FRAME_LEN).expect("encode");
+        let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+        decoder.extend(&frame);
+        decoder.next_frame().expect("decode").expect("a frame")
+    }
+
+    #[test]
+    fn a_full_entries_frame_of_long_paths_fits_the_frame_limit() {
+        let long = OfferEntry {
+            path: "é".repeat(MAX_PATH_LEN / 2),
+            kind: EntryKind::File { size: u64::MAX, blake3: [0xff; 32] },
+        };
+        let frame = ControlFrame::Entries(vec![long; 8]);
+        assert!(encode_frame(&frame, MAX_FRAME_LEN).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn control_frames_roundtrip(frame in control()) {
+            prop_assert_eq!(roundtrip(&frame), frame);
+        }
+
+        #[test]
+        fn file_frames_roundtrip(reply in reply(), id in any::<[u8; 16]>(), index in any::<u32>()) {
+            prop_assert_eq!(roundtrip(&reply), reply);
+            let header = FileHeader { transfer_id: id, index };
+            prop_assert_eq!(roundtrip(&header), header);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = decode_body::<ControlFrame>(&bytes);
+            let _ = decode_body::<FileHeader>(&bytes);
+            let _ = decode_body::<FileReply>(&bytes);
+        }
+
+        #[test]
+        fn mutated_offers_never_panic(
+            frame in control(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let mut bytes = encode_frame(&frame, MAX_FRAME_LEN).expect("encode");
+            for (index, value) in flips {
+                let i = index.index(bytes.len());
+                bytes[i] ^= value;
+            }
+            let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+            decoder.extend(&bytes);
+            let _ = decoder.next_frame::<ControlFrame>();
+        }
+    }
+}
