@@ -284,7 +284,7 @@ impl Receiver {
             tokio::task::spawn_blocking(move || prepare(&out, &rel, size, &blake3)).await
         };
         let (offset, hasher) = match prepared {
-            Ok(Ok(Prepared::Resume { offset, hasher: Box::new(hasher) })) => (offset, hasher),
+            Ok(Ok(Prepared::Resume { offset, hasher })) => (offset, hasher),
             Ok(Ok(Prepared::Complete)) => {
                 self.count(&session, size);
                 self.say(format!(
