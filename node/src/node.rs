@@ -146,6 +146,7 @@ struct Shared {
     /// their caller) and introduction handlers (which only stop punching).
     waiters: Mutex<HashMap<NodeId, Vec<Waiter>>>,
     accepted: mpsc::Sender<PeerConnection>,
+    accepted_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     console: bool,
@@ -464,7 +465,29 @@ pub fn peer_transport() -> quinn::TransportConfig {
 /// A running qpeer node.
 pub struct Node {
     shared: Arc<Shared>,
-    accepted: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
+}
+
+/// A handle that accepts connections for a [`Node`] from another task.
+#[derive(Clone)]
+pub struct AcceptHandle {
+    shared: Arc<Shared>,
+}
+
+impl AcceptHandle {
+    /// Same as [`Node::accept`].
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        self.shared.accept().await
+    }
+}
+
+impl Shared {
+    async fn accept(&self) -> Option<PeerConnection> {
+        let mut accepted = self.accepted_rx.lock().await;
+        tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            conn = accepted.recv() => conn,
+        }
+    }
 }
 
 impl Node {
@@ -510,6 +533,7 @@ impl Node {
             dial_locks: Mutex::default(),
             waiters: Mutex::default(),
             accepted: accepted_tx,
+            accepted_rx: tokio::sync::Mutex::new(accepted_rx),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             console: config.console,
@@ -524,7 +548,7 @@ impl Node {
         };
         shared.tasks.spawn(link.run());
         shared.tasks.spawn(accept_loop(shared.clone()));
-        Ok(Self { shared, accepted: tokio::sync::Mutex::new(accepted_rx) })
+        Ok(Self { shared })
     }
 
     pub fn id(&self) -> NodeId {
@@ -647,11 +671,12 @@ impl Node {
 
     /// The next connection a peer established with us (not ones we asked for).
     pub async fn accept(&self) -> Option<PeerConnection> {
-        let mut accepted = self.accepted.lock().await;
-        tokio::select! {
-            _ = self.shared.cancel.cancelled() => None,
-            conn = accepted.recv() => conn,
-        }
+        self.shared.accept().await
+    }
+
+    /// A handle for accepting from another task.
+    pub fn accept_handle(&self) -> AcceptHandle {
+        AcceptHandle { shared: self.shared.clone() }
     }
 
     /// Current peer connections.

@@ -100,14 +100,20 @@ impl std::ops::Deref for TestNode {
 
 pub async fn node(tracker: &TestTracker) -> anyhow::Result<TestNode> {
     let home = tempfile::tempdir()?;
+    let node = node_in_home(tracker, home.path()).await?;
+    Ok(TestNode { node, home })
+}
+
+/// A node on 127.0.0.1:0 using the identity in `home`, registered with `tracker`.
+pub async fn node_in_home(tracker: &TestTracker, home: &std::path::Path) -> anyhow::Result<Node> {
     let node = Node::builder()
-        .home(home.path())
+        .home(home)
         .bind_addr((Ipv4Addr::LOCALHOST, 0).into())
         .tracker(tracker.tracker_addr())
         .bind()
         .await?;
     node.registered(Duration::from_secs(10)).await?;
-    Ok(TestNode { node, home })
+    Ok(node)
 }
 
 /// Key material both ends of one QUIC connection derive alike, and no other connection shares:
