@@ -195,15 +195,19 @@ pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("QPEER_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
+    // A binary sits in target/<profile>/, a test binary in target/<profile>/deps/.
     let exe = std::env::current_exe()?;
-    let dir =
-        exe.parent().and_then(Path::parent).context("cannot locate the target directory")?.to_path_buf();
-    for bin in ["qpeer", "qpeer-tracker"] {
-        if !dir.join(bin).exists() {
-            bail!("{} is missing: build the binaries first (cargo build --bins)", dir.join(bin).display());
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect();
+    for dir in &candidates {
+        if ["qpeer", "qpeer-tracker"].iter().all(|bin| dir.join(bin).exists()) {
+            return Ok(dir.clone());
         }
     }
-    Ok(dir)
+    bail!(
+        "qpeer and qpeer-tracker are not in {}: build the binaries first (cargo build --bins, \
+         with --release for benchmarks) or set QPEER_BIN_DIR",
+        candidates.first().map(|d| d.display().to_string()).unwrap_or_default()
+    )
 }
 
 impl Lab {

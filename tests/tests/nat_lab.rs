@@ -300,3 +300,125 @@ fn cone_x_symmetric_has_no_direct_path() {
 fn symmetric_x_symmetric_has_no_direct_path() {
     expect_no_direct_path(Place::Symmetric, Place::Symmetric);
 }
+
+/// Writes `len` pseudo-random bytes.
+fn write_random(path: &std::path::Path, len: usize, seed: u64) -> Result<()> {
+    let mut state = seed | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(std::fs::write(path, data)?)
+}
+
+fn same_tree(expected: &std::path::Path, actual: &std::path::Path) -> Result<()> {
+    if expected.is_dir() {
+        let mut names: Vec<_> =
+            std::fs::read_dir(expected)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        let mut got: Vec<_> =
+            std::fs::read_dir(actual)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        names.sort();
+        got.sort();
+        ensure!(names == got, "{}: {names:?} != {got:?}", actual.display());
+        for name in names {
+            same_tree(&expected.join(&name), &actual.join(&name))?;
+        }
+        Ok(())
+    } else {
+        ensure!(std::fs::read(expected)? == std::fs::read(actual)?, "{} differs", actual.display());
+        Ok(())
+    }
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn cone_x_cone_file_transfer() {
+    scenario("cone x cone transfer", |lab| {
+        let bins = bin_dir()?;
+        let tracker_host = lab.public_host("trk", Some(1))?;
+        let receiver_host = lab.node_host("a", Place::Cone)?;
+        let sender_host = lab.node_host("b", Place::Cone)?;
+        let dir = lab.dir.path().to_path_buf();
+        let home = |name: &str| dir.join(name).display().to_string();
+        let src = dir.join("src");
+        write_random(&src.join("big.bin"), 100 << 20, 11)?;
+        write_random(&src.join("tree/nested/deep/x.bin"), 123_457, 12)?;
+        write_random(&src.join("tree/ünïcødé 名前.txt"), 999, 13)?;
+        std::fs::write(src.join("tree/empty.txt"), b"")?;
+        std::fs::create_dir_all(src.join("tree/empty-dir"))?;
+
+        let tracker = lab.spawn(
+            &tracker_host,
+            &bins.join("qpeer-tracker"),
+            &["--listen".into(), format!("{}:4433", tracker_host.addr), "--home".into(), home("trk")],
+        )?;
+        let tracker_line =
+            tracker.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))?;
+        let tracker_addr = tracker_line.trim_start_matches("[TRACKER] ").to_string();
+
+        // The sender's id, so the receiver can allow it.
+        let id_out =
+            std::process::Command::new(bins.join("qpeer")).args(["id", "--home", &home("b")]).output()?;
+        ensure!(id_out.status.success(), "qpeer id failed");
+        let sender_id = String::from_utf8(id_out.stdout)?.lines().last().context("no id")?.to_string();
+
+        let out = dir.join("inbox");
+        let receiver = lab.spawn(
+            &receiver_host,
+            &bins.join("qpeer"),
+            &[
+                "listen".into(),
+                "--home".into(),
+                home("a"),
+                "--tracker".into(),
+                tracker_addr.clone(),
+                "--out".into(),
+                out.display().to_string(),
+                "--accept-from".into(),
+                sender_id,
+            ],
+        )?;
+        let (_, receiver_id) = registration(&receiver)?;
+        receiver.stdout.wait_for(Duration::from_secs(5), |l| l.starts_with("[LISTENING] "))?;
+
+        let start = Instant::now();
+        let mut sender = lab.spawn(
+            &sender_host,
+            &bins.join("qpeer"),
+            &[
+                "send".into(),
+                receiver_id,
+                src.join("big.bin").display().to_string(),
+                src.join("tree").display().to_string(),
+                "--home".into(),
+                home("b"),
+                "--tracker".into(),
+                tracker_addr,
+            ],
+        )?;
+        let exit = sender.wait(Duration::from_secs(120))?;
+        eprintln!("cone x cone transfer: {:?}", start.elapsed());
+        let context = || {
+            format!(
+                "sender stdout:\n{}\nsender stderr:\n{}\nreceiver:\n{}\n{}",
+                sender.stdout.text(),
+                sender.stderr.text(),
+                receiver.stdout.text(),
+                receiver.stderr.text()
+            )
+        };
+        ensure!(exit == 0, "send failed\n{}", context());
+        let sent = sender.stdout.text();
+        ensure!(sent.contains("direct") && sent.contains("[SENT] 4 files"), "{}", context());
+        ensure!(receiver.stdout.text().matches("[RECEIVED] ").count() == 4, "{}", context());
+        same_tree(&src.join("big.bin"), &out.join("big.bin"))?;
+        same_tree(&src.join("tree"), &out.join("tree"))?;
+        Ok(())
+    });
+}
