@@ -183,6 +183,13 @@ impl Tracker {
         let addr = tracker.local_addr();
         console.line(format_args!("[LISTENING] Server is listening on {addr}"));
         console.line(format_args!("[TRACKER] {}", tracker.tracker_string()));
+        if addr.ip().is_unspecified() {
+            console.line(format_args!(
+                "[HINT] listening on every address: nodes use {}@<this machine's public IP>:{}",
+                tracker.node_id,
+                addr.port()
+            ));
+        }
         Ok(tracker)
     }
 
@@ -244,6 +251,12 @@ impl Tracker {
         })
         .await;
     }
+}
+
+/// Binds a tracker for `config` and serves until `shutdown` resolves.
+pub async fn run(config: TrackerConfig, shutdown: impl Future<Output = ()>) -> Result<(), TrackerError> {
+    Tracker::bind(config)?.run(shutdown).await;
+    Ok(())
 }
 
 /// Read-only view of a running tracker's directory size.

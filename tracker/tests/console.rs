@@ -96,4 +96,13 @@ async fn console_lines_follow_the_documented_order() {
         "{disconnected}"
     );
     assert_eq!(tracker.next_line(), "[ACTIVE CONNECTIONS] 0");
+
+    // SIGTERM: a clean stop with exit code 0.
+    let mut tracker = tracker;
+    let pid = tracker.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(status.success());
+    let exit = tracker.child.wait().expect("wait");
+    assert_eq!(exit.code(), Some(0), "a SIGTERM'd tracker exits 0");
+    assert_eq!(tracker.next_line(), "[STOPPED] tracker server stopped");
 }

@@ -19,9 +19,10 @@ use qpeer_tracker::{Limits, Tracker, TrackerConfig};
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// UDP address to listen on. Use 127.0.0.1:0 for a random local port.
-    #[arg(long, default_value = "0.0.0.0:4433", env = "QPEER_TRACKER_LISTEN")]
-    listen: SocketAddr,
+    /// UDP address to listen on. Default: [::]:4433 (IPv6 and IPv4) where the system has
+    /// IPv6, else 0.0.0.0:4433. Use 127.0.0.1:0 for a random local port.
+    #[arg(long, env = "QPEER_TRACKER_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Home directory holding the tracker's identity key (default: $QPEER_HOME, else
     /// ~/.local/share/qpeer).
     #[arg(long, env = "QPEER_HOME")]
@@ -80,7 +81,8 @@ async fn main() -> Result<()> {
         idle_timeout: Duration::from_secs(cli.idle_timeout.max(1)),
         ..Limits::default()
     };
-    let mut config = TrackerConfig::new(cli.listen, identity);
+    let listen = cli.listen.unwrap_or_else(default_listen);
+    let mut config = TrackerConfig::new(listen, identity);
     config.certificate = certificate;
     config.limits = limits;
     config.console = true;
@@ -88,6 +90,17 @@ async fn main() -> Result<()> {
     tracker.run(shutdown_signal()).await;
     println!("[STOPPED] tracker server stopped");
     Ok(())
+}
+
+/// `[::]:4433` when an IPv6 socket can be opened (Linux makes it dual-stack by default),
+/// else `0.0.0.0:4433`.
+fn default_listen() -> SocketAddr {
+    let dual: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+    if std::net::UdpSocket::bind(dual).is_ok() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 4433).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 4433).into()
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
