@@ -60,8 +60,8 @@ pub enum NodeError {
     TrackerIdMismatch(Box<TrackerMismatch>),
     #[error("cannot use known_trackers file {}: {source}", path.display())]
     KnownTrackers { path: PathBuf, source: std::io::Error },
-    #[error("not registered with the tracker after {0:?}")]
-    RegistrationTimeout(Duration),
+    #[error("not registered with the tracker after {timeout:?} (last attempt: {last_error})")]
+    RegistrationTimeout { timeout: Duration, last_error: String },
     #[error("node {0} is not registered with the tracker")]
     PeerNotFound(NodeId),
     #[error("no direct path to {peer} within {timeout:?}; tried {}", list(attempts))]

@@ -1,8 +1,9 @@
 //! [`Node`]: one quinn endpoint on one UDP socket, used for the tracker and for every peer.
 //!
 //! Punching scheme (docs/ARCHITECTURE.md): the tracker introduces both nodes at the same
-//! moment. The node with the lower NodeId is the *dialer*: it starts QUIC handshakes to every
-//! candidate address of the other at once. The node with the higher NodeId is the *acceptor*:
+//! moment. One node is the *dialer*: the one behind NAT when the other has none (its observed
+//! address is one of its own addresses), else the one with the lower NodeId. It starts QUIC
+//! handshakes to every candidate address of the other at once. The other is the *acceptor*:
 //! it sends 1-byte punch packets from the same socket toward every candidate of the dialer (opening
 //! its own NAT's mapping and filter) and waits for the handshake. The first candidate connection
 //! to complete wins; the dialer marks it with a `Select` stream and drops the others. Only the
@@ -31,6 +32,10 @@ use crate::peer::{answer_pings, close_code, describe_close, PeerConnection, Stre
 
 /// Default time allowed for punching a direct path.
 pub const DEFAULT_PUNCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long losing candidate handshakes are watched so they can be closed with a reason.
+const LOSER_GRACE: Duration = Duration::from_secs(2);
+/// Most incoming handshakes not yet selected by their dialer.
+const MAX_PENDING_INCOMING: usize = 128;
 /// Interval between punch packets.
 const PUNCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Re-registration backoff: first delay and cap.
@@ -127,8 +132,11 @@ impl NodeBuilder {
 /// The node's relation to the tracker.
 #[derive(Clone)]
 enum TrackerState {
-    Connecting { last_error: Option<String> },
-    Registered(Arc<TrackerClient>),
+    Connecting {
+        last_error: Option<String>,
+    },
+    /// The client and the addresses we registered (our half of every role decision).
+    Registered(Arc<TrackerClient>, PeerAddrs),
     Failed(Arc<NodeError>),
 }
 
@@ -147,6 +155,7 @@ struct Shared {
     waiters: Mutex<HashMap<NodeId, Vec<Waiter>>>,
     accepted: mpsc::Sender<PeerConnection>,
     accepted_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
+    pending_incoming: Arc<tokio::sync::Semaphore>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     console: bool,
@@ -194,10 +203,8 @@ impl Shared {
         let mut state = self.tracker.subscribe();
         loop {
             match &*state.borrow_and_update() {
-                TrackerState::Registered(client) => return Ok(client.clone()),
-                TrackerState::Failed(e) => {
-                    return Err(NodeError::Peer { peer: self.id(), message: e.to_string() })
-                }
+                TrackerState::Registered(client, _) => return Ok(client.clone()),
+                TrackerState::Failed(e) => return Err(clone_fatal(e)),
                 TrackerState::Connecting { .. } => {}
             }
             tokio::select! {
@@ -289,10 +296,10 @@ impl Shared {
         let config = self.peer_client_config(peer)?;
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut racing = FuturesUnordered::new();
-        for addr in &targets {
-            match self.endpoint.connect_with(config.clone(), *addr, qpeer_certs::config::PINNED_SERVER_NAME) {
-                Ok(connecting) => racing.push(async move { (*addr, connecting.await) }),
-                Err(e) => attempts.push(Attempt { addr: *addr, outcome: format!("cannot start: {e}") }),
+        for addr in targets.iter().copied() {
+            match self.endpoint.connect_with(config.clone(), addr, qpeer_certs::config::PINNED_SERVER_NAME) {
+                Ok(connecting) => racing.push(async move { (addr, connecting.await) }),
+                Err(e) => attempts.push(Attempt { addr, outcome: format!("cannot start: {e}") }),
             }
         }
         let deadline = tokio::time::sleep(self.punch_timeout);
@@ -308,8 +315,17 @@ impl Shared {
                 },
             }
         };
-        // Dropping the losers' handshakes closes them.
-        drop(racing);
+        // Losers that still complete are closed with a code that says why; the rest time out.
+        self.tasks.spawn(async move {
+            let _ = tokio::time::timeout(LOSER_GRACE, async {
+                while let Some((_, result)) = racing.next().await {
+                    if let Ok(loser) = result {
+                        loser.close(close_code::NOT_SELECTED.into(), b"another candidate path won");
+                    }
+                }
+            })
+            .await;
+        });
         let Some((addr, connection)) = winner else {
             for addr in targets {
                 if !attempts.iter().any(|a| a.addr == addr) {
@@ -358,16 +374,19 @@ impl Shared {
     /// answer from the same facts: a node whose observed address is one of its own interface
     /// addresses has no NAT and anyone can reach it, so the other side dials; otherwise the
     /// lower NodeId dials.
-    fn we_dial(&self, client: &TrackerClient, peer: NodeId, peer_addrs: &PeerAddrs) -> bool {
-        let ours =
-            PeerAddrs { observed: client.observed_addr(), candidates: local_candidates(self.local_addr) };
+    fn we_dial(&self, peer: NodeId, peer_addrs: &PeerAddrs) -> bool {
+        // Use exactly what the tracker passed to the peer, so both sides decide on the same facts.
+        let ours = match &*self.tracker.borrow() {
+            TrackerState::Registered(_, ours) => ours.clone(),
+            _ => return self.id() < peer,
+        };
         dialer_is_first((self.id(), &ours), (peer, peer_addrs))
     }
 
     /// Handles an introduction the tracker sent because the peer asked for us.
-    async fn on_introduction(self: Arc<Self>, client: Arc<TrackerClient>, intro: Introduction) {
+    async fn on_introduction(self: Arc<Self>, intro: Introduction) {
         let peer = intro.peer;
-        if !self.we_dial(&client, peer, &intro.addrs) {
+        if !self.we_dial(peer, &intro.addrs) {
             // We are the acceptor: punch toward the dialer until it reaches us.
             let stop = CancellationToken::new();
             let waiter = self.wait_for(peer, false);
@@ -534,6 +553,7 @@ impl Node {
             waiters: Mutex::default(),
             accepted: accepted_tx,
             accepted_rx: tokio::sync::Mutex::new(accepted_rx),
+            pending_incoming: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_INCOMING)),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             console: config.console,
@@ -563,7 +583,7 @@ impl Node {
     /// The address the tracker observes us at, once registered.
     pub fn observed_addr(&self) -> Option<SocketAddr> {
         match &*self.shared.tracker.borrow() {
-            TrackerState::Registered(client) => Some(client.observed_addr()),
+            TrackerState::Registered(client, _) => Some(client.observed_addr()),
             _ => None,
         }
     }
@@ -571,7 +591,7 @@ impl Node {
     /// The local address of the current tracker connection (the single-socket check).
     pub fn tracker_local_addr(&self) -> Option<SocketAddr> {
         match &*self.shared.tracker.borrow() {
-            TrackerState::Registered(_) => Some(self.local_addr()),
+            TrackerState::Registered(..) => Some(self.local_addr()),
             _ => None,
         }
     }
@@ -583,7 +603,7 @@ impl Node {
         let wait = async {
             loop {
                 let last_error = match &*state.borrow_and_update() {
-                    TrackerState::Registered(client) => return Ok(client.observed_addr()),
+                    TrackerState::Registered(client, _) => return Ok(client.observed_addr()),
                     TrackerState::Failed(e) => return Err(clone_fatal(e)),
                     TrackerState::Connecting { last_error } => last_error.clone(),
                 };
@@ -600,13 +620,10 @@ impl Node {
                     TrackerState::Connecting { last_error: Some(e) } => Some(e.clone()),
                     _ => None,
                 };
-                match detail {
-                    Some(message) => Err(NodeError::Tracker {
-                        tracker: "registration".into(),
-                        source: ClientError::Protocol(format!("not registered after {timeout:?}: {message}")),
-                    }),
-                    None => Err(NodeError::RegistrationTimeout(timeout)),
-                }
+                Err(NodeError::RegistrationTimeout {
+                    timeout,
+                    last_error: detail.unwrap_or_else(|| "no answer yet".into()),
+                })
             }
         }
     }
@@ -640,7 +657,7 @@ impl Node {
             ClientError::NotFound(id) => NodeError::PeerNotFound(id),
             source => NodeError::Tracker { tracker: "introduce".into(), source },
         })?;
-        if shared.we_dial(&client, peer, &intro.addrs) {
+        if shared.we_dial(peer, &intro.addrs) {
             drop(waiter);
             let conn = shared.dial(peer, &intro.addrs).await?;
             shared.install(conn.clone(), false);
@@ -721,7 +738,17 @@ async fn accept_loop(shared: Arc<Shared>) {
             incoming = shared.endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        shared.tasks.spawn(shared.clone().accept_incoming(incoming));
+        // Unselected handshakes cost memory until their select timeout: cap them.
+        let Ok(permit) = shared.pending_incoming.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing a handshake: too many pending");
+            incoming.refuse();
+            continue;
+        };
+        let handler = shared.clone().accept_incoming(incoming);
+        shared.tasks.spawn(async move {
+            handler.await;
+            drop(permit);
+        });
     }
 }
 
@@ -742,16 +769,25 @@ impl TrackerLink {
         let mut registrations = 0u64;
         loop {
             match self.connect_once().await {
-                Ok((client, mut intros)) => {
+                Ok((client, mut intros, candidates)) => {
                     backoff = BACKOFF_START;
                     registrations += 1;
                     let client = Arc::new(client);
                     let observed = client.observed_addr();
+                    // What the tracker hands to peers: the observed address and the candidates
+                    // it keeps (it drops implausible ones the same way).
+                    let registered_addrs = PeerAddrs {
+                        observed,
+                        candidates: candidates
+                            .into_iter()
+                            .filter(|c| qpeer_tracker::server::plausible_candidate(*c, observed))
+                            .collect(),
+                    };
                     shared.say(format_args!("[REGISTERED] observed {observed} as {}", shared.id()));
                     if registrations > 1 {
                         tracing::info!("re-registered with the tracker {}", self.tracker.host_port());
                     }
-                    shared.tracker.send_replace(TrackerState::Registered(client.clone()));
+                    shared.tracker.send_replace(TrackerState::Registered(client.clone(), registered_addrs));
                     let reason = loop {
                         tokio::select! {
                             _ = shared.cancel.cancelled() => {
@@ -760,7 +796,7 @@ impl TrackerLink {
                             }
                             intro = intros.recv() => match intro {
                                 Some(intro) => {
-                                    shared.tasks.spawn(shared.clone().on_introduction(client.clone(), intro));
+                                    shared.tasks.spawn(shared.clone().on_introduction(intro));
                                 }
                                 None => break client.closed().await,
                             },
@@ -791,7 +827,10 @@ impl TrackerLink {
         }
     }
 
-    async fn connect_once(&self) -> Result<(TrackerClient, mpsc::Receiver<Introduction>), NodeError> {
+    /// One registration attempt: the client, its introductions, and the candidates we sent.
+    async fn connect_once(
+        &self,
+    ) -> Result<(TrackerClient, mpsc::Receiver<Introduction>, Vec<SocketAddr>), NodeError> {
         let shared = &self.shared;
         let host_port = self.tracker.host_port();
         let addr = self.tracker.resolve().await?;
@@ -808,7 +847,8 @@ impl TrackerLink {
             }
             (None, None, None) => (ServerTrust::FirstUse, qpeer_certs::config::PINNED_SERVER_NAME),
         };
-        let info = RegisterInfo { candidates: local_candidates(shared.local_addr), name: self.name.clone() };
+        let candidates = local_candidates(shared.local_addr);
+        let info = RegisterInfo { candidates: candidates.clone(), name: self.name.clone() };
         let result =
             TrackerClient::connect(&shared.endpoint, &shared.identity, addr, server_name, &trust, info).await;
         let (client, intros) = match result {
@@ -842,7 +882,7 @@ impl TrackerLink {
                 self.known.path().display()
             ));
         }
-        Ok((client, intros))
+        Ok((client, intros, candidates))
     }
 }
 

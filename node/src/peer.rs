@@ -212,7 +212,7 @@ pub(crate) async fn answer_pings(mut send: quinn::SendStream, mut recv: quinn::R
 pub fn describe_close(error: &quinn::ConnectionError) -> String {
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => {
-            let reason = String::from_utf8_lossy(&close.reason);
+            let reason = qpeer_tracker::proto::printable(&String::from_utf8_lossy(&close.reason), 200);
             if reason.is_empty() {
                 format!("closed by peer (code {})", close.error_code)
             } else {

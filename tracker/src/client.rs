@@ -157,7 +157,15 @@ impl TrackerClient {
             .await
             .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?;
         let observed = match first {
-            Ok(Some(ServerFrame::Registered { observed, .. })) => observed,
+            Ok(Some(ServerFrame::Registered { observed, version })) if version == PROTOCOL_VERSION => {
+                observed
+            }
+            Ok(Some(ServerFrame::Registered { version, .. })) => {
+                connection.close(close_code::UNSUPPORTED_VERSION.into(), b"unsupported protocol version");
+                return Err(ClientError::Protocol(format!(
+                    "the tracker speaks protocol version {version}; this node speaks {PROTOCOL_VERSION}"
+                )));
+            }
             Ok(Some(other)) => {
                 return Err(ClientError::Protocol(format!("expected Registered, got {other:?}")))
             }

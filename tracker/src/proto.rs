@@ -37,7 +37,8 @@ pub enum ClientFrame {
         /// Optional human-readable name, at most [`MAX_NAME_LEN`] bytes.
         name: Option<String>,
     },
-    /// A page of registered nodes, ordered by NodeId, starting after `after`.
+    /// A page of registered nodes, ordered by NodeId, starting after `after`. `limit` is
+    /// clamped to 1..=[`MAX_PEERS_PAGE`].
     ListPeers { request_id: u64, after: Option<NodeId>, limit: u16 },
     /// Ask the tracker to introduce us to `target` (both sides then punch at once).
     Introduce { request_id: u64, target: NodeId },
@@ -64,7 +65,7 @@ pub struct PeerAddrs {
 pub enum ErrorKind {
     /// Too many introduction requests per second; retry later.
     RateLimited,
-    /// The request was not valid (e.g. introducing yourself, a page limit of 0).
+    /// The request was not valid (e.g. asking to be introduced to yourself).
     InvalidRequest,
     /// The target's queue is full; retry later.
     Busy,
@@ -121,5 +122,24 @@ pub mod close_code {
             8 => "tracker shutting down",
             _ => "unknown",
         }
+    }
+}
+
+/// Remote-supplied text made safe to print: control characters (terminal escapes) become
+/// `?`, and it is cut to `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if text.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printable_strips_escapes_and_cuts() {
+        assert_eq!(super::printable("a\x1b[2Jb\n", 100), "a?[2Jb?");
+        assert_eq!(super::printable("abcdef", 3), "abc…");
     }
 }

@@ -274,7 +274,7 @@ fn describe_close(conn: &quinn::Connection) -> String {
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(close)) => {
             let code = close.error_code.into_inner();
-            let reason = String::from_utf8_lossy(&close.reason);
+            let reason = crate::proto::printable(&String::from_utf8_lossy(&close.reason), 200);
             if reason.is_empty() {
                 format!("closed: {}", close_code::name(code))
             } else {
@@ -399,7 +399,8 @@ impl Session {
         };
         let mut reader = FrameReader::new(recv, limits.max_frame_len, limits.partial_frame_timeout);
         let (outbox, outbox_rx) = mpsc::channel::<ServerFrame>(64);
-        tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx, limits.max_frame_len));
+        // Our own frames obey the protocol's maximum; --max-frame-len limits what we accept.
+        tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx, MAX_FRAME_LEN));
 
         let registered = match self.register(&mut reader, &outbox, &cancel).await {
             Ok(registered) => registered,
@@ -486,6 +487,11 @@ impl Session {
             ));
         }
         let observed = canonical(self.conn.remote_address());
+        // Only addresses a peer could legitimately reach us at: our public address itself, or
+        // local-network ones. Anything else would let a node aim other nodes' punch packets
+        // and handshakes at a third party.
+        let candidates: Vec<SocketAddr> =
+            candidates.into_iter().map(canonical).filter(|c| plausible_candidate(*c, observed)).collect();
         let entry = Entry {
             connection_id: self.connection_id,
             connection: self.conn.clone(),
@@ -574,6 +580,27 @@ impl Session {
     }
 }
 
+/// True for a candidate address worth passing to peers: the observed IP, or a private,
+/// carrier-NAT, loopback, link-local or unique-local address, with a real port.
+pub fn plausible_candidate(candidate: SocketAddr, observed: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if candidate.port() == 0 {
+        return false;
+    }
+    match candidate.ip() {
+        ip if ip == observed.ip() => true,
+        IpAddr::V4(v4) => {
+            let carrier_nat = v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64;
+            v4.is_private() || v4.is_loopback() || v4.is_link_local() || carrier_nat
+        }
+        IpAddr::V6(v6) => {
+            let unique_local = (v6.segments()[0] & 0xfe00) == 0xfc00;
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            v6.is_loopback() || unique_local || link_local
+        }
+    }
+}
+
 /// Writes queued frames to the node's control stream until the queue closes or writing fails.
 async fn write_outbox(
     conn: quinn::Connection,
@@ -589,4 +616,29 @@ async fn write_outbox(
         }
     }
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plausible_candidate;
+
+    #[test]
+    fn only_local_or_own_public_candidates_pass() {
+        let observed = "198.51.100.7:4000".parse().expect("addr");
+        for ok in [
+            "10.1.1.2:4000",
+            "192.168.0.9:1",
+            "172.16.3.3:9",
+            "100.64.1.2:5",
+            "127.0.0.1:7",
+            "198.51.100.7:4001",
+            "[fd00::1]:3",
+            "[fe80::1]:3",
+        ] {
+            assert!(plausible_candidate(ok.parse().expect("addr"), observed), "{ok}");
+        }
+        for bad in ["203.0.113.9:4000", "8.8.8.8:53", "10.0.0.1:0", "[2001:db8::1]:3", "100.128.0.1:5"] {
+            assert!(!plausible_candidate(bad.parse().expect("addr"), observed), "{bad}");
+        }
+    }
 }

@@ -30,11 +30,14 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
     partial_timeout: Duration,
+    /// When the frame being assembled began to arrive: the deadline counts from here, not
+    /// from the last byte, so a trickle of bytes cannot hold a frame open.
+    partial_since: Option<tokio::time::Instant>,
 }
 
 impl FrameReader {
     pub fn new(recv: quinn::RecvStream, max_frame_len: usize, partial_timeout: Duration) -> Self {
-        Self { recv, decoder: FrameDecoder::new(max_frame_len), partial_timeout }
+        Self { recv, decoder: FrameDecoder::new(max_frame_len), partial_timeout, partial_since: None }
     }
 
     /// The underlying stream, for raw bytes after the framed part. Bytes already buffered by
@@ -48,11 +51,13 @@ impl FrameReader {
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, StreamError> {
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
+                self.partial_since = None;
                 return Ok(Some(frame));
             }
             let read = self.recv.read_chunk(16 * 1024, true);
             let chunk = if self.decoder.has_partial() {
-                tokio::time::timeout(self.partial_timeout, read)
+                let since = *self.partial_since.get_or_insert_with(tokio::time::Instant::now);
+                tokio::time::timeout_at(since + self.partial_timeout, read)
                     .await
                     .map_err(|_| StreamError::PartialTimeout(self.partial_timeout))??
             } else {

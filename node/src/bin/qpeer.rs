@@ -218,7 +218,11 @@ async fn run(cli: Cli) -> Result<()> {
             let listed = node.list_peers().await;
             node.shutdown().await;
             for peer in listed? {
-                let name = peer.name.as_deref().unwrap_or("-");
+                let name = peer
+                    .name
+                    .as_deref()
+                    .map(|n| qpeer_tracker::proto::printable(n, 64))
+                    .unwrap_or("-".into());
                 println!("{} {name} registered_at={}", peer.node_id, peer.registered_at);
             }
             Ok(())

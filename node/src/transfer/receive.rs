@@ -89,6 +89,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most memory an accepted sender's list of entries may take.
+const MAX_OFFER_BYTES: usize = 32 << 20;
 
 impl Receiver {
     pub fn new(config: ReceiveConfig) -> Arc<Self> {
@@ -180,10 +182,28 @@ impl Receiver {
             Ok(None) => return Err("the stream ended before the offer".into()),
             Err(e) => return Err(format!("unreadable offer: {e}")),
         };
+        // Decide on consent before reading (and buffering) a possibly huge list of entries.
+        let Some(out) = self.config.out.clone() else {
+            return Ok((transfer_id, Err("this node is not receiving files (it runs without --out)".into())));
+        };
+        if !self.config.policy.allows(&peer) {
+            return Ok((
+                transfer_id,
+                Err(format!(
+                    "node {peer} is not allowed to send files here; the receiver must add it with \
+                     --accept-from {peer} (or its allowlist file) or run with --accept-any"
+                )),
+            ));
+        }
+        let mut offer_bytes = 0usize;
         let mut entries = Vec::with_capacity(count.min(4096));
         loop {
             match reader.next::<ControlFrame>().await {
                 Ok(Some(ControlFrame::Entries(batch))) => {
+                    offer_bytes += batch.iter().map(|e| e.path.len() + 64).sum::<usize>();
+                    if offer_bytes > MAX_OFFER_BYTES {
+                        return Err(format!("the offer's entries exceed {MAX_OFFER_BYTES} bytes"));
+                    }
                     entries.extend(batch);
                     if entries.len() > count {
                         return Err("more entries than announced".into());
@@ -209,18 +229,6 @@ impl Receiver {
             return Err("the offer's total does not match its files".into());
         }
 
-        let Some(out) = self.config.out.clone() else {
-            return Ok((transfer_id, Err("this node is not receiving files (it runs without --out)".into())));
-        };
-        if !self.config.policy.allows(&peer) {
-            return Ok((
-                transfer_id,
-                Err(format!(
-                    "node {peer} is not allowed to send files here; the receiver must add it with \
-                     --accept-from {peer} (or its allowlist file) or run with --accept-any"
-                )),
-            ));
-        }
         let paths = match check_offer(&entries) {
             Ok(paths) => paths,
             Err(e) => return Ok((transfer_id, Err(format!("unsafe offer: {e}")))),

@@ -10,7 +10,9 @@ use qpeer_tracker::stream::{write_frame, FrameReader, StreamError};
 use tokio::sync::Semaphore;
 
 use super::scan::{LocalFile, Plan};
-use super::wire::{ControlFrame, FileHeader, FileReply, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION};
+use super::wire::{
+    ControlFrame, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
+};
 use super::{TransferError, CHUNK};
 use crate::peer::StreamKind;
 use crate::progress::Progress;
@@ -48,6 +50,11 @@ fn new_transfer_id() -> TransferId {
     id
 }
 
+/// The receiver's words, safe to print.
+fn remote_text(text: &str) -> String {
+    qpeer_tracker::proto::printable(text, super::wire::MAX_REASON_LEN)
+}
+
 fn lost(conn: &PeerConnection, e: impl std::fmt::Display) -> TransferError {
     TransferError::Lost { peer: conn.node_id(), message: e.to_string() }
 }
@@ -72,6 +79,26 @@ async fn next<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Splits entries into batches that each encode well under the frame limit: at most
+/// [`ENTRIES_PER_FRAME`] entries and about 48 KiB of paths.
+fn entry_batches(entries: &[OfferEntry]) -> Vec<&[OfferEntry]> {
+    const BUDGET: usize = 48 * 1024;
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, entry) in entries.iter().enumerate() {
+        let cost = entry.path.len() + 64;
+        if i > start && (bytes + cost > BUDGET || i - start == ENTRIES_PER_FRAME) {
+            batches.push(&entries[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += cost;
+    }
+    if start < entries.len() {
+        batches.push(&entries[start..]);
+    }
+    batches
+}
+
 /// Offers `plan` to the peer and sends every file. Succeeds only when the receiver confirmed
 /// every file's hash.
 pub async fn send(
@@ -89,15 +116,15 @@ pub async fn send(
         total_bytes: plan.total_bytes,
     };
     write_frame(&mut control, &offer, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
-    for chunk in plan.entries.chunks(ENTRIES_PER_FRAME) {
-        write_frame(&mut control, &ControlFrame::Entries(chunk.to_vec()), MAX_FRAME_LEN)
+    for batch in entry_batches(&plan.entries) {
+        write_frame(&mut control, &ControlFrame::Entries(batch.to_vec()), MAX_FRAME_LEN)
             .await
             .map_err(|e| lost(conn, e))?;
     }
     write_frame(&mut control, &ControlFrame::OfferEnd, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
     match next::<ControlFrame>(conn, &mut replies, DECISION_TIMEOUT).await? {
         ControlFrame::Accept => {}
-        ControlFrame::Reject { reason } => return Err(TransferError::Rejected(reason)),
+        ControlFrame::Reject { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
         other => return Err(protocol(conn, format!("expected Accept or Reject, got {other:?}"))),
     }
 
@@ -168,7 +195,7 @@ async fn send_file(
                 let _ = send.finish();
                 return Ok(streamed);
             }
-            FileReply::Refused { reason } => return Err(TransferError::Rejected(reason)),
+            FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
             other => return Err(protocol(conn, format!("expected Start, got {other:?}"))),
         };
         if attempt == 0 {
@@ -193,7 +220,7 @@ async fn send_file(
                             .into(),
                 })
             }
-            FileReply::Failed { reason } => return Err(TransferError::Rejected(reason)),
+            FileReply::Failed { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
             other => return Err(protocol(conn, format!("expected a file result, got {other:?}"))),
         }
     }
@@ -245,4 +272,28 @@ async fn stream_file(
         });
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use qpeer_tracker::codec::encode_frame;
+    use qpeer_tracker::proto::MAX_FRAME_LEN;
+
+    use super::*;
+    use crate::transfer::wire::{EntryKind, MAX_PATH_LEN};
+
+    #[test]
+    fn batches_of_long_paths_fit_in_frames() {
+        let entries: Vec<OfferEntry> = (0..200)
+            .map(|i| OfferEntry {
+                path: format!("{i}{}", "x".repeat(MAX_PATH_LEN - 8)),
+                kind: EntryKind::File { size: u64::MAX, blake3: [0xff; 32] },
+            })
+            .collect();
+        let batches = entry_batches(&entries);
+        assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 200);
+        for batch in batches {
+            encode_frame(&ControlFrame::Entries(batch.to_vec()), MAX_FRAME_LEN).expect("fits");
+        }
+    }
 }
