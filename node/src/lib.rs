@@ -13,16 +13,38 @@
 //! - [`error`]: typed errors ([`NodeError`]).
 //!
 //! # Example
-//! ```no_run
-//! # async fn demo() -> Result<(), qpeer_node::NodeError> {
+//! A tracker and two nodes in one process on loopback; `a` connects to `b` and pings it.
+//! (Across machines, each node only needs the tracker's `ID@HOST:PORT`.)
+//! ```
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! use std::sync::Arc;
 //! use std::time::Duration;
-//! let tracker = "5c3d…@198.51.100.1:4433".parse().expect("tracker address");
-//! let node = qpeer_node::Node::builder().home("/tmp/qpeer-a").tracker(tracker).bind().await?;
-//! node.registered(Duration::from_secs(10)).await?;
-//! let peer = "0123…".parse().expect("peer id");
-//! let conn = node.connect(peer).await?;
+//! use qpeer_node::Node;
+//!
+//! let tracker_id = Arc::new(qpeer_certs::Identity::generate()?);
+//! let tracker = qpeer_tracker::Tracker::bind(qpeer_tracker::TrackerConfig::new(
+//!     "127.0.0.1:0".parse()?,
+//!     tracker_id,
+//! ))?;
+//! let tracker_addr: qpeer_tracker::TrackerAddr = tracker.tracker_string().parse()?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let serving = tokio::spawn(tracker.run(async { let _ = stopped.await; }));
+//!
+//! let (home_a, home_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+//! let a = Node::builder().home(home_a.path()).bind_addr("127.0.0.1:0".parse()?)
+//!     .tracker(tracker_addr.clone()).bind().await?;
+//! let b = Node::builder().home(home_b.path()).bind_addr("127.0.0.1:0".parse()?)
+//!     .tracker(tracker_addr).bind().await?;
+//! a.registered(Duration::from_secs(10)).await?;
+//! b.registered(Duration::from_secs(10)).await?;
+//!
+//! let conn = a.connect(b.id()).await?;
 //! println!("{} rtt {:?}", conn.path(), conn.ping(1).await?);
-//! node.shutdown().await;
+//!
+//! a.shutdown().await;
+//! b.shutdown().await;
+//! let _ = stop.send(());
+//! serving.await?;
 //! # Ok(()) }
 //! ```
 
