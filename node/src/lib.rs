@@ -54,6 +54,7 @@ pub mod known_trackers;
 pub mod node;
 pub mod peer;
 pub mod progress;
+pub mod relay;
 pub mod transfer;
 
 pub use error::NodeError;

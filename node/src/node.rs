@@ -20,7 +20,7 @@ use std::time::Duration;
 use qpeer_certs::{Identity, NodeId, ServerTrust};
 use qpeer_tracker::client::{Introduction, RegisterInfo};
 use qpeer_tracker::proto::{PeerAddrs, PeerInfo};
-use qpeer_tracker::{ClientError, TrackerAddr, TrackerClient};
+use qpeer_tracker::{ClientError, TrackerAddr, TrackerClient, TrackerEvent};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,9 +29,13 @@ use crate::candidates::{dial_targets, local_candidates};
 use crate::error::{Attempt, NodeError, TrackerMismatch};
 use crate::known_trackers::KnownTrackers;
 use crate::peer::{answer_pings, close_code, describe_close, PeerConnection, StreamKind, ALPN};
+use crate::relay::{self, RelayHub, RelaySocket};
 
 /// Default time allowed for punching a direct path.
 pub const DEFAULT_PUNCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the direct candidates race alone before the relay joins: a direct path that
+/// validates within this time is preferred.
+pub const RELAY_AFTER: Duration = Duration::from_secs(1);
 /// How long losing candidate handshakes are watched so they can be closed with a reason.
 const LOSER_GRACE: Duration = Duration::from_secs(2);
 /// Most incoming handshakes not yet selected by their dialer.
@@ -57,6 +61,7 @@ pub struct NodeBuilder {
     name: Option<String>,
     console: bool,
     punch_timeout: Duration,
+    relay_only: bool,
 }
 
 impl Default for NodeBuilder {
@@ -70,6 +75,7 @@ impl Default for NodeBuilder {
             name: None,
             console: false,
             punch_timeout: DEFAULT_PUNCH_TIMEOUT,
+            relay_only: false,
         }
     }
 }
@@ -122,6 +128,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Never connect directly: register no LAN addresses, never punch, refuse direct
+    /// handshakes, and reach every peer through the tracker's relay (for networks that block
+    /// direct UDP between peers, and for testing the relay).
+    pub fn relay_only(mut self, on: bool) -> Self {
+        self.relay_only = on;
+        self
+    }
+
     /// Binds the socket, starts serving peers and starts registering with the tracker in the
     /// background (see [`Node::registered`]).
     pub async fn bind(self) -> Result<Node, NodeError> {
@@ -156,11 +170,21 @@ struct Shared {
     accepted: mpsc::Sender<PeerConnection>,
     accepted_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
     pending_incoming: Arc<tokio::sync::Semaphore>,
+    relay: Arc<RelayHub>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     console: bool,
     punch_timeout: Duration,
+    relay_only: bool,
 }
+
+/// A handshake in a dial race.
+type Handshake = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (SocketAddr, Result<quinn::Connection, quinn::ConnectionError>)>
+            + Send,
+    >,
+>;
 
 struct Waiter {
     tx: oneshot::Sender<PeerConnection>,
@@ -289,27 +313,58 @@ impl Shared {
         }
     }
 
-    /// Dialer role: handshakes to every candidate at once; the first to complete wins.
+    /// One handshake toward `addr`, as a future that names its address.
+    fn start_dial(
+        &self,
+        config: &quinn::ClientConfig,
+        addr: SocketAddr,
+    ) -> Result<Handshake, quinn::ConnectError> {
+        let connecting =
+            self.endpoint.connect_with(config.clone(), addr, qpeer_certs::config::PINNED_SERVER_NAME)?;
+        Ok(Box::pin(async move { (addr, connecting.await) }))
+    }
+
+    /// Dialer role: handshakes to every candidate at once; if none has completed after
+    /// [`RELAY_AFTER`], one through the relay joins the race. The first to complete wins.
     async fn dial(self: &Arc<Self>, peer: NodeId, addrs: &PeerAddrs) -> Result<PeerConnection, NodeError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
-        let targets = dial_targets(addrs);
+        let targets = if self.relay_only { Vec::new() } else { dial_targets(addrs) };
         let config = self.peer_client_config(peer)?;
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut racing = FuturesUnordered::new();
         for addr in targets.iter().copied() {
-            match self.endpoint.connect_with(config.clone(), addr, qpeer_certs::config::PINNED_SERVER_NAME) {
-                Ok(connecting) => racing.push(async move { (addr, connecting.await) }),
+            match self.start_dial(&config, addr) {
+                Ok(handshake) => racing.push(handshake),
                 Err(e) => attempts.push(Attempt { addr, outcome: format!("cannot start: {e}") }),
             }
         }
         let deadline = tokio::time::sleep(self.punch_timeout);
         tokio::pin!(deadline);
+        let relay_after = if self.relay_only { Duration::ZERO } else { RELAY_AFTER };
+        let relay = async {
+            tokio::time::sleep(relay_after).await;
+            self.relay.wait_link(&peer).await
+        };
+        tokio::pin!(relay);
+        let mut relay_pending = true;
         let winner = loop {
+            if racing.is_empty() && !relay_pending {
+                break None;
+            }
             tokio::select! {
                 _ = &mut deadline => break None,
                 _ = self.cancel.cancelled() => return Err(NodeError::Shutdown),
-                next = racing.next() => match next {
-                    None => break None,
+                link = &mut relay, if relay_pending => {
+                    relay_pending = false;
+                    let addr = relay::placeholder(link);
+                    tracing::debug!(peer = %peer.short(), link, "no direct path yet; dialing through the relay");
+                    match self.start_dial(&config, addr) {
+                        Ok(handshake) => racing.push(handshake),
+                        Err(e) => attempts.push(Attempt { addr, outcome: format!("relay: cannot start: {e}") }),
+                    }
+                }
+                next = racing.next(), if !racing.is_empty() => match next {
+                    None => {}
                     Some((addr, Ok(connection))) => break Some((addr, connection)),
                     Some((addr, Err(e))) => attempts.push(Attempt { addr, outcome: e.to_string() }),
                 },
@@ -327,6 +382,12 @@ impl Shared {
             .await;
         });
         let Some((addr, connection)) = winner else {
+            if relay_pending {
+                attempts.push(Attempt {
+                    addr: relay::placeholder(0),
+                    outcome: "relay via tracker: no relay link opened (the peer did not ask for one)".into(),
+                });
+            }
             for addr in targets {
                 if !attempts.iter().any(|a| a.addr == addr) {
                     attempts.push(Attempt {
@@ -352,6 +413,9 @@ impl Shared {
 
     /// Acceptor role: punch packets toward the dialer's candidates until cancelled or timeout.
     async fn punch(self: Arc<Self>, peer: NodeId, addrs: PeerAddrs, stop: CancellationToken) {
+        if self.relay_only {
+            return;
+        }
         let targets = dial_targets(&addrs);
         tracing::debug!(peer = %peer.short(), ?targets, "punching");
         let deadline = tokio::time::Instant::now() + self.punch_timeout;
@@ -386,6 +450,7 @@ impl Shared {
     /// Handles an introduction the tracker sent because the peer asked for us.
     async fn on_introduction(self: Arc<Self>, intro: Introduction) {
         let peer = intro.peer;
+        self.ask_for_relay(peer);
         if !self.we_dial(peer, &intro.addrs) {
             // We are the acceptor: punch toward the dialer until it reaches us.
             let stop = CancellationToken::new();
@@ -409,6 +474,18 @@ impl Shared {
             Ok(conn) => self.install(conn, true),
             Err(e) => tracing::warn!("could not reach {} after its introduction: {e}", peer.short()),
         }
+    }
+
+    /// Asks the tracker, in the background, for a relay link to `peer`: it opens once the peer
+    /// asks too, so a relayed path is ready if punching fails.
+    fn ask_for_relay(self: &Arc<Self>, peer: NodeId) {
+        let shared = self.clone();
+        self.tasks.spawn(async move {
+            let Ok(client) = shared.tracker_client().await else { return };
+            if let Err(e) = client.request_relay(peer).await {
+                tracing::debug!(peer = %peer.short(), "relay request failed: {e}");
+            }
+        });
     }
 
     fn wait_for(&self, peer: NodeId, takes_connection: bool) -> oneshot::Receiver<PeerConnection> {
@@ -531,13 +608,18 @@ impl Node {
             socket.try_clone().map_err(|source| NodeError::Bind { addr: config.bind, source })?;
         let mut server_config = qpeer_certs::server_config(&identity, &[ALPN])?;
         server_config.transport_config(Arc::new(peer_transport()));
-        let endpoint = quinn::Endpoint::new(
+        let relay_hub = RelayHub::new();
+        let bind_err = |source| NodeError::Bind { addr: config.bind, source };
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_err)?;
+        let relay_socket = Arc::new(RelaySocket::new(udp, relay_hub.clone()).map_err(bind_err)?);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             qpeer_tracker::server::endpoint_config(&identity),
             Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
+            relay_socket,
+            runtime,
         )
-        .map_err(|source| NodeError::Bind { addr: config.bind, source })?;
+        .map_err(bind_err)?;
         let local_addr =
             endpoint.local_addr().map_err(|source| NodeError::Bind { addr: config.bind, source })?;
         let (accepted_tx, accepted_rx) = mpsc::channel(64);
@@ -554,10 +636,12 @@ impl Node {
             accepted: accepted_tx,
             accepted_rx: tokio::sync::Mutex::new(accepted_rx),
             pending_incoming: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_INCOMING)),
+            relay: relay_hub,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             console: config.console,
             punch_timeout: config.punch_timeout,
+            relay_only: config.relay_only,
         });
         let link = TrackerLink {
             shared: shared.clone(),
@@ -657,6 +741,7 @@ impl Node {
             ClientError::NotFound(id) => NodeError::PeerNotFound(id),
             source => NodeError::Tracker { tracker: "introduce".into(), source },
         })?;
+        shared.ask_for_relay(peer);
         if shared.we_dial(peer, &intro.addrs) {
             drop(waiter);
             let conn = shared.dial(peer, &intro.addrs).await?;
@@ -738,6 +823,10 @@ async fn accept_loop(shared: Arc<Shared>) {
             incoming = shared.endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
+        if shared.relay_only && relay::link_of(incoming.remote_address()).is_none() {
+            incoming.refuse();
+            continue;
+        }
         // Unselected handshakes cost memory until their select timeout: cap them.
         let Ok(permit) = shared.pending_incoming.clone().try_acquire_owned() else {
             tracing::warn!(remote = %incoming.remote_address(), "refusing a handshake: too many pending");
@@ -769,7 +858,7 @@ impl TrackerLink {
         let mut registrations = 0u64;
         loop {
             match self.connect_once().await {
-                Ok((client, mut intros, candidates)) => {
+                Ok((client, mut events, candidates)) => {
                     backoff = BACKOFF_START;
                     registrations += 1;
                     let client = Arc::new(client);
@@ -788,21 +877,34 @@ impl TrackerLink {
                         tracing::info!("re-registered with the tracker {}", self.tracker.host_port());
                     }
                     shared.tracker.send_replace(TrackerState::Registered(client.clone(), registered_addrs));
+                    let relay_pump = relay::pump(shared.relay.clone(), client.connection().clone());
+                    let cancel = shared.cancel.clone();
+                    shared.tasks.spawn(async move {
+                        tokio::select! {
+                            _ = relay_pump => {}
+                            _ = cancel.cancelled() => {}
+                        }
+                    });
                     let reason = loop {
                         tokio::select! {
                             _ = shared.cancel.cancelled() => {
                                 client.close().await;
                                 return;
                             }
-                            intro = intros.recv() => match intro {
-                                Some(intro) => {
+                            event = events.recv() => match event {
+                                Some(TrackerEvent::Introduction(intro)) => {
                                     shared.tasks.spawn(shared.clone().on_introduction(intro));
+                                }
+                                Some(TrackerEvent::RelayReady { peer, link }) => {
+                                    tracing::debug!(peer = %peer.short(), link, "relay link open");
+                                    shared.relay.add_link(peer, link);
                                 }
                                 None => break client.closed().await,
                             },
                             reason = client.closed() => break reason,
                         }
                     };
+                    shared.relay.clear_links();
                     let reason = describe_close(&reason);
                     tracing::warn!("tracker connection lost ({reason}); re-registering");
                     shared.tracker.send_replace(TrackerState::Connecting {
@@ -830,7 +932,7 @@ impl TrackerLink {
     /// One registration attempt: the client, its introductions, and the candidates we sent.
     async fn connect_once(
         &self,
-    ) -> Result<(TrackerClient, mpsc::Receiver<Introduction>, Vec<SocketAddr>), NodeError> {
+    ) -> Result<(TrackerClient, mpsc::Receiver<TrackerEvent>, Vec<SocketAddr>), NodeError> {
         let shared = &self.shared;
         let host_port = self.tracker.host_port();
         let addr = self.tracker.resolve().await?;
@@ -847,11 +949,11 @@ impl TrackerLink {
             }
             (None, None, None) => (ServerTrust::FirstUse, qpeer_certs::config::PINNED_SERVER_NAME),
         };
-        let candidates = local_candidates(shared.local_addr);
+        let candidates = if shared.relay_only { Vec::new() } else { local_candidates(shared.local_addr) };
         let info = RegisterInfo { candidates: candidates.clone(), name: self.name.clone() };
         let result =
             TrackerClient::connect(&shared.endpoint, &shared.identity, addr, server_name, &trust, info).await;
-        let (client, intros) = match result {
+        let (client, events) = match result {
             Ok(ok) => ok,
             Err(ClientError::WrongTracker { expected, actual }) => {
                 let (origin, fix) = match &known {
@@ -882,7 +984,7 @@ impl TrackerLink {
                 self.known.path().display()
             ));
         }
-        Ok((client, intros, candidates))
+        Ok((client, events, candidates))
     }
 }
 

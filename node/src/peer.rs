@@ -64,12 +64,15 @@ pub mod close_code {
 pub enum Path {
     /// Straight to the peer's address.
     Direct(SocketAddr),
+    /// Through the tracker's relay (still end-to-end encrypted between the nodes).
+    Relayed,
 }
 
 impl std::fmt::Display for Path {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Path::Direct(addr) => write!(f, "direct {addr}"),
+            Path::Relayed => f.write_str("relayed via tracker"),
         }
     }
 }
@@ -104,7 +107,11 @@ impl std::fmt::Debug for PeerConnection {
 impl PeerConnection {
     pub(crate) fn new(node_id: NodeId, connection: quinn::Connection) -> Self {
         let (app_streams_tx, app_streams) = mpsc::channel(16);
-        let path = Path::Direct(crate::node::canonical(connection.remote_address()));
+        let remote = crate::node::canonical(connection.remote_address());
+        let path = match crate::relay::link_of(remote) {
+            Some(_) => Path::Relayed,
+            None => Path::Direct(remote),
+        };
         Self {
             inner: Arc::new(Inner {
                 node_id,

@@ -24,6 +24,7 @@ pub struct TestTracker {
     limits: Limits,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    stats: Option<qpeer_tracker::server::TrackerStats>,
 }
 
 impl TestTracker {
@@ -33,8 +34,14 @@ impl TestTracker {
 
     pub fn start_with(limits: Limits) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::generate()?);
-        let mut tracker =
-            Self { identity, addr: (Ipv4Addr::LOCALHOST, 0).into(), limits, stop: None, task: None };
+        let mut tracker = Self {
+            identity,
+            addr: (Ipv4Addr::LOCALHOST, 0).into(),
+            limits,
+            stop: None,
+            task: None,
+            stats: None,
+        };
         tracker.launch()?;
         Ok(tracker)
     }
@@ -44,12 +51,18 @@ impl TestTracker {
         config.limits = self.limits.clone();
         let tracker = Tracker::bind(config)?;
         self.addr = tracker.local_addr();
+        self.stats = Some(tracker.stats());
         let (stop, stopped) = oneshot::channel::<()>();
         self.stop = Some(stop);
         self.task = Some(tokio::spawn(tracker.run(async {
             let _ = stopped.await;
         })));
         Ok(())
+    }
+
+    /// Counters of the running tracker (relayed bytes, drops, registrations).
+    pub fn stats(&self) -> qpeer_tracker::server::TrackerStats {
+        self.stats.clone().expect("the tracker is running")
     }
 
     /// The pinned `ID@IP:PORT` address nodes use.

@@ -82,6 +82,15 @@ pub fn client_transport() -> quinn::TransportConfig {
     transport
 }
 
+/// What the tracker tells a node without being asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackerEvent {
+    /// A peer asked to meet us: punch toward it now.
+    Introduction(Introduction),
+    /// A relay link to `peer` is open.
+    RelayReady { peer: NodeId, link: u32 },
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
 /// A registered connection to the tracker.
@@ -123,7 +132,7 @@ impl TrackerClient {
         server_name: &str,
         trust: &ServerTrust,
         info: RegisterInfo,
-    ) -> Result<(Self, mpsc::Receiver<Introduction>), ClientError> {
+    ) -> Result<(Self, mpsc::Receiver<TrackerEvent>), ClientError> {
         let (tls_trust, expected) = match trust {
             ServerTrust::Pinned(id) => (ServerTrust::FirstUse, Some(*id)),
             other => (other.clone(), None),
@@ -179,8 +188,8 @@ impl TrackerClient {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let pending: Pending = Arc::default();
-        let (intro_tx, intro_rx) = mpsc::channel(64);
-        tasks.spawn(read_frames(reader, pending.clone(), intro_tx, cancel.clone(), connection.clone()));
+        let (event_tx, event_rx) = mpsc::channel(64);
+        tasks.spawn(read_frames(reader, pending.clone(), event_tx, cancel.clone(), connection.clone()));
         tasks.close();
         Ok((
             Self {
@@ -193,7 +202,7 @@ impl TrackerClient {
                 tasks,
                 _cancel: cancel.drop_guard(),
             },
-            intro_rx,
+            event_rx,
         ))
     }
 
@@ -274,6 +283,16 @@ impl TrackerClient {
         }
     }
 
+    /// Asks the tracker to relay between us and `peer` (after an introduction). A
+    /// [`TrackerEvent::RelayReady`] arrives once `peer` has asked too.
+    pub async fn request_relay(&self, peer: NodeId) -> Result<(), ClientError> {
+        match self.request(|request_id| ClientFrame::RelayRequest { request_id, peer }).await? {
+            ServerFrame::RelayAccepted { .. } => Ok(()),
+            ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
+            other => Err(ClientError::Protocol(format!("expected RelayAccepted, got {other:?}"))),
+        }
+    }
+
     /// Asks the tracker to introduce us to `target`. The target receives our addresses at the
     /// same moment; we receive theirs.
     pub async fn introduce(&self, target: NodeId) -> Result<Introduction, ClientError> {
@@ -291,7 +310,7 @@ impl TrackerClient {
 async fn read_frames(
     mut reader: FrameReader,
     pending: Pending,
-    introductions: mpsc::Sender<Introduction>,
+    events: mpsc::Sender<TrackerEvent>,
     cancel: CancellationToken,
     connection: quinn::Connection,
 ) {
@@ -314,15 +333,22 @@ async fn read_frames(
         let request_id = match &frame {
             ServerFrame::Introduction { request_id: None, peer, addrs } => {
                 let intro = Introduction { peer: *peer, addrs: addrs.clone(), requested: false };
-                if introductions.try_send(intro).is_err() {
+                if events.try_send(TrackerEvent::Introduction(intro)).is_err() {
                     tracing::warn!("dropping an introduction: the node is not keeping up");
                 }
                 continue;
             }
             ServerFrame::Introduction { request_id: Some(id), .. } => *id,
+            ServerFrame::RelayReady { peer, link } => {
+                if events.try_send(TrackerEvent::RelayReady { peer: *peer, link: *link }).is_err() {
+                    tracing::warn!("dropping a relay notice: the node is not keeping up");
+                }
+                continue;
+            }
             ServerFrame::Peers { request_id, .. }
             | ServerFrame::NotFound { request_id, .. }
-            | ServerFrame::Error { request_id, .. } => *request_id,
+            | ServerFrame::Error { request_id, .. }
+            | ServerFrame::RelayAccepted { request_id } => *request_id,
             ServerFrame::Registered { .. } => {
                 connection.close(close_code::PROTOCOL_VIOLATION.into(), b"Registered sent twice");
                 return;

@@ -32,11 +32,17 @@ impl TokenBucket {
 
     /// Takes one token if available.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.try_take_n(1, now)
+    }
+
+    /// Takes `n` tokens if available.
+    pub fn try_take_n(&mut self, n: u64, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -56,6 +62,43 @@ pub struct Entry {
     /// Frames for this node's control stream.
     pub outbox: mpsc::Sender<ServerFrame>,
     pub introductions: TokenBucket,
+    /// Relay: the queue of frames for this node's relay stream, once a link needs it.
+    pub relay_out: Option<mpsc::Sender<(u32, Vec<u8>)>>,
+    /// Relay limits on what this node sends.
+    pub relay_bytes: TokenBucket,
+    pub relay_packets: TokenBucket,
+}
+
+/// A relay link between two nodes that both asked for it.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub a: NodeId,
+    pub b: NodeId,
+    /// Bytes forwarded from a to b, and from b to a.
+    pub bytes_ab: u64,
+    pub bytes_ba: u64,
+}
+
+impl Link {
+    /// The other end, if `from` is an end.
+    pub fn other(&self, from: &NodeId) -> Option<NodeId> {
+        if *from == self.a {
+            Some(self.b)
+        } else if *from == self.b {
+            Some(self.a)
+        } else {
+            None
+        }
+    }
+}
+
+/// An unordered pair of nodes.
+pub fn pair(x: NodeId, y: NodeId) -> (NodeId, NodeId) {
+    if x < y {
+        (x, y)
+    } else {
+        (y, x)
+    }
 }
 
 /// Result of [`Directory::register`].
@@ -73,6 +116,14 @@ pub enum RegisterOutcome {
 pub struct Directory {
     nodes: BTreeMap<NodeId, Entry>,
     connections_per_ip: HashMap<IpAddr, usize>,
+    /// When each pair was last introduced (relays need a recent introduction).
+    pub introduced: HashMap<(NodeId, NodeId), Instant>,
+    /// Relay requests: (from, to) → when.
+    pub relay_requests: HashMap<(NodeId, NodeId), Instant>,
+    /// Open relay links by id, and by pair.
+    pub links: HashMap<u32, Link>,
+    pub pair_links: HashMap<(NodeId, NodeId), u32>,
+    next_link: u32,
 }
 
 impl Directory {
@@ -94,14 +145,50 @@ impl Directory {
         }
     }
 
-    /// Removes `node_id` if it is still registered by `connection_id`.
-    pub fn remove(&mut self, node_id: &NodeId, connection_id: u64) -> bool {
-        if self.nodes.get(node_id).is_some_and(|e| e.connection_id == connection_id) {
-            self.nodes.remove(node_id);
-            true
-        } else {
-            false
+    /// Removes `node_id` (and its relay links, returned) if it is still registered by
+    /// `connection_id`.
+    pub fn remove(&mut self, node_id: &NodeId, connection_id: u64) -> Option<Vec<(u32, Link)>> {
+        if self.nodes.get(node_id).is_none_or(|e| e.connection_id != connection_id) {
+            return None;
         }
+        self.nodes.remove(node_id);
+        self.relay_requests.retain(|(from, to), _| from != node_id && to != node_id);
+        self.introduced.retain(|(x, y), _| x != node_id && y != node_id);
+        let ids: Vec<u32> =
+            self.links.iter().filter(|(_, l)| l.other(node_id).is_some()).map(|(id, _)| *id).collect();
+        let mut closed = Vec::new();
+        for id in ids {
+            if let Some(link) = self.links.remove(&id) {
+                self.pair_links.remove(&pair(link.a, link.b));
+                closed.push((id, link));
+            }
+        }
+        Some(closed)
+    }
+
+    /// Opens (or returns the existing) link between `x` and `y`. Returns (id, newly opened).
+    pub fn open_link(&mut self, x: NodeId, y: NodeId) -> (u32, bool) {
+        let key = pair(x, y);
+        if let Some(id) = self.pair_links.get(&key) {
+            return (*id, false);
+        }
+        // Link ids stay below 2^24 (nodes map them into 240.0.0.0/8) and are never 0.
+        loop {
+            self.next_link = (self.next_link % 0x00ff_ffff) + 1;
+            if !self.links.contains_key(&self.next_link) {
+                break;
+            }
+        }
+        let id = self.next_link;
+        self.links.insert(id, Link { a: key.0, b: key.1, bytes_ab: 0, bytes_ba: 0 });
+        self.pair_links.insert(key, id);
+        (id, true)
+    }
+
+    /// Forgets introductions and relay requests older than `window`.
+    pub fn expire(&mut self, now: Instant, window: Duration) {
+        self.introduced.retain(|_, at| now.saturating_duration_since(*at) < window);
+        self.relay_requests.retain(|_, at| now.saturating_duration_since(*at) < window);
     }
 
     pub fn get(&self, node_id: &NodeId) -> Option<&Entry> {

@@ -8,6 +8,7 @@
 //! - [`directory`]: the registered nodes, their addresses, and per-node rate limits.
 //! - [`server`]: [`server::Tracker`]: accept loop, per-connection tasks, introductions, shutdown.
 //! - [`client`]: [`client::TrackerClient`], used by nodes over their own quinn endpoint.
+//! - [`relay`]: relay stream framing (link id + length + opaque packet).
 //! - [`addr`]: the `ID@HOST:PORT` tracker address form.
 
 pub mod addr;
@@ -15,9 +16,10 @@ pub mod client;
 pub mod codec;
 pub mod directory;
 pub mod proto;
+pub mod relay;
 pub mod server;
 pub mod stream;
 
 pub use addr::TrackerAddr;
-pub use client::{ClientError, TrackerClient};
+pub use client::{ClientError, TrackerClient, TrackerEvent};
 pub use server::{Limits, Tracker, TrackerConfig};

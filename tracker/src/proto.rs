@@ -20,6 +20,9 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Most candidate addresses a node may register.
 pub const MAX_CANDIDATES: usize = 16;
 
+/// How long after an introduction the two nodes may ask for a relay between them.
+pub const RELAY_REQUEST_WINDOW_SECS: u64 = 60;
+
 /// Longest node name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -42,6 +45,9 @@ pub enum ClientFrame {
     ListPeers { request_id: u64, after: Option<NodeId>, limit: u16 },
     /// Ask the tracker to introduce us to `target` (both sides then punch at once).
     Introduce { request_id: u64, target: NodeId },
+    /// Ask the tracker to relay between us and `peer` (after an introduction). The link opens
+    /// when both nodes have asked for each other: both then receive `RelayReady`.
+    RelayRequest { request_id: u64, peer: NodeId },
 }
 
 /// One directory entry.
@@ -69,6 +75,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The target's queue is full; retry later.
     Busy,
+    /// A relay was requested for a node we were not recently introduced to.
+    NotIntroduced,
 }
 
 /// Frames the tracker sends to a node.
@@ -85,6 +93,11 @@ pub enum ServerFrame {
     NotFound { request_id: u64, target: NodeId },
     /// A request failed; the connection stays open.
     Error { request_id: u64, kind: ErrorKind, message: String },
+    /// Reply to `RelayRequest`: noted; `RelayReady` follows once the peer asks too.
+    RelayAccepted { request_id: u64 },
+    /// Both nodes asked: packets for `peer` go on our relay stream tagged with `link`, and
+    /// packets tagged with `link` on the tracker's relay stream come from `peer`.
+    RelayReady { peer: NodeId, link: u32 },
 }
 
 /// QUIC application close codes used by the tracker (and documented in docs/PROTOCOL.md).

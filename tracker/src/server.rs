@@ -14,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::codec::CodecError;
-use crate::directory::{canonical, unix_now, Directory, Entry, RegisterOutcome, TokenBucket};
+use crate::directory::{canonical, pair, unix_now, Directory, Entry, RegisterOutcome, TokenBucket};
 use crate::proto::{
     close_code, ClientFrame, ErrorKind, PeerAddrs, ServerFrame, ALPN, MAX_CANDIDATES, MAX_FRAME_LEN,
-    MAX_NAME_LEN, MAX_PEERS_PAGE, PROTOCOL_VERSION,
+    MAX_NAME_LEN, MAX_PEERS_PAGE, PROTOCOL_VERSION, RELAY_REQUEST_WINDOW_SECS,
 };
+use crate::relay::{encode_relay_frame, RelayDecoder};
 use crate::stream::{write_frame, FrameReader, StreamError};
 
 /// Limits that keep one client from hurting the others. Defaults suit a public tracker.
@@ -40,6 +41,10 @@ pub struct Limits {
     pub partial_frame_timeout: Duration,
     /// A connection with no packets for this long is dropped (nodes send keep-alives).
     pub idle_timeout: Duration,
+    /// Relay bytes per second one node may send (bursts up to a quarter second's worth).
+    pub relay_bytes_per_sec: u32,
+    /// Relay packets per second one node may send.
+    pub relay_packets_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -53,6 +58,8 @@ impl Default for Limits {
             register_timeout: Duration::from_secs(10),
             partial_frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(45),
+            relay_bytes_per_sec: 64 << 20,
+            relay_packets_per_sec: 100_000,
         }
     }
 }
@@ -104,6 +111,8 @@ struct Shared {
     limits: Limits,
     console: Console,
     next_connection_id: AtomicU64,
+    relayed_bytes: AtomicU64,
+    relay_dropped: AtomicU64,
 }
 
 impl Shared {
@@ -127,11 +136,13 @@ pub struct Tracker {
 fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TrackerError> {
     let mut transport = quinn::TransportConfig::default();
     transport
+        // One control stream, and one relay stream from the node.
         .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window((4 * MAX_FRAME_LEN as u32).into())
-        .receive_window((4 * MAX_FRAME_LEN as u32).into())
-        .send_window(4 * MAX_FRAME_LEN as u64)
+        .max_concurrent_uni_streams(1u32.into())
+        // Windows allocate nothing until data arrives; they bound relay throughput per RTT.
+        .stream_receive_window((1u32 << 20).into())
+        .receive_window((2u32 << 20).into())
+        .send_window(2 << 20)
         .max_idle_timeout(Some(
             limits
                 .idle_timeout
@@ -178,6 +189,8 @@ impl Tracker {
                 limits: config.limits,
                 console,
                 next_connection_id: AtomicU64::new(1),
+                relayed_bytes: AtomicU64::new(0),
+                relay_dropped: AtomicU64::new(0),
             }),
         };
         let addr = tracker.local_addr();
@@ -267,6 +280,21 @@ impl TrackerStats {
     pub fn registered(&self) -> usize {
         self.0.directory().len()
     }
+
+    /// Relay bytes forwarded so far.
+    pub fn relayed_bytes(&self) -> u64 {
+        self.0.relayed_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Relay packets dropped so far (unknown link, not a member, over a limit, queue full).
+    pub fn relay_dropped(&self) -> u64 {
+        self.0.relay_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Open relay links.
+    pub fn relay_links(&self) -> usize {
+        self.0.directory().links.len()
+    }
 }
 
 /// Why a connection ended, for the `[DISCONNECTED]` line.
@@ -346,6 +374,7 @@ async fn handle_incoming(
         node_id,
         remote,
         connection_id: shared.next_connection_id.fetch_add(1, Ordering::Relaxed),
+        tasks: tasks.clone(),
     };
     session.run(cancel, tasks).await;
 }
@@ -357,6 +386,7 @@ struct Session {
     node_id: NodeId,
     remote: SocketAddr,
     connection_id: u64,
+    tasks: TaskTracker,
 }
 
 /// A protocol failure that ends the session with a close code.
@@ -420,6 +450,7 @@ impl Session {
             self.node_id.short()
         ));
         console.line(format_args!("[ACTIVE CONNECTIONS] {active}"));
+        tasks.spawn(Session::relay_in(self.shared.clone(), self.conn.clone(), self.node_id));
 
         let outcome = tokio::select! {
             _ = cancel.cancelled() => Err(Fatal::new(close_code::SHUTDOWN, "tracker shutting down")),
@@ -431,6 +462,16 @@ impl Session {
             close(&self.conn, fatal.code, &fatal.reason);
         }
         let removed = self.shared.directory().remove(&self.node_id, self.connection_id);
+        for (id, link) in removed.iter().flatten() {
+            console.line(format_args!(
+                "[RELAY] {} <-> {} closed (link {id}, {} + {} bytes relayed)",
+                link.a.short(),
+                link.b.short(),
+                link.bytes_ab,
+                link.bytes_ba
+            ));
+        }
+        let removed = removed.is_some();
         let active = self.shared.directory().len();
         console.line(format_args!(
             "[DISCONNECTED] {} node {} ({})",
@@ -504,6 +545,17 @@ impl Session {
                 limits.introduction_burst,
                 Instant::now(),
             ),
+            relay_out: None,
+            relay_bytes: TokenBucket::new(
+                limits.relay_bytes_per_sec,
+                (limits.relay_bytes_per_sec / 4).max(64 * 1024),
+                Instant::now(),
+            ),
+            relay_packets: TokenBucket::new(
+                limits.relay_packets_per_sec,
+                (limits.relay_packets_per_sec / 4).max(64),
+                Instant::now(),
+            ),
         };
         let outcome = self.shared.directory().register(self.node_id, entry, limits.max_nodes);
         match outcome {
@@ -545,6 +597,7 @@ impl Session {
                     ServerFrame::Peers { request_id, peers, next }
                 }
                 ClientFrame::Introduce { request_id, target } => self.introduce(request_id, target),
+                ClientFrame::RelayRequest { request_id, peer } => self.relay_request(request_id, peer),
             };
             if outbox.send(reply).await.is_err() {
                 return Ok(());
@@ -576,7 +629,132 @@ impl Session {
             return error(ErrorKind::Busy, "the target's queue is full; retry shortly");
         }
         tracing::debug!(from = %self.node_id.short(), to = %target.short(), "introduction");
-        ServerFrame::Introduction { request_id: Some(request_id), peer: target, addrs: peer.addrs.clone() }
+        let reply = ServerFrame::Introduction {
+            request_id: Some(request_id),
+            peer: target,
+            addrs: peer.addrs.clone(),
+        };
+        directory.introduced.insert(pair(self.node_id, target), Instant::now());
+        reply
+    }
+
+    /// Notes that we want a relay to `peer`; when `peer` wants one too, opens the link and
+    /// tells both.
+    fn relay_request(&self, request_id: u64, peer: NodeId) -> ServerFrame {
+        let error = |kind, message: String| ServerFrame::Error { request_id, kind, message };
+        let now = Instant::now();
+        let window = Duration::from_secs(RELAY_REQUEST_WINDOW_SECS);
+        let mut directory = self.shared.directory();
+        directory.expire(now, window);
+        if !directory.introduced.contains_key(&pair(self.node_id, peer)) {
+            return error(ErrorKind::NotIntroduced, format!("no recent introduction to {}", peer.short()));
+        }
+        if directory.get(&peer).is_none() {
+            return ServerFrame::NotFound { request_id, target: peer };
+        }
+        directory.relay_requests.insert((self.node_id, peer), now);
+        if directory.relay_requests.contains_key(&(peer, self.node_id)) {
+            let (link, opened) = directory.open_link(self.node_id, peer);
+            for (end, other) in [(self.node_id, peer), (peer, self.node_id)] {
+                if let Some(entry) = directory.get_mut(&end) {
+                    if entry.relay_out.as_ref().is_none_or(|out| out.is_closed()) {
+                        let (tx, rx) = mpsc::channel(RELAY_QUEUE);
+                        entry.relay_out = Some(tx);
+                        self.tasks.spawn(write_relay(entry.connection.clone(), rx));
+                    }
+                    let _ = entry.outbox.try_send(ServerFrame::RelayReady { peer: other, link });
+                }
+            }
+            if opened {
+                self.shared.console.line(format_args!(
+                    "[RELAY] {} <-> {} opened (link {link})",
+                    self.node_id.short(),
+                    peer.short()
+                ));
+            }
+        }
+        ServerFrame::RelayAccepted { request_id }
+    }
+
+    /// Reads this node's relay stream and forwards each packet to the other end of its link.
+    async fn relay_in(shared: Arc<Shared>, conn: quinn::Connection, node_id: NodeId) {
+        let Ok(mut recv) = conn.accept_uni().await else { return };
+        let mut decoder = RelayDecoder::default();
+        loop {
+            let chunk = match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => chunk,
+                _ => return,
+            };
+            decoder.extend(&chunk.bytes);
+            let now = Instant::now();
+            let mut directory = shared.directory();
+            while let Some((link_id, packet)) = decoder.next_frame() {
+                let forwarded = forward(&mut directory, node_id, link_id, packet, now);
+                match forwarded {
+                    Some(bytes) => {
+                        shared.relayed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    None => {
+                        shared.relay_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Frames queued per node's relay stream; past this, packets are dropped (as UDP would).
+const RELAY_QUEUE: usize = 1024;
+
+/// Forwards one relay packet from `from` on `link_id`. Returns the bytes forwarded, or `None`
+/// when it was dropped: unknown link, `from` not an end of it, over `from`'s limits, or the
+/// other end's queue is full.
+fn forward(
+    directory: &mut Directory,
+    from: NodeId,
+    link_id: u32,
+    packet: &[u8],
+    now: Instant,
+) -> Option<u64> {
+    let to = directory.links.get(&link_id)?.other(&from)?;
+    let bytes = packet.len() as u64;
+    let sender = directory.get_mut(&from)?;
+    if !sender.relay_packets.try_take(now) || !sender.relay_bytes.try_take_n(bytes, now) {
+        return None;
+    }
+    let out = directory.get(&to)?.relay_out.as_ref()?;
+    out.try_send((link_id, packet.to_vec())).ok()?;
+    if let Some(link) = directory.links.get_mut(&link_id) {
+        if from == link.a {
+            link.bytes_ab += bytes;
+        } else {
+            link.bytes_ba += bytes;
+        }
+    }
+    Some(bytes)
+}
+
+/// Writes relay frames to a node on a uni stream the tracker opens.
+async fn write_relay(conn: quinn::Connection, mut queue: mpsc::Receiver<(u32, Vec<u8>)>) {
+    let Ok(mut send) = conn.open_uni().await else { return };
+    let mut frame = Vec::with_capacity(64 * 1024);
+    while let Some((link, packet)) = queue.recv().await {
+        frame.clear();
+        if encode_relay_frame(link, &packet, &mut frame).is_err() {
+            continue;
+        }
+        // Batch whatever else is queued into one write.
+        while frame.len() < 60 * 1024 {
+            match queue.try_recv() {
+                Ok((link, packet)) => {
+                    let _ = encode_relay_frame(link, &packet, &mut frame);
+                }
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
     }
 }
 

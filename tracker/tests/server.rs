@@ -8,10 +8,12 @@ use qpeer_certs::config::PINNED_SERVER_NAME;
 use qpeer_certs::{Identity, ServerTrust};
 use qpeer_tracker::client::{Introduction, RegisterInfo};
 use qpeer_tracker::proto::{close_code, ErrorKind, ALPN};
+use qpeer_tracker::TrackerEvent;
 use qpeer_tracker::{ClientError, Limits, Tracker, TrackerClient, TrackerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 struct RunningTracker {
+    stats: qpeer_tracker::server::TrackerStats,
     addr: SocketAddr,
     id: qpeer_certs::NodeId,
     stop: Option<oneshot::Sender<()>>,
@@ -27,10 +29,11 @@ impl RunningTracker {
         let (stop, stopped) = oneshot::channel::<()>();
         let addr = tracker.local_addr();
         let id = tracker.node_id();
+        let stats = tracker.stats();
         let task = tokio::spawn(tracker.run(async {
             let _ = stopped.await;
         }));
-        Self { addr, id, stop: Some(stop), task }
+        Self { stats, addr, id, stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
@@ -50,7 +53,7 @@ struct TestNode {
     identity: Identity,
     endpoint: quinn::Endpoint,
     client: TrackerClient,
-    intros: mpsc::Receiver<Introduction>,
+    intros: mpsc::Receiver<TrackerEvent>,
 }
 
 impl std::fmt::Debug for TestNode {
@@ -86,6 +89,20 @@ async fn close_code_of(conn: &quinn::Connection) -> Option<u64> {
     }
 }
 
+async fn next_event(node: &mut TestNode) -> TrackerEvent {
+    tokio::time::timeout(Duration::from_secs(5), node.intros.recv())
+        .await
+        .expect("an event within 5 s")
+        .expect("the event stream is open")
+}
+
+async fn next_introduction(node: &mut TestNode) -> Introduction {
+    match next_event(node).await {
+        TrackerEvent::Introduction(intro) => intro,
+        other => panic!("expected an introduction, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn register_list_and_introduce() {
     let tracker = RunningTracker::start(Limits::default()).await;
@@ -106,10 +123,7 @@ async fn register_list_and_introduce() {
     assert_eq!(intro.peer, b.identity.node_id());
     assert_eq!(intro.addrs.observed, b.client.observed_addr());
     assert_eq!(intro.addrs.candidates, vec![b.endpoint.local_addr().expect("addr")]);
-    let at_b = tokio::time::timeout(Duration::from_secs(5), b.intros.recv())
-        .await
-        .expect("introduction reaches the target")
-        .expect("intro");
+    let at_b = next_introduction(&mut b).await;
     assert_eq!(at_b.peer, a.identity.node_id());
     assert!(!at_b.requested);
     assert_eq!(at_b.addrs.observed, a.client.observed_addr());
@@ -343,4 +357,101 @@ async fn shutdown_closes_nodes_with_a_reason() {
     let a = node(&tracker).await;
     tracker.stop().await;
     assert_eq!(close_code_of(a.client.connection()).await, Some(close_code::SHUTDOWN.into()));
+}
+
+/// Writes one relay frame on a fresh uni stream to the tracker.
+async fn send_relay_frames(node: &TestNode, frames: &[(u32, &[u8])]) -> quinn::SendStream {
+    let mut send = node.client.connection().open_uni().await.expect("relay stream");
+    let mut bytes = Vec::new();
+    for (link, packet) in frames {
+        qpeer_tracker::relay::encode_relay_frame(*link, packet, &mut bytes).expect("frame");
+    }
+    send.write_all(&bytes).await.expect("write");
+    send
+}
+
+#[tokio::test]
+async fn relay_opens_when_both_ask_and_carries_packets_between_them() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let mut a = node(&tracker).await;
+    let mut b = node(&tracker).await;
+    a.client.introduce(b.identity.node_id()).await.expect("introduce");
+    next_introduction(&mut b).await;
+    a.client.request_relay(b.identity.node_id()).await.expect("a asks");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), a.intros.recv()).await.is_err(),
+        "no link until both asked"
+    );
+    b.client.request_relay(a.identity.node_id()).await.expect("b asks");
+    let link = match next_event(&mut a).await {
+        TrackerEvent::RelayReady { peer, link } if peer == b.identity.node_id() => link,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        matches!(next_event(&mut b).await, TrackerEvent::RelayReady { peer, link: l } if peer == a.identity.node_id() && l == link)
+    );
+
+    let _stream = send_relay_frames(&a, &[(link, b"opaque packet")]).await;
+    let mut from_tracker = tokio::time::timeout(Duration::from_secs(5), b.client.connection().accept_uni())
+        .await
+        .expect("the tracker opens a relay stream to b")
+        .expect("stream");
+    let mut got = [0u8; 6 + 13];
+    from_tracker.read_exact(&mut got).await.expect("frame");
+    let mut decoder = qpeer_tracker::relay::RelayDecoder::default();
+    decoder.extend(&got);
+    assert_eq!(decoder.next_frame(), Some((link, &b"opaque packet"[..])));
+    assert_eq!(tracker.stats.relayed_bytes(), 13);
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn relay_never_reaches_a_node_that_did_not_agree() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let mut a = node(&tracker).await;
+    let mut b = node(&tracker).await;
+    let c = node(&tracker).await;
+    // c was never introduced to a: refused.
+    assert!(matches!(
+        c.client.request_relay(a.identity.node_id()).await,
+        Err(ClientError::Refused { kind: ErrorKind::NotIntroduced, .. })
+    ));
+    // a was introduced to b and asks, b never does: no link, so nothing is forwarded.
+    a.client.introduce(b.identity.node_id()).await.expect("introduce");
+    next_introduction(&mut b).await;
+    a.client.request_relay(b.identity.node_id()).await.expect("a asks");
+    let guesses: Vec<(u32, &[u8])> = (0..50u32).map(|link| (link, &b"let me in"[..])).collect();
+    let _stream = send_relay_frames(&a, &guesses).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), b.client.connection().accept_uni()).await.is_err(),
+        "b must receive nothing"
+    );
+    assert!(tracker.stats.relay_dropped() >= 50, "dropped {}", tracker.stats.relay_dropped());
+    assert_eq!(tracker.stats.relayed_bytes(), 0);
+    assert_eq!(tracker.stats.relay_links(), 0);
+    assert!(a.intros.try_recv().is_err());
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_member_cannot_use_another_pairs_link() {
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let mut a = node(&tracker).await;
+    let mut b = node(&tracker).await;
+    let mut c = node(&tracker).await;
+    a.client.introduce(b.identity.node_id()).await.expect("introduce");
+    next_introduction(&mut b).await;
+    a.client.request_relay(b.identity.node_id()).await.expect("a");
+    b.client.request_relay(a.identity.node_id()).await.expect("b");
+    let link = match next_event(&mut a).await {
+        TrackerEvent::RelayReady { link, .. } => link,
+        other => panic!("{other:?}"),
+    };
+    // c learns (or guesses) a-b's link id and tries to inject into it.
+    let _stream = send_relay_frames(&c, &[(link, b"forged")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tracker.stats.relayed_bytes(), 0);
+    assert!(tracker.stats.relay_dropped() >= 1);
+    assert!(c.intros.try_recv().is_err());
+    tracker.stop().await;
 }

@@ -50,6 +50,10 @@ struct NodeOpts {
     /// Name shown to other nodes in `qpeer peers`.
     #[arg(long, global = true)]
     name: Option<String>,
+    /// Never connect directly: always go through the tracker's relay (end-to-end encrypted
+    /// all the same). For networks that block direct UDP between peers, and for testing.
+    #[arg(long, global = true)]
+    relay_only: bool,
     /// Seconds to wait for registration with the tracker.
     #[arg(long, default_value_t = 10, global = true)]
     register_timeout: u64,
@@ -140,7 +144,7 @@ async fn main() -> ExitCode {
 }
 
 async fn start(opts: &NodeOpts, console: bool) -> Result<Node> {
-    let mut builder = Node::builder().bind_addr(opts.bind).console(console);
+    let mut builder = Node::builder().bind_addr(opts.bind).console(console).relay_only(opts.relay_only);
     if let Some(home) = &opts.home {
         builder = builder.home(home);
     }
@@ -385,7 +389,7 @@ async fn send_plan(
 
 async fn ping(node: &Node, peer: NodeId, count: u32, interval: Duration) -> Result<()> {
     let conn = node.connect(peer).await?;
-    println!("PING {peer} via {}", conn.path());
+    println!("PING {peer}: {}", conn.path());
     let mut rtts = Vec::new();
     for seq in 1..=u64::from(count) {
         if seq > 1 {

@@ -1,0 +1,81 @@
+//! The relay path between two in-process nodes: one node is relay-only, so the nodes' own
+//! QUIC connection must travel through the tracker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use qpeer_node::progress::{Progress, ProgressMode};
+use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
+use qpeer_node::transfer::scan::scan;
+use qpeer_node::transfer::send::send;
+use qpeer_node::{Node, Path};
+use qpeer_tests::{connection_fingerprint, node, TestTracker};
+
+async fn relay_only_node(tracker: &TestTracker, home: &std::path::Path) -> Result<Node> {
+    let node = Node::builder()
+        .home(home)
+        .bind_addr(([127, 0, 0, 1], 0).into())
+        .tracker(tracker.tracker_addr())
+        .relay_only(true)
+        .bind()
+        .await?;
+    node.registered(Duration::from_secs(10)).await?;
+    Ok(node)
+}
+
+#[tokio::test]
+async fn relayed_connection_pings_and_transfers_end_to_end() -> Result<()> {
+    let tracker = TestTracker::start()?;
+    let stats = tracker.stats();
+    let home = tempfile::tempdir()?;
+    let relayed = relay_only_node(&tracker, home.path()).await?;
+    let direct = node(&tracker).await?;
+
+    // Whichever side dials by the role rule, the path is the relay.
+    let conn = relayed.connect(direct.id()).await?;
+    assert_eq!(conn.path(), Path::Relayed);
+    conn.ping(1).await?;
+    let accepted = tokio::time::timeout(Duration::from_secs(5), direct.accept()).await?.expect("accepted");
+    assert_eq!(accepted.path(), Path::Relayed);
+    assert_eq!(connection_fingerprint(conn.connection())?, connection_fingerprint(accepted.connection())?);
+
+    // A 20 MiB file, end to end through the relay.
+    let out = tempfile::tempdir()?;
+    let receiver = Receiver::new(ReceiveConfig {
+        out: Some(out.path().to_path_buf()),
+        policy: AcceptPolicy::Only([relayed.id()].into_iter().collect()),
+        console: false,
+    });
+    tokio::spawn(receiver.serve(accepted));
+    let src = tempfile::tempdir()?;
+    let file = src.path().join("relayed.bin");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&file, &data)?;
+    let paths = vec![file.clone()];
+    let plan = tokio::task::spawn_blocking(move || scan(&paths)).await??;
+    let report =
+        send(&conn, plan, Arc::new(Progress::new(ProgressMode::Quiet, "t", data.len() as u64))).await?;
+    assert_eq!(report.total_bytes, data.len() as u64);
+    assert_eq!(std::fs::read(out.path().join("relayed.bin"))?, data);
+    assert!(stats.relayed_bytes() > data.len() as u64, "the bytes went through the tracker");
+    relayed.shutdown().await;
+    direct.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_direct_path_is_preferred_when_it_validates() -> Result<()> {
+    let tracker = TestTracker::start()?;
+    let stats = tracker.stats();
+    let a = node(&tracker).await?;
+    let b = node(&tracker).await?;
+    let conn = a.connect(b.id()).await?;
+    assert!(matches!(conn.path(), Path::Direct(_)));
+    conn.ping(1).await?;
+    // The relay link was prepared in parallel but carried nothing.
+    assert_eq!(stats.relayed_bytes(), 0);
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
