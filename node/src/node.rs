@@ -371,15 +371,19 @@ impl Shared {
             }
         };
         // Losers that still complete are closed with a code that says why; the rest time out.
+        let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
-            let _ = tokio::time::timeout(LOSER_GRACE, async {
+            let close_losers = async {
                 while let Some((_, result)) = racing.next().await {
                     if let Ok(loser) = result {
                         loser.close(close_code::NOT_SELECTED.into(), b"another candidate path won");
                     }
                 }
-            })
-            .await;
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(LOSER_GRACE, close_losers) => {}
+                _ = cancel.cancelled() => {}
+            }
         });
         let Some((addr, connection)) = winner else {
             if relay_pending {
@@ -456,7 +460,10 @@ impl Shared {
             let stop = CancellationToken::new();
             let waiter = self.wait_for(peer, false);
             let puncher = self.tasks.spawn(self.clone().punch(peer, intro.addrs, stop.clone()));
-            let _ = tokio::time::timeout(self.punch_timeout, waiter).await;
+            tokio::select! {
+                _ = tokio::time::timeout(self.punch_timeout, waiter) => {}
+                _ = self.cancel.cancelled() => {}
+            }
             stop.cancel();
             let _ = puncher.await;
             return;
@@ -481,9 +488,18 @@ impl Shared {
     fn ask_for_relay(self: &Arc<Self>, peer: NodeId) {
         let shared = self.clone();
         self.tasks.spawn(async move {
-            let Ok(client) = shared.tracker_client().await else { return };
-            if let Err(e) = client.request_relay(peer).await {
-                tracing::debug!(peer = %peer.short(), "relay request failed: {e}");
+            let request = async {
+                let client = shared.tracker_client().await?;
+                client
+                    .request_relay(peer)
+                    .await
+                    .map_err(|source| NodeError::Tracker { tracker: "relay".into(), source })
+            };
+            tokio::select! {
+                result = request => if let Err(e) = result {
+                    tracing::debug!(peer = %peer.short(), "relay request failed: {e}");
+                },
+                _ = shared.cancel.cancelled() => {}
             }
         });
     }

@@ -405,6 +405,29 @@ impl Lab {
         Ok(Process { child, stdout, stderr })
     }
 
+    /// Starts capturing every packet on the internet bridge into `file` (tcpdump).
+    pub fn capture_internet(&self, file: &Path) -> Result<Capture> {
+        run("tcpdump", &["--version"]).context("the capture test needs tcpdump")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.internet, "tcpdump", "-i", "br0", "-s", "0", "-U", "-w"])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start tcpdump")?;
+        let mut capture = Capture { child, file: file.to_path_buf() };
+        // tcpdump says "listening on br0" once the capture runs.
+        let stderr = capture.child.stderr.take().context("stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        match lines.next() {
+            Some(Ok(line)) if line.contains("listening") => {}
+            other => bail!("tcpdump did not start: {other:?}"),
+        }
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        Ok(capture)
+    }
+
     /// Every namespace of this lab.
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces
@@ -420,6 +443,28 @@ impl Router {
         let addr = Ipv4Addr::new(self.lan[0], self.lan[1], self.lan[2], self.next_host);
         self.next_host += 1;
         addr
+    }
+}
+
+/// A running packet capture.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture and returns the pcap file's bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        Ok(std::fs::read(&self.file)?)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

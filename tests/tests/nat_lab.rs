@@ -141,9 +141,13 @@ fn expect_direct(listener: Place, pinger: Place, same_lan: bool) {
     scenario(&name.clone(), |lab| {
         let run = run_pair(lab, listener, pinger, same_lan)?;
         eprintln!("{name}: ping finished in {:?}", run.elapsed);
+        if std::env::var_os("QPEER_LAB_VERBOSE").is_some() {
+            eprintln!("{}", describe(&run));
+        }
         ensure!(run.pinger_exit == 0, "ping failed\n{}", describe(&run));
         let pinger_out = run.pinger.stdout.text();
-        ensure!(pinger_out.contains("via direct"), "not direct\n{}", describe(&run));
+        let path_line = format!("PING {}: direct ", run.listener_id);
+        ensure!(pinger_out.contains(&path_line), "not direct\n{}", describe(&run));
         ensure!(pinger_out.contains("2 received"), "pings lost\n{}", describe(&run));
         let tracker_out = run.tracker.stdout.text();
         for id in [&run.listener_id, &run.pinger_id] {
@@ -190,22 +194,19 @@ fn expect_direct(listener: Place, pinger: Place, same_lan: bool) {
     });
 }
 
-/// No direct path: ping fails with the typed error naming the candidates tried.
-fn expect_no_direct_path(listener: Place, pinger: Place) {
+/// No hole can be punched: the ping goes through the tracker's relay, end to end.
+fn expect_relayed(listener: Place, pinger: Place) {
     let name = format!("{listener} listener x {pinger} pinger");
     scenario(&name.clone(), |lab| {
         let run = run_pair(lab, listener, pinger, false)?;
-        eprintln!("{name}: ping gave up in {:?}", run.elapsed);
-        ensure!(run.pinger_exit == 1, "ping should fail\n{}", describe(&run));
-        let err = run.pinger.stderr.text();
-        ensure!(err.contains("no direct path to"), "wrong error\n{}", describe(&run));
-        let (listener_observed, _) = registration(&run.listener)?;
-        let (pinger_observed, _) = registration(&run.pinger)?;
-        ensure!(
-            err.contains(&listener_observed.to_string()) || err.contains(&pinger_observed.to_string()),
-            "the error must name the candidates tried\n{}",
-            describe(&run)
-        );
+        eprintln!("{name}: relayed ping finished in {:?}", run.elapsed);
+        ensure!(run.pinger_exit == 0, "ping failed\n{}", describe(&run));
+        let path_line = format!("PING {}: relayed via tracker", run.listener_id);
+        ensure!(run.pinger.stdout.text().contains(&path_line), "not relayed\n{}", describe(&run));
+        ensure!(run.pinger.stdout.text().contains("2 received"), "pings lost\n{}", describe(&run));
+        let connected = format!("[PEER CONNECTED] {} relayed via tracker rtt", run.pinger_id);
+        ensure!(run.listener.stdout.text().contains(&connected), "listener not relayed\n{}", describe(&run));
+        ensure!(run.tracker.stdout.text().contains("[RELAY] "), "no relay line\n{}", describe(&run));
         Ok(())
     });
 }
@@ -285,20 +286,20 @@ fn public_x_symmetric_is_direct() {
 
 #[test]
 #[ignore = "needs root and nftables: see docs/TESTING.md"]
-fn symmetric_x_cone_has_no_direct_path() {
-    expect_no_direct_path(Place::Symmetric, Place::Cone);
+fn symmetric_x_cone_is_relayed() {
+    expect_relayed(Place::Symmetric, Place::Cone);
 }
 
 #[test]
 #[ignore = "needs root and nftables: see docs/TESTING.md"]
-fn cone_x_symmetric_has_no_direct_path() {
-    expect_no_direct_path(Place::Cone, Place::Symmetric);
+fn cone_x_symmetric_is_relayed() {
+    expect_relayed(Place::Cone, Place::Symmetric);
 }
 
 #[test]
 #[ignore = "needs root and nftables: see docs/TESTING.md"]
-fn symmetric_x_symmetric_has_no_direct_path() {
-    expect_no_direct_path(Place::Symmetric, Place::Symmetric);
+fn symmetric_x_symmetric_is_relayed() {
+    expect_relayed(Place::Symmetric, Place::Symmetric);
 }
 
 /// Writes `len` pseudo-random bytes.
@@ -336,23 +337,54 @@ fn same_tree(expected: &std::path::Path, actual: &std::path::Path) -> Result<()>
     }
 }
 
-#[test]
-#[ignore = "needs root and nftables: see docs/TESTING.md"]
-fn cone_x_cone_file_transfer() {
-    scenario("cone x cone transfer", |lab| {
+/// What a transfer scenario sends, and what it expects.
+struct TransferCase {
+    receiver: Place,
+    sender: Place,
+    /// Size of the big file.
+    big: usize,
+    /// Also send a small directory tree (nested dirs, unicode names, empty file, empty dir).
+    tree: bool,
+    /// Whether the path must be the relay (else direct).
+    relayed: bool,
+    /// Capture the internet bridge and prove this marker, present in the file, never appears.
+    marker: Option<&'static str>,
+}
+
+fn transfer(case: TransferCase) {
+    let name = format!("{} receiver x {} sender transfer", case.receiver, case.sender);
+    scenario(&name.clone(), |lab| {
         let bins = bin_dir()?;
         let tracker_host = lab.public_host("trk", Some(1))?;
-        let receiver_host = lab.node_host("a", Place::Cone)?;
-        let sender_host = lab.node_host("b", Place::Cone)?;
+        let receiver_host = lab.node_host("a", case.receiver)?;
+        let sender_host = lab.node_host("b", case.sender)?;
         let dir = lab.dir.path().to_path_buf();
         let home = |name: &str| dir.join(name).display().to_string();
         let src = dir.join("src");
-        write_random(&src.join("big.bin"), 100 << 20, 11)?;
-        write_random(&src.join("tree/nested/deep/x.bin"), 123_457, 12)?;
-        write_random(&src.join("tree/ünïcødé 名前.txt"), 999, 13)?;
-        std::fs::write(src.join("tree/empty.txt"), b"")?;
-        std::fs::create_dir_all(src.join("tree/empty-dir"))?;
+        write_random(&src.join("big.bin"), case.big, 11)?;
+        if let Some(marker) = case.marker {
+            // The marker many times over, in the clear inside the file.
+            let mut data = std::fs::read(src.join("big.bin"))?;
+            for chunk in data.chunks_mut(64 * 1024) {
+                let n = marker.len().min(chunk.len());
+                chunk[..n].copy_from_slice(&marker.as_bytes()[..n]);
+            }
+            std::fs::write(src.join("big.bin"), data)?;
+        }
+        let mut paths = vec![src.join("big.bin").display().to_string()];
+        if case.tree {
+            write_random(&src.join("tree/nested/deep/x.bin"), 123_457, 12)?;
+            write_random(&src.join("tree/ünïcødé 名前.txt"), 999, 13)?;
+            std::fs::write(src.join("tree/empty.txt"), b"")?;
+            std::fs::create_dir_all(src.join("tree/empty-dir"))?;
+            paths.push(src.join("tree").display().to_string());
+        }
+        let files = if case.tree { 4 } else { 1 };
 
+        let capture = match case.marker {
+            Some(_) => Some(lab.capture_internet(&dir.join("internet.pcap"))?),
+            None => None,
+        };
         let tracker = lab.spawn(
             &tracker_host,
             &bins.join("qpeer-tracker"),
@@ -388,37 +420,142 @@ fn cone_x_cone_file_transfer() {
         receiver.stdout.wait_for(Duration::from_secs(5), |l| l.starts_with("[LISTENING] "))?;
 
         let start = Instant::now();
-        let mut sender = lab.spawn(
-            &sender_host,
-            &bins.join("qpeer"),
-            &[
-                "send".into(),
-                receiver_id,
-                src.join("big.bin").display().to_string(),
-                src.join("tree").display().to_string(),
-                "--home".into(),
-                home("b"),
-                "--tracker".into(),
-                tracker_addr,
-            ],
-        )?;
+        let mut args = vec!["send".to_string(), receiver_id];
+        args.extend(paths);
+        args.extend(["--home".into(), home("b"), "--tracker".into(), tracker_addr]);
+        let mut sender = lab.spawn(&sender_host, &bins.join("qpeer"), &args)?;
         let exit = sender.wait(Duration::from_secs(120))?;
-        eprintln!("cone x cone transfer: {:?}", start.elapsed());
+        eprintln!("{name}: {:?}", start.elapsed());
         let context = || {
             format!(
-                "sender stdout:\n{}\nsender stderr:\n{}\nreceiver:\n{}\n{}",
+                "sender stdout:\n{}\nsender stderr:\n{}\nreceiver:\n{}\n{}\ntracker:\n{}",
                 sender.stdout.text(),
                 sender.stderr.text(),
                 receiver.stdout.text(),
-                receiver.stderr.text()
+                receiver.stderr.text(),
+                tracker.stdout.text()
             )
         };
         ensure!(exit == 0, "send failed\n{}", context());
         let sent = sender.stdout.text();
-        ensure!(sent.contains("direct") && sent.contains("[SENT] 4 files"), "{}", context());
-        ensure!(receiver.stdout.text().matches("[RECEIVED] ").count() == 4, "{}", context());
+        let path = if case.relayed { " relayed via tracker rtt" } else { " direct " };
+        ensure!(
+            sent.lines().any(|l| l.starts_with("[PEER CONNECTED]") && l.contains(path)),
+            "wrong path\n{}",
+            context()
+        );
+        ensure!(sent.contains(&format!("[SENT] {files} files")), "{}", context());
+        ensure!(receiver.stdout.text().matches("[RECEIVED] ").count() == files, "{}", context());
         same_tree(&src.join("big.bin"), &out.join("big.bin"))?;
-        same_tree(&src.join("tree"), &out.join("tree"))?;
+        if case.tree {
+            same_tree(&src.join("tree"), &out.join("tree"))?;
+        }
+        if let (Some(capture), Some(marker)) = (capture, case.marker) {
+            let pcap = capture.finish()?;
+            ensure!(
+                pcap.len() as u64 > case.big as u64,
+                "the capture missed the transfer ({} bytes)",
+                pcap.len()
+            );
+            let found = pcap.windows(marker.len()).any(|w| w == marker.as_bytes());
+            ensure!(!found, "the marker appears in clear on the wire");
+            // The marker must be findable when present: search the plaintext file as a control.
+            let plain = std::fs::read(src.join("big.bin"))?;
+            ensure!(plain.windows(marker.len()).any(|w| w == marker.as_bytes()), "control search failed");
+        }
         Ok(())
+    });
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn cone_x_cone_file_transfer() {
+    transfer(TransferCase {
+        receiver: Place::Cone,
+        sender: Place::Cone,
+        big: 100 << 20,
+        tree: true,
+        relayed: false,
+        marker: None,
+    });
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn symmetric_x_cone_relayed_transfer() {
+    transfer(TransferCase {
+        receiver: Place::Symmetric,
+        sender: Place::Cone,
+        big: 20 << 20,
+        tree: false,
+        relayed: true,
+        marker: None,
+    });
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn cone_x_symmetric_relayed_transfer() {
+    transfer(TransferCase {
+        receiver: Place::Cone,
+        sender: Place::Symmetric,
+        big: 20 << 20,
+        tree: false,
+        relayed: true,
+        marker: None,
+    });
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn symmetric_x_symmetric_relayed_transfer() {
+    transfer(TransferCase {
+        receiver: Place::Symmetric,
+        sender: Place::Symmetric,
+        big: 20 << 20,
+        tree: false,
+        relayed: true,
+        marker: None,
+    });
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn symmetric_x_public_transfer_is_direct() {
+    transfer(TransferCase {
+        receiver: Place::Public,
+        sender: Place::Symmetric,
+        big: 20 << 20,
+        tree: false,
+        relayed: false,
+        marker: None,
+    });
+}
+
+const MARKER: &str = "QPEER-CAPTURE-MARKER-7f3a9c1e5b2d";
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn capture_shows_no_plaintext_on_a_direct_path() {
+    transfer(TransferCase {
+        receiver: Place::Cone,
+        sender: Place::Cone,
+        big: 4 << 20,
+        tree: false,
+        relayed: false,
+        marker: Some(MARKER),
+    });
+}
+
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn capture_shows_no_plaintext_on_a_relayed_path() {
+    transfer(TransferCase {
+        receiver: Place::Symmetric,
+        sender: Place::Cone,
+        big: 4 << 20,
+        tree: false,
+        relayed: true,
+        marker: Some(MARKER),
     });
 }
