@@ -13,8 +13,10 @@ use qpeer_tracker::{Limits, Tracker, TrackerConfig};
 /// The qpeer tracker: nodes register with it over mutual TLS (QUIC, ALPN qpeer-tracker/1).
 ///
 /// It tells each node the address it sees it at, keeps a directory of registered nodes, and
-/// introduces two nodes so that both punch a hole at the same moment. It never sees the
-/// traffic between nodes. On start it prints the `[TRACKER] ID@IP:PORT` string that nodes
+/// introduces two nodes so that both punch a hole at the same moment. When no hole can be
+/// punched it relays their packets, which stay end-to-end encrypted between the two nodes:
+/// the tracker can neither read nor alter them, and relays only between two nodes that both
+/// asked for it. On start it prints the `[TRACKER] ID@IP:PORT` string that nodes
 /// pass as `--tracker` (or QPEER_TRACKER).
 #[derive(Parser)]
 #[command(version, about, long_about)]
@@ -49,6 +51,12 @@ struct Cli {
     /// Most simultaneous connections from one source IP.
     #[arg(long, default_value_t = Limits::default().max_connections_per_ip)]
     max_connections_per_ip: usize,
+    /// Relay bytes per second one node may send through the tracker.
+    #[arg(long, default_value_t = Limits::default().relay_bytes_per_sec)]
+    relay_bytes_per_sec: u32,
+    /// Relay packets per second one node may send through the tracker.
+    #[arg(long, default_value_t = Limits::default().relay_packets_per_sec)]
+    relay_packets_per_sec: u32,
     /// Seconds without packets after which a node is dropped (nodes send keep-alives).
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
@@ -79,6 +87,8 @@ async fn main() -> Result<()> {
         introduction_burst: cli.introduction_burst,
         max_connections_per_ip: cli.max_connections_per_ip,
         idle_timeout: Duration::from_secs(cli.idle_timeout.max(1)),
+        relay_bytes_per_sec: cli.relay_bytes_per_sec,
+        relay_packets_per_sec: cli.relay_packets_per_sec,
         ..Limits::default()
     };
     let listen = cli.listen.unwrap_or_else(default_listen);
