@@ -171,6 +171,8 @@ struct Shared {
     accepted_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
     pending_incoming: Arc<tokio::sync::Semaphore>,
     relay: Arc<RelayHub>,
+    /// Successful registrations with the tracker so far (re-registrations included).
+    registrations: Arc<std::sync::atomic::AtomicU64>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     console: bool,
@@ -653,6 +655,7 @@ impl Node {
             accepted_rx: tokio::sync::Mutex::new(accepted_rx),
             pending_incoming: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_INCOMING)),
             relay: relay_hub,
+            registrations: Arc::default(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             console: config.console,
@@ -726,6 +729,11 @@ impl Node {
                 })
             }
         }
+    }
+
+    /// How many times the node has registered with the tracker (1 + re-registrations).
+    pub fn registrations(&self) -> u64 {
+        self.shared.registrations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Registered nodes, as the tracker lists them.
@@ -872,11 +880,14 @@ impl TrackerLink {
         let shared = self.shared.clone();
         let mut backoff = BACKOFF_START;
         let mut registrations = 0u64;
+        let counter = shared.registrations.clone();
         loop {
             match self.connect_once().await {
                 Ok((client, mut events, candidates)) => {
+                    let session_started = std::time::Instant::now();
                     backoff = BACKOFF_START;
                     registrations += 1;
+                    counter.store(registrations, std::sync::atomic::Ordering::Relaxed);
                     let client = Arc::new(client);
                     let observed = client.observed_addr();
                     // What the tracker hands to peers: the observed address and the candidates
@@ -926,6 +937,12 @@ impl TrackerLink {
                     shared.tracker.send_replace(TrackerState::Connecting {
                         last_error: Some(format!("tracker connection lost ({reason})")),
                     });
+                    // A connection that worked for a while was lost: try again at once, and
+                    // back off only if that fails (a connection dropped right after
+                    // registering backs off, so nothing spins).
+                    if session_started.elapsed() > Duration::from_secs(2) {
+                        continue;
+                    }
                 }
                 Err(fatal @ NodeError::TrackerIdMismatch(_)) => {
                     tracing::error!("{fatal}");

@@ -97,14 +97,14 @@ impl Lines {
     }
 
     fn collect(&self, reader: impl std::io::Read + Send + 'static) {
-        let lines = self.0.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).lines().map_while(Result::ok) {
-                if let Ok(mut lines) = lines.lock() {
-                    lines.push(line);
-                }
-            }
-        });
+        self.collect_from(reader);
+    }
+
+    /// Appends a line.
+    pub fn push(&self, line: String) {
+        if let Ok(mut lines) = self.0.lock() {
+            lines.push(line);
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! - Tests live in `tests/tests/`.
 
 pub mod lab;
+pub mod procs;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;

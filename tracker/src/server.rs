@@ -152,11 +152,20 @@ fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TrackerEr
     Ok(transport)
 }
 
-/// An endpoint whose stateless-reset key is derived from the identity, so that after a restart
-/// the tracker's resets are accepted and nodes notice at once that their old connection is gone.
+/// Endpoint settings that survive a restart: the stateless-reset key and the key that
+/// validates connection IDs both derive from the identity. A restarted process then
+/// recognizes its predecessor's connection IDs and answers their packets with resets the
+/// peers accept, so they notice at once that the old connection is gone.
 pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     let secret = identity.derive_secret(b"qpeer stateless reset key");
-    quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)))
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)));
+    let cid_secret = identity.derive_secret(b"qpeer connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid_secret[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }
 
 impl Tracker {

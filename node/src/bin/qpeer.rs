@@ -249,6 +249,13 @@ async fn run(cli: Cli) -> Result<()> {
             let result = send_plan(&node, peer, plan, mode).await;
             node.shutdown().await;
             let report = result?;
+            if report.sent_bytes < report.total_bytes {
+                println!(
+                    "[RESUMED] {} bytes were already at the receiver; {} bytes sent now",
+                    report.total_bytes - report.sent_bytes,
+                    report.sent_bytes
+                );
+            }
             println!(
                 "[SENT] {} files, {} bytes, {:.1} MiB/s",
                 report.files,

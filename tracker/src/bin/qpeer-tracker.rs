@@ -57,6 +57,12 @@ struct Cli {
     /// Relay packets per second one node may send through the tracker.
     #[arg(long, default_value_t = Limits::default().relay_packets_per_sec)]
     relay_packets_per_sec: u32,
+    /// Seconds a new connection has to register before it is closed.
+    #[arg(long, default_value_t = Limits::default().register_timeout.as_secs_f64())]
+    register_timeout: f64,
+    /// Seconds a control frame may take to arrive once its first byte has.
+    #[arg(long, default_value_t = Limits::default().partial_frame_timeout.as_secs_f64())]
+    frame_timeout: f64,
     /// Seconds without packets after which a node is dropped (nodes send keep-alives).
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
@@ -87,9 +93,10 @@ async fn main() -> Result<()> {
         introduction_burst: cli.introduction_burst,
         max_connections_per_ip: cli.max_connections_per_ip,
         idle_timeout: Duration::from_secs(cli.idle_timeout.max(1)),
+        register_timeout: Duration::from_secs_f64(cli.register_timeout.clamp(0.1, 3600.0)),
+        partial_frame_timeout: Duration::from_secs_f64(cli.frame_timeout.clamp(0.1, 3600.0)),
         relay_bytes_per_sec: cli.relay_bytes_per_sec,
         relay_packets_per_sec: cli.relay_packets_per_sec,
-        ..Limits::default()
     };
     let listen = cli.listen.unwrap_or_else(default_listen);
     let mut config = TrackerConfig::new(listen, identity);
