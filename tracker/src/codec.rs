@@ -168,6 +168,8 @@ mod tests {
                 kind,
                 message
             }),
+            any::<u64>().prop_map(|request_id| ServerFrame::RelayAccepted { request_id }),
+            (node_id(), any::<u32>()).prop_map(|(peer, link)| ServerFrame::RelayReady { peer, link }),
         ]
     }
 

@@ -205,7 +205,7 @@ impl Tracker {
         let addr = tracker.local_addr();
         console.line(format_args!("[LISTENING] Server is listening on {addr}"));
         console.line(format_args!("[TRACKER] {}", tracker.tracker_string()));
-        if addr.ip().is_unspecified() {
+        if addr.ip().is_unspecified() && !tracker.ca_mode {
             console.line(format_args!(
                 "[HINT] listening on every address: nodes use {}@<this machine's public IP>:{}",
                 tracker.node_id,

@@ -25,8 +25,6 @@ pub enum PathError {
     Duplicate(String),
     #[error("{path:?} is inside {parent:?}, which is offered as a file")]
     UnderFile { path: String, parent: String },
-    #[error("the offer sends both {0:?} and a file or directory above it in the wrong order")]
-    Order(String),
 }
 
 /// Validates one relative path and returns it as a relative [`PathBuf`] of normal components.

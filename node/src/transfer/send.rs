@@ -115,13 +115,20 @@ pub async fn send(
         entries: plan.entries.len() as u32,
         total_bytes: plan.total_bytes,
     };
-    write_frame(&mut control, &offer, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
-    for batch in entry_batches(&plan.entries) {
-        write_frame(&mut control, &ControlFrame::Entries(batch.to_vec()), MAX_FRAME_LEN)
-            .await
-            .map_err(|e| lost(conn, e))?;
+    let written = async {
+        write_frame(&mut control, &offer, MAX_FRAME_LEN).await?;
+        for batch in entry_batches(&plan.entries) {
+            write_frame(&mut control, &ControlFrame::Entries(batch.to_vec()), MAX_FRAME_LEN).await?;
+        }
+        write_frame(&mut control, &ControlFrame::OfferEnd, MAX_FRAME_LEN).await
+    };
+    if let Err(e) = written.await {
+        // A receiver that refuses right after the Offer stops reading: report its reason.
+        return match next::<ControlFrame>(conn, &mut replies, Duration::from_secs(5)).await {
+            Ok(ControlFrame::Reject { reason }) => Err(TransferError::Rejected(remote_text(&reason))),
+            _ => Err(lost(conn, e)),
+        };
     }
-    write_frame(&mut control, &ControlFrame::OfferEnd, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
     match next::<ControlFrame>(conn, &mut replies, DECISION_TIMEOUT).await? {
         ControlFrame::Accept => {}
         ControlFrame::Reject { reason } => return Err(TransferError::Rejected(remote_text(&reason))),

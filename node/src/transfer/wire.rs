@@ -6,8 +6,8 @@
 //!
 //! ```text
 //! control:  S→R Offer, Entries…, OfferEnd      R→S Accept | Reject
-//! per file: S→R FileHeader                     R→S FileStart{offset} | FileDone | FileRefused
-//!           S→R <size - offset raw bytes>, FIN R→S FileResult
+//! per file: S→R FileHeader                     R→S Start{offset} | AlreadyComplete | Refused
+//!           S→R <size - offset raw bytes>, FIN R→S Verified | HashMismatch | Failed
 //! control:  S→R Finish                         R→S Summary
 //! ```
 //!
