@@ -84,7 +84,8 @@ pub struct TrackerProc {
 impl TrackerProc {
     pub fn start(home: &Path, listen: &str, extra: &[&str]) -> Result<Self> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut args = vec!["--listen".to_string(), listen.into(), "--home".into(), home.display().to_string()];
+        let mut args =
+            vec!["--listen".to_string(), listen.into(), "--home".into(), home.display().to_string()];
         args.extend(extra.iter().cloned());
         let proc = Proc::start(&bin_dir()?.join("qpeer-tracker"), &args)?;
         let line = proc.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))?;

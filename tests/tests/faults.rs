@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use qpeer_node::Node;
 use qpeer_tests::lab::bin_dir;
 use qpeer_tests::procs::{Proc, TrackerProc};
@@ -157,5 +157,91 @@ fn a_receiver_vanishing_mid_transfer_fails_the_sender_in_time_and_the_next_send_
     ensure!(out.contains("[RESUMED]"), "the second send must resume: {out}");
     ensure!(std::fs::read(inbox.join("payload.bin"))? == std::fs::read(&file)?, "content differs");
     receiver.kill();
+    Ok(())
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        ensure!(status.success(), "mount tmpfs failed (the test needs root)");
+        Ok(Self(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) -> Result<()> {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()?;
+        ensure!(status.success(), "remount failed");
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs root (mounts a small tmpfs): run with --ignored, as .ci/run does"]
+async fn a_full_disk_keeps_the_part_file_and_the_send_resumes_once_space_is_freed() -> Result<()> {
+    use qpeer_node::progress::{Progress, ProgressMode};
+    use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
+    use qpeer_node::transfer::scan::scan;
+    use qpeer_node::transfer::send::send;
+    use qpeer_node::transfer::TransferError;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "8m")?;
+    let tracker = TrackerProc::start(&dir.path().join("trk"), "127.0.0.1:0", &[])?;
+    let sender = node_on(&tracker.tracker, &dir.path().join("s")).await?;
+    let receiver_node = node_on(&tracker.tracker, &dir.path().join("r")).await?;
+    let receiver = Receiver::new(ReceiveConfig {
+        out: Some(disk.0.clone()),
+        policy: AcceptPolicy::Only([sender.id()].into_iter().collect()),
+        console: false,
+    });
+    let accepting = receiver_node.accept_handle();
+    tokio::spawn(async move {
+        while let Some(conn) = accepting.accept().await {
+            tokio::spawn(receiver.clone().serve(conn));
+        }
+    });
+    let file = dir.path().join("big.bin");
+    let size = 16 << 20;
+    write_pattern(&file, size)?;
+    let send_once = || async {
+        let paths = vec![file.clone()];
+        let plan = tokio::task::spawn_blocking(move || scan(&paths)).await.expect("scan")?;
+        let conn = sender.connect(receiver_node.id()).await?;
+        send(&conn, plan, Arc::new(Progress::new(ProgressMode::Quiet, "t", size as u64))).await
+    };
+
+    match send_once().await {
+        Err(TransferError::FilesFailed { failures, .. }) => {
+            ensure!(failures[0].1.contains("disk is full"), "unclear: {failures:?}")
+        }
+        other => bail!("expected a disk-full failure, got {other:?}"),
+    }
+    let part = disk.0.join("big.bin.part");
+    let kept = std::fs::metadata(&part)?.len();
+    ensure!(kept > 0 && kept < size as u64, "the .part must hold what fit: {kept}");
+
+    disk.resize("64m")?;
+    let report = send_once().await?;
+    ensure!(report.sent_bytes <= size as u64 - kept, "resumed: sent {} with {kept} kept", report.sent_bytes);
+    ensure!(std::fs::read(disk.0.join("big.bin"))? == std::fs::read(&file)?, "content differs");
+    ensure!(!part.exists());
+    sender.shutdown().await;
+    receiver_node.shutdown().await;
     Ok(())
 }

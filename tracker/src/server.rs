@@ -354,7 +354,7 @@ async fn handle_incoming(
             .open_connection(remote.ip(), shared.limits.max_connections_per_ip)
             .then(|| IpSlot { shared: shared.clone(), ip: remote.ip() })
     };
-    let conn = match tokio::time::timeout(shared.limits.register_timeout, incoming).await {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "handshake failed: {e}");
@@ -711,6 +711,9 @@ impl Session {
         }
     }
 }
+
+/// Time allowed for a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Frames queued per node's relay stream; past this, packets are dropped (as UDP would).
 const RELAY_QUEUE: usize = 1024;

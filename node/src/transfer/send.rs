@@ -208,7 +208,19 @@ async fn send_file(
         if attempt == 0 {
             progress.add(offset);
         }
-        streamed += stream_file(conn, &mut send, file, offset, progress).await?;
+        match stream_file(conn, &mut send, file, offset, progress).await {
+            Ok(sent) => streamed += sent,
+            Err(e) => {
+                // A receiver that fails (disk full, permissions) stops our stream and says why
+                // on its reply half: prefer its reason to "stopped by peer".
+                return match next::<FileReply>(conn, &mut replies, Duration::from_secs(5)).await {
+                    Ok(FileReply::Failed { reason } | FileReply::Refused { reason }) => {
+                        Err(TransferError::Rejected(remote_text(&reason)))
+                    }
+                    _ => Err(e),
+                };
+            }
+        }
         let _ = send.finish();
         match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
             FileReply::Verified { blake3 } if blake3 == file.blake3 => return Ok(streamed),
