@@ -58,8 +58,8 @@ pub enum NodeError {
     Tracker { tracker: String, source: qpeer_tracker::ClientError },
     #[error(transparent)]
     TrackerIdMismatch(Box<TrackerMismatch>),
-    #[error("cannot use known_trackers file {}: {source}", path.display())]
-    KnownTrackers { path: PathBuf, source: std::io::Error },
+    #[error("cannot use {}: {source}", path.display())]
+    HomeFile { path: PathBuf, source: std::io::Error },
     #[error("not registered with the tracker after {timeout:?} (last attempt: {last_error})")]
     RegistrationTimeout { timeout: Duration, last_error: String },
     #[error("node {0} is not registered with the tracker")]
@@ -70,6 +70,17 @@ pub enum NodeError {
     Connection { peer: NodeId, source: quinn::ConnectionError },
     #[error("peer {peer}: {message}")]
     Peer { peer: NodeId, message: String },
+    #[error(
+        "this NodeId was registered again by another process (the tracker says: {detail}); \
+         this node stops instead of pushing it off in turn. Run one node per identity, and use \
+         the running one (qpeer send/ping/peers talk to it)"
+    )]
+    Replaced { detail: String },
+    #[error(
+        "a node is already running on {} (it holds {}/node.lock); use it, stop it, or pick another --home",
+        home.display(), home.display()
+    )]
+    HomeInUse { home: PathBuf },
     #[error("a node cannot connect to itself")]
     SelfConnect,
     #[error("the node is shut down")]

@@ -38,7 +38,7 @@ impl KnownTrackers {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(NodeError::KnownTrackers { path: self.path.clone(), source }),
+            Err(source) => return Err(NodeError::HomeFile { path: self.path.clone(), source }),
         };
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -64,7 +64,7 @@ impl KnownTrackers {
     /// Appends `host_port NODEID` (creating the file, mode 0600).
     pub fn remember(&self, host_port: &str, node_id: NodeId) -> Result<(), NodeError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let io_err = |source| NodeError::KnownTrackers { path: self.path.clone(), source };
+        let io_err = |source| NodeError::HomeFile { path: self.path.clone(), source };
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -49,6 +49,8 @@
 //! ```
 
 pub mod candidates;
+pub mod commands;
+pub mod control;
 pub mod error;
 pub mod known_trackers;
 pub mod node;

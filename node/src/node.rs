@@ -173,6 +173,10 @@ struct Shared {
     relay: Arc<RelayHub>,
     /// Successful registrations with the tracker so far (re-registrations included).
     registrations: Arc<std::sync::atomic::AtomicU64>,
+    /// The exclusive lock on the home, held while the node runs (released by the kernel if
+    /// the process dies, so a crash never leaves a stale lock).
+    home_lock: Mutex<Option<std::fs::File>>,
+    home: PathBuf,
     cancel: CancellationToken,
     tasks: TaskTracker,
     console: bool,
@@ -546,6 +550,26 @@ impl Shared {
     }
 }
 
+/// File in the home that a running node holds an exclusive lock on.
+pub const LOCK_FILE: &str = "node.lock";
+
+/// Takes the home's lock, or says which home is in use.
+fn lock_home(home: &std::path::Path) -> Result<std::fs::File, NodeError> {
+    qpeer_certs::home::ensure_home(home)?;
+    let path = home.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NodeError::HomeFile { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::HomeInUse { home: home.to_path_buf() }),
+        Err(std::fs::TryLockError::Error(source)) => Err(NodeError::HomeFile { path, source }),
+    }
+}
+
 /// True when a node without NAT (observed address among its own candidates).
 fn reachable(addrs: &PeerAddrs) -> bool {
     addrs.candidates.contains(&addrs.observed)
@@ -611,6 +635,7 @@ impl Node {
 
     async fn start(config: NodeBuilder) -> Result<Self, NodeError> {
         let home = qpeer_certs::resolve_home(config.home.as_deref())?;
+        let home_lock = lock_home(&home)?;
         let identity = match config.identity {
             Some(identity) => identity,
             None => Arc::new(Identity::load_or_create(&home)?),
@@ -656,6 +681,8 @@ impl Node {
             pending_incoming: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_INCOMING)),
             relay: relay_hub,
             registrations: Arc::default(),
+            home_lock: Mutex::new(Some(home_lock)),
+            home: home.clone(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             console: config.console,
@@ -727,6 +754,20 @@ impl Node {
                     timeout,
                     last_error: detail.unwrap_or_else(|| "no answer yet".into()),
                 })
+            }
+        }
+    }
+
+    /// Resolves when the node can no longer work: a fatal tracker error (wrong tracker
+    /// identity, or this NodeId registered by another process), with that error.
+    pub async fn failed(&self) -> NodeError {
+        let mut state = self.shared.tracker.subscribe();
+        loop {
+            if let TrackerState::Failed(e) = &*state.borrow_and_update() {
+                return clone_fatal(e);
+            }
+            if state.changed().await.is_err() {
+                return NodeError::Shutdown;
             }
         }
     }
@@ -821,6 +862,12 @@ impl Node {
         }
         shared.endpoint.close(close_code::SHUTDOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
+        lock(&shared.home_lock).take();
+    }
+
+    /// The home directory this node runs on (and holds the lock of).
+    pub fn home(&self) -> &std::path::Path {
+        &self.shared.home
     }
 }
 
@@ -833,6 +880,7 @@ impl Drop for Node {
 fn clone_fatal(error: &Arc<NodeError>) -> NodeError {
     match &**error {
         NodeError::TrackerIdMismatch(mismatch) => NodeError::TrackerIdMismatch(mismatch.clone()),
+        NodeError::Replaced { detail } => NodeError::Replaced { detail: detail.clone() },
         other => NodeError::Tracker {
             tracker: "registration".into(),
             source: ClientError::Protocol(other.to_string()),
@@ -932,6 +980,22 @@ impl TrackerLink {
                         }
                     };
                     shared.relay.clear_links();
+                    if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
+                        if close.error_code == qpeer_tracker::proto::close_code::REPLACED.into() {
+                            // Another process registered our NodeId; registering again would
+                            // push it off in turn, forever. Stop instead.
+                            let fatal = NodeError::Replaced {
+                                detail: qpeer_tracker::proto::printable(
+                                    &String::from_utf8_lossy(&close.reason),
+                                    200,
+                                ),
+                            };
+                            tracing::error!("{fatal}");
+                            shared.say(format_args!("[REPLACED] {fatal}"));
+                            shared.tracker.send_replace(TrackerState::Failed(Arc::new(fatal)));
+                            return;
+                        }
+                    }
                     let reason = describe_close(&reason);
                     tracing::warn!("tracker connection lost ({reason}); re-registering");
                     shared.tracker.send_replace(TrackerState::Connecting {

@@ -41,6 +41,9 @@ pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     last_line: Mutex<Instant>,
     started: Instant,
+    /// Told of progress about ten times a second (the control socket forwards it).
+    observer: Option<Box<dyn Fn(u64, u64) + Send + Sync>>,
+    last_observed: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Progress {
@@ -77,11 +80,49 @@ impl Progress {
             bar,
             last_line: Mutex::new(Instant::now()),
             started: Instant::now(),
+            observer: None,
+            last_observed: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Progress that prints nothing here and reports `(done, total)` to `observer` instead.
+    pub fn observed(
+        label: impl Into<String>,
+        total: u64,
+        observer: Box<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> Self {
+        let mut progress = Self::new(ProgressMode::Quiet, label, total);
+        progress.observer = Some(observer);
+        progress
+    }
+
+    /// Moves to an absolute position (for progress reported from elsewhere).
+    pub fn set_done(&self, done: u64) {
+        let current = self.done();
+        if done > current {
+            self.add(done - current);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     pub fn add(&self, bytes: u64) {
         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if let Some(observer) = &self.observer {
+            if let Ok(mut last) = self.last_observed.lock() {
+                if last.elapsed() >= Duration::from_millis(100) || done == self.total {
+                    *last = Instant::now();
+                    drop(last);
+                    observer(done, self.total);
+                }
+            }
+        }
         match self.mode {
             ProgressMode::Bar => {
                 if let Some(bar) = &self.bar {

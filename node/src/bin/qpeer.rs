@@ -5,17 +5,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use qpeer_certs::{resolve_home, Identity, NodeId};
 use std::sync::Arc;
 
+use qpeer_node::commands::{self, Stdout};
+use qpeer_node::control;
 use qpeer_node::progress::{mib, Progress, ProgressMode};
 use qpeer_node::transfer::receive::{read_allowlist, AcceptPolicy, ReceiveConfig, Receiver};
 use qpeer_node::transfer::scan::scan;
 use qpeer_node::transfer::send::send;
-use qpeer_node::Node;
+use qpeer_node::{Node, NodeError};
 use qpeer_tracker::TrackerAddr;
+use tokio_util::sync::CancellationToken;
 
 /// qpeer: direct, end-to-end encrypted QUIC connections between machines behind home NATs.
 ///
@@ -24,7 +27,13 @@ use qpeer_tracker::TrackerAddr;
 /// directly over mutually authenticated QUIC. A node's id is its Ed25519 public key, kept
 /// in its home directory (`--home` / QPEER_HOME, default ~/.local/share/qpeer).
 ///
-/// Exit codes: 0 success, 1 failure (the reason is printed on stderr), 2 bad usage.
+/// One node runs per home (it holds HOME/node.lock). While `qpeer listen` runs, `qpeer send`,
+/// `ping`, `peers` and `status` on the same home run inside it through its control socket
+/// (HOME/node.sock), so the identity never registers twice.
+///
+/// Exit codes: 0 success, 1 failure (the reason is printed on stderr), 2 bad usage,
+/// 3 `listen` stopped because the same NodeId registered from another process,
+/// 4 `status` found no node running.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -120,10 +129,22 @@ enum Command {
         #[arg(long, short = 'i', default_value_t = 1.0)]
         interval: f64,
     },
+    /// Show whether a node runs on this home: its NodeId, tracker, observed address, peers
+    /// with path and RTT, and transfers in progress. Exits 4 when no node runs.
+    Status {
+        /// Home directory (default: $QPEER_HOME, else ~/.local/share/qpeer).
+        #[arg(long, env = "QPEER_HOME")]
+        home: Option<PathBuf>,
+    },
     /// Run the whole thing locally: a tracker and two nodes on 127.0.0.1 with throwaway
     /// identities; alice sends bob a generated 64 MiB file, which bob verifies by BLAKE3.
     Demo,
 }
+
+/// Exit code: this node was replaced by the same NodeId registered elsewhere.
+const EXIT_REPLACED: u8 = 3;
+/// Exit code of `qpeer status` when no node runs on the home.
+const EXIT_NOT_RUNNING: u8 = 4;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -135,7 +156,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -143,7 +164,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn start(opts: &NodeOpts, console: bool) -> Result<Node> {
+fn builder(opts: &NodeOpts, console: bool) -> qpeer_node::NodeBuilder {
     let mut builder = Node::builder().bind_addr(opts.bind).console(console).relay_only(opts.relay_only);
     if let Some(home) = &opts.home {
         builder = builder.home(home);
@@ -157,7 +178,10 @@ async fn start(opts: &NodeOpts, console: bool) -> Result<Node> {
     if let Some(name) = &opts.name {
         builder = builder.name(name);
     }
-    let node = builder.bind().await?;
+    builder
+}
+
+async fn register(node: Node, opts: &NodeOpts) -> Result<Node> {
     if let Err(e) = node.registered(Duration::from_secs(opts.register_timeout)).await {
         node.shutdown().await;
         return Err(e).context("cannot register with the tracker");
@@ -165,16 +189,54 @@ async fn start(opts: &NodeOpts, console: bool) -> Result<Node> {
     Ok(node)
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// Runs a command in a node of its own, or, when a node already runs on this home, inside
+/// that node through its control socket (one identity, one running node).
+async fn one_shot(
+    opts: &NodeOpts,
+    console: bool,
+    mode: ProgressMode,
+    command: control::Command,
+) -> Result<ExitCode> {
+    match builder(opts, console).bind().await {
+        Ok(node) => {
+            let node = register(node, opts).await?;
+            let out = Stdout { mode };
+            let result = match command {
+                control::Command::Ping { peer, count, interval_ms } => {
+                    commands::ping(&node, peer, count, Duration::from_millis(interval_ms), &out).await
+                }
+                control::Command::Peers => commands::peers(&node, &out).await,
+                control::Command::Send { peer, paths, quiet } => {
+                    commands::send_files(&node, peer, paths, quiet, &out).await
+                }
+                control::Command::Status => Ok(()),
+            };
+            node.shutdown().await;
+            result.map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(NodeError::HomeInUse { home }) => match control::call(&home, command, mode).await? {
+            Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+            None => bail!(
+                "a qpeer command is already running on {} and it does not serve a control socket \
+                 (only `qpeer listen` does); wait for it to finish",
+                home.display()
+            ),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Id { node } => {
             let home = resolve_home(node.home.as_deref())?;
             let identity = Identity::load_or_create(&home)?;
             println!("{}", identity.node_id());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Listen { node, out, accept_any, accept_from } => {
-            let home = resolve_home(node.home.as_deref())?;
+        Command::Listen { node: opts, out, accept_any, accept_from } => {
+            let home = resolve_home(opts.home.as_deref())?;
             let policy = if accept_any {
                 AcceptPolicy::Any
             } else {
@@ -192,8 +254,16 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(out) = &out {
                 std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
             }
-            let node = start(&node, true).await?;
+            let node = Arc::new(register(builder(&opts, true).bind().await?, &opts).await?);
             let receiver = Receiver::new(ReceiveConfig { out: out.clone(), policy, console: true });
+            let cancel = CancellationToken::new();
+            let tracker = opts.tracker.as_ref().map(ToString::to_string).unwrap_or_default();
+            let transfers: control::TransferList = {
+                let receiver = receiver.clone();
+                Arc::new(move || receiver.active())
+            };
+            let control_server =
+                tokio::spawn(control::serve(node.clone(), tracker, transfers, cancel.clone()));
             match &out {
                 Some(out) => println!(
                     "[LISTENING] node {} on {}; receiving into {}; Ctrl-C to stop",
@@ -210,61 +280,50 @@ async fn run(cli: Cli) -> Result<()> {
                     while serving.try_join_next().is_some() {}
                 }
             };
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = accept => {}
-            }
+            let failure = tokio::select! {
+                _ = shutdown_signal() => None,
+                _ = accept => None,
+                failure = node.failed() => Some(failure),
+            };
+            cancel.cancel();
+            let _ = control_server.await;
             node.shutdown().await;
-            Ok(())
-        }
-        Command::Peers { node } => {
-            let node = start(&node, false).await?;
-            let listed = node.list_peers().await;
-            node.shutdown().await;
-            for peer in listed? {
-                let name = peer
-                    .name
-                    .as_deref()
-                    .map(|n| qpeer_tracker::proto::printable(n, 64))
-                    .unwrap_or("-".into());
-                println!("{} {name} registered_at={}", peer.node_id, peer.registered_at);
+            match failure {
+                Some(e @ NodeError::Replaced { .. }) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::from(EXIT_REPLACED))
+                }
+                Some(e) => Err(e.into()),
+                None => Ok(ExitCode::SUCCESS),
             }
-            Ok(())
         }
+        Command::Peers { node } => one_shot(&node, false, ProgressMode::Quiet, control::Command::Peers).await,
         Command::Ping { node, peer, count, interval } => {
-            let node = start(&node, true).await?;
-            let result = ping(&node, peer, count, Duration::from_secs_f64(interval.max(0.0))).await;
-            node.shutdown().await;
-            result
+            let interval_ms = (interval.max(0.0) * 1000.0) as u64;
+            one_shot(&node, true, ProgressMode::Quiet, control::Command::Ping { peer, count, interval_ms })
+                .await
         }
         Command::Send { node, peer, paths, quiet } => {
             let mode = ProgressMode::detect(quiet);
-            let plan = tokio::task::spawn_blocking(move || scan(&paths)).await??;
-            for (path, reason) in &plan.skipped {
-                if mode != ProgressMode::Quiet {
-                    println!("[SKIPPED] {}: {reason}", path.display());
+            // The running node may have another working directory: send absolute paths.
+            let paths = paths
+                .iter()
+                .map(|p| std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display())))
+                .collect::<Result<Vec<_>>>()?;
+            one_shot(&node, mode != ProgressMode::Quiet, mode, control::Command::Send { peer, paths, quiet })
+                .await
+        }
+        Command::Status { home } => {
+            let home = resolve_home(home.as_deref())?;
+            match control::call(&home, control::Command::Status, ProgressMode::Quiet).await? {
+                Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+                None => {
+                    println!("node:     not running on {}", home.display());
+                    Ok(ExitCode::from(EXIT_NOT_RUNNING))
                 }
             }
-            let node = start(&node, mode != ProgressMode::Quiet).await?;
-            let result = send_plan(&node, peer, plan, mode).await;
-            node.shutdown().await;
-            let report = result?;
-            if report.sent_bytes < report.total_bytes {
-                println!(
-                    "[RESUMED] {} bytes were already at the receiver; {} bytes sent now",
-                    report.total_bytes - report.sent_bytes,
-                    report.sent_bytes
-                );
-            }
-            println!(
-                "[SENT] {} files, {} bytes, {:.1} MiB/s",
-                report.files,
-                report.total_bytes,
-                mib(report.sent_bytes) / report.elapsed.as_secs_f64().max(1e-9)
-            );
-            Ok(())
         }
-        Command::Demo => demo().await,
+        Command::Demo => demo().await.map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -377,54 +436,6 @@ async fn demo() -> Result<()> {
         sent_hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     Ok(())
-}
-
-/// Connects to `peer` and sends `plan` with progress shown per `mode`.
-async fn send_plan(
-    node: &Node,
-    peer: NodeId,
-    plan: qpeer_node::transfer::scan::Plan,
-    mode: ProgressMode,
-) -> Result<qpeer_node::transfer::send::SendReport> {
-    let conn = node.connect(peer).await?;
-    let progress = Arc::new(Progress::new(mode, format!("to {}", peer.short()), plan.total_bytes));
-    let result = send(&conn, plan, progress.clone()).await;
-    progress.finish();
-    conn.close(qpeer_node::peer::close_code::NORMAL, "transfer done");
-    Ok(result?)
-}
-
-async fn ping(node: &Node, peer: NodeId, count: u32, interval: Duration) -> Result<()> {
-    let conn = node.connect(peer).await?;
-    println!("PING {peer}: {}", conn.path());
-    let mut rtts = Vec::new();
-    for seq in 1..=u64::from(count) {
-        if seq > 1 {
-            tokio::time::sleep(interval).await;
-        }
-        match tokio::time::timeout(Duration::from_secs(5), conn.ping(seq)).await {
-            Ok(Ok(rtt)) => {
-                println!("reply from {} seq={seq} path={} rtt={:.2} ms", peer.short(), conn.path(), ms(rtt));
-                rtts.push(rtt);
-            }
-            Ok(Err(e)) => println!("seq={seq} failed: {e}"),
-            Err(_) => println!("seq={seq} timed out"),
-        }
-    }
-    let received = rtts.len();
-    print!("--- {peer}: {count} sent, {received} received");
-    if let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) {
-        let avg = rtts.iter().sum::<Duration>() / received as u32;
-        print!(", rtt min/avg/max = {:.2}/{:.2}/{:.2} ms", ms(*min), ms(avg), ms(*max));
-    }
-    println!();
-    conn.close(qpeer_node::peer::close_code::NORMAL, "ping done");
-    anyhow::ensure!(received > 0, "no ping reply from {peer}");
-    Ok(())
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 async fn shutdown_signal() {

@@ -97,6 +97,23 @@ impl Receiver {
         Arc::new(Self { config, sessions: Mutex::default(), busy: Mutex::default() })
     }
 
+    /// One line per transfer being received, for `qpeer status`.
+    pub fn active(&self) -> Vec<String> {
+        lock(&self.sessions)
+            .values()
+            .map(|s| {
+                let (files, bytes) = *lock(&s.verified);
+                let total: u64 = s.files.iter().map(|f| f.1).sum();
+                format!(
+                    "receiving from {}: {files}/{} files verified, {bytes}/{total} bytes, into {}",
+                    s.peer,
+                    s.files.len(),
+                    s.out.display()
+                )
+            })
+            .collect()
+    }
+
     fn say(&self, line: String) {
         if self.config.console {
             println!("{line}");

@@ -1,0 +1,257 @@
+//! The local control socket: a running node serves `HOME/node.sock` (mode 0600), and
+//! `qpeer send`/`ping`/`peers`/`status` run through it instead of starting a second node
+//! with the same identity. Frames are the shared length-prefixed bincode codec.
+//!
+//! A client sends one [`Request`]; the node answers with [`Event`]s (output lines, progress)
+//! and ends with [`Event::Done`] carrying the exit code.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qpeer_certs::NodeId;
+use qpeer_tracker::codec::{decode_body, encode_frame, CodecError};
+use qpeer_tracker::proto::MAX_FRAME_LEN;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{self, Output};
+use crate::progress::{Progress, ProgressMode};
+use crate::Node;
+
+/// Version of the control protocol; a mismatch is refused with a message.
+pub const CONTROL_VERSION: u16 = 1;
+/// The socket's file name in the home.
+pub const SOCKET_FILE: &str = "node.sock";
+
+/// What a client asks the running node to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Ping { peer: NodeId, count: u32, interval_ms: u64 },
+    Peers,
+    Send { peer: NodeId, paths: Vec<PathBuf>, quiet: bool },
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub version: u16,
+    pub command: Command,
+}
+
+/// What the node sends back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Line(String),
+    Progress {
+        label: String,
+        done: u64,
+        total: u64,
+    },
+    /// The command ended: exit code and, on failure, the message for stderr.
+    Done {
+        code: i32,
+        error: Option<String>,
+    },
+}
+
+/// A control-socket failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("control socket: {0}")]
+    Codec(#[from] CodecError),
+    #[error("the running node closed the control connection before the command finished")]
+    Closed,
+}
+
+async fn write_msg<T: Serialize>(stream: &mut UnixStream, message: &T) -> std::io::Result<()> {
+    let frame = encode_frame(message, MAX_FRAME_LEN).map_err(std::io::Error::other)?;
+    stream.write_all(&frame).await
+}
+
+async fn read_msg<T: serde::de::DeserializeOwned>(
+    stream: &mut UnixStream,
+) -> Result<Option<T>, ControlError> {
+    let mut header = [0u8; 4];
+    match stream.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(source) => return Err(ControlError::Io { path: PathBuf::from(SOCKET_FILE), source }),
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(CodecError::TooLarge { len, max: MAX_FRAME_LEN }.into());
+    }
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|source| ControlError::Io { path: PathBuf::from(SOCKET_FILE), source })?;
+    Ok(Some(decode_body(&body)?))
+}
+
+/// Output that travels back to the client.
+struct Remote {
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Output for Remote {
+    fn line(&self, text: &str) {
+        let _ = self.events.send(Event::Line(text.to_string()));
+    }
+
+    fn progress(&self, label: &str, total: u64) -> Arc<Progress> {
+        let events = self.events.clone();
+        let label_owned = label.to_string();
+        Arc::new(Progress::observed(
+            label,
+            total,
+            Box::new(move |done, total| {
+                let _ = events.send(Event::Progress { label: label_owned.clone(), done, total });
+            }),
+        ))
+    }
+}
+
+/// Transfers this node is serving, for `status` (filled by the listener).
+pub type TransferList = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// Serves the control socket in `home` until `cancel`. Only the owner can connect (0600 in a
+/// 0700 home). A leftover socket file is replaced: we hold the home lock, so no node is
+/// serving it.
+pub async fn serve(
+    node: Arc<Node>,
+    tracker: String,
+    transfers: TransferList,
+    cancel: CancellationToken,
+) -> Result<(), ControlError> {
+    let path = node.home().join(SOCKET_FILE);
+    let io = |source| ControlError::Io { path: path.clone(), source };
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!("removed a stale control socket {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(&path).map_err(io)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
+    let clients = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let node = node.clone();
+        let tracker = tracker.clone();
+        let transfers = transfers.clone();
+        let cancel = cancel.clone();
+        clients.spawn(async move {
+            tokio::select! {
+                _ = serve_client(stream, &node, &tracker, &transfers) => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+    clients.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), clients.wait()).await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn serve_client(mut stream: UnixStream, node: &Node, tracker: &str, transfers: &TransferList) {
+    let request = match read_msg::<Request>(&mut stream).await {
+        Ok(Some(request)) => request,
+        _ => return,
+    };
+    if request.version != CONTROL_VERSION {
+        let error = format!(
+            "the running node speaks control protocol {CONTROL_VERSION}, this qpeer {}; use the same qpeer version",
+            request.version
+        );
+        let _ = write_msg(&mut stream, &Event::Done { code: 1, error: Some(error) }).await;
+        return;
+    }
+    let (events, mut queue) = mpsc::unbounded_channel();
+    let out = Remote { events };
+    let run = async {
+        let result = match request.command {
+            Command::Ping { peer, count, interval_ms } => {
+                commands::ping(node, peer, count, Duration::from_millis(interval_ms), &out).await
+            }
+            Command::Peers => commands::peers(node, &out).await,
+            Command::Send { peer, paths, quiet } => {
+                commands::send_files(node, peer, paths, quiet, &out).await
+            }
+            Command::Status => {
+                commands::status(node, tracker, &transfers(), &out);
+                Ok(())
+            }
+        };
+        let done = match result {
+            Ok(()) => Event::Done { code: 0, error: None },
+            Err(error) => Event::Done { code: 1, error: Some(error) },
+        };
+        let _ = out.events.send(done);
+        drop(out);
+    };
+    let forward = async {
+        while let Some(event) = queue.recv().await {
+            if write_msg(&mut stream, &event).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(run, forward);
+}
+
+/// Runs `command` on the node serving `home`, printing its output here as if it ran here.
+/// Returns the exit code. `Ok(None)`: no node answers on that socket.
+pub async fn call(home: &Path, command: Command, mode: ProgressMode) -> Result<Option<i32>, ControlError> {
+    let path = home.join(SOCKET_FILE);
+    let mut stream = match UnixStream::connect(&path).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+        {
+            return Ok(None)
+        }
+        Err(source) => return Err(ControlError::Io { path, source }),
+    };
+    write_msg(&mut stream, &Request { version: CONTROL_VERSION, command })
+        .await
+        .map_err(|source| ControlError::Io { path: path.clone(), source })?;
+    let progress: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
+    loop {
+        let Some(event) = read_msg::<Event>(&mut stream).await? else {
+            return Err(ControlError::Closed);
+        };
+        match event {
+            Event::Line(line) => {
+                let bar = progress.lock().ok().and_then(|p| p.clone());
+                match bar {
+                    Some(bar) => bar.say(&line),
+                    None => println!("{line}"),
+                }
+            }
+            Event::Progress { label, done, total } => {
+                let mut slot = progress.lock().unwrap_or_else(|p| p.into_inner());
+                let bar = slot.get_or_insert_with(|| Arc::new(Progress::new(mode, label, total)));
+                bar.set_done(done);
+            }
+            Event::Done { code, error } => {
+                if let Some(bar) = progress.lock().ok().and_then(|p| p.clone()) {
+                    bar.finish();
+                }
+                if let Some(error) = error {
+                    eprintln!("error: {error}");
+                }
+                return Ok(Some(code));
+            }
+        }
+    }
+}
