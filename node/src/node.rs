@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::candidates::{dial_targets, local_candidates};
 use crate::error::{Attempt, NodeError, TrackerMismatch};
 use crate::known_trackers::KnownTrackers;
-use crate::peer::{answer_pings, close_code, describe_close, PeerConnection, StreamKind, ALPN};
+use crate::peer::{answer_pings, close_code, describe_close, Path, PeerConnection, StreamKind, ALPN};
 use crate::relay::{self, RelayHub, RelaySocket};
 
 /// Default time allowed for punching a direct path.
@@ -474,12 +474,17 @@ impl Shared {
             let _ = puncher.await;
             return;
         }
-        // We are the dialer. A connection selected within the punch window already answers
-        // this introduction (both sides asked at once); otherwise dial.
+        // We are the dialer. A connection selected within the punch window, to the socket the
+        // peer registered from, already answers this introduction (both sides asked at once).
+        // A connection to another socket belongs to an earlier process of that peer: dial.
         let lock = self.dial_lock(peer);
         let _guard = lock.lock().await;
         if let Some(existing) = self.live_peer(&peer) {
-            if existing.established().elapsed() < self.punch_timeout {
+            let same_socket = match existing.path() {
+                Path::Direct(addr) => dial_targets(&intro.addrs).contains(&addr),
+                Path::Relayed => true,
+            };
+            if same_socket && existing.established().elapsed() < self.punch_timeout {
                 return;
             }
         }

@@ -1,6 +1,10 @@
-//! qpeer benchmarks: real binaries on loopback, one JSON line per figure.
+//! qpeer benchmarks on loopback, one JSON line per figure (docs/PERFORMANCE.md).
 //!
-//! `cargo build --release --bins && cargo run --release -p qpeer-tests --bin qpeer-bench -- transfer-rss`
+//! ```text
+//! cargo build --release --bins
+//! cargo run --release -p qpeer-tests --bin qpeer-bench -- <transfer|relay|connect|tracker|transfer-rss|all> [--smoke]
+//! ```
+//! `--smoke` runs each scenario small, for CI: it checks that they work, not how fast.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,25 +14,58 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qpeer_tests::lab::bin_dir;
+use qpeer_tracker::TrackerClient;
 
 fn usage() -> ! {
-    eprintln!("usage: qpeer-bench transfer-rss [--gib N]");
+    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|all> [--smoke] [--gib N] [--nodes N,N,...]");
     std::process::exit(2)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| usage());
-    let mut gib: u64 = 2;
+    let mut smoke = false;
+    let mut gib: Option<u64> = None;
+    let mut nodes: Option<Vec<usize>> = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--gib" => gib = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--smoke" => smoke = true,
+            "--gib" => gib = Some(args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
+            "--nodes" => {
+                nodes = Some(
+                    args.next()
+                        .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+                        .unwrap_or_else(|| usage()),
+                )
+            }
             _ => usage(),
         }
     }
-    match scenario.as_str() {
-        "transfer-rss" => transfer_rss(gib),
-        _ => usage(),
+    let mib =
+        |default_gib: u64, smoke_mib: u64| if smoke { smoke_mib } else { gib.unwrap_or(default_gib) << 10 };
+    let levels = nodes.unwrap_or_else(|| if smoke { vec![200] } else { vec![1_000, 10_000, 100_000] });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let run = |name: &str| -> Result<()> {
+        match name {
+            "transfer" => runtime.block_on(transfer(mib(1, 16), false)),
+            "relay" => runtime.block_on(transfer(mib(1, 16), true)),
+            "connect" => runtime.block_on(connect(if smoke { 20 } else { 200 })),
+            "tracker" => runtime.block_on(tracker(&levels)),
+            "transfer-rss" => transfer_rss(mib(2, 16)),
+            _ => usage(),
+        }
+    };
+    if scenario == "all" {
+        for name in ["transfer", "relay", "connect", "tracker", "transfer-rss"] {
+            run(name)?;
+        }
+        Ok(())
+    } else {
+        run(&scenario)
     }
 }
 
@@ -82,6 +119,9 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn write_random(path: &Path, bytes: u64) -> Result<()> {
+    if std::fs::metadata(path).map(|m| m.len()).ok() == Some(bytes) {
+        return Ok(());
+    }
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -101,12 +141,12 @@ fn write_random(path: &Path, bytes: u64) -> Result<()> {
 
 /// Sends an N GiB file between two `qpeer` processes on loopback and reports both sides'
 /// peak RSS and the throughput of the whole `qpeer send` command.
-fn transfer_rss(gib: u64) -> Result<()> {
+fn transfer_rss(mib: u64) -> Result<()> {
     let bins = bin_dir()?;
     let dir = tempfile::tempdir()?;
     let home = |name: &str| dir.path().join(name).display().to_string();
     let file = dir.path().join("payload.bin");
-    let bytes = gib << 30;
+    let bytes = mib << 20;
     write_random(&file, bytes)?;
 
     let (_tracker, tracker_out) = start(
@@ -161,8 +201,280 @@ fn transfer_rss(gib: u64) -> Result<()> {
     }
     println!(
         "{{\"scenario\":\"transfer-rss\",\"cores\":{},\"bytes\":{bytes},\"seconds\":{seconds:.2},\"mib_per_s\":{:.1},\"sender_peak_rss_kib\":{sender_peak},\"receiver_peak_rss_kib\":{receiver_peak}}}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cores(),
         (bytes as f64 / 1048576.0) / seconds,
     );
     Ok(())
+}
+
+/// Sends `mib` MiB with the real binaries (direct, and through the relay when `relay`), and
+/// in the same run a raw quinn bulk stream, and prints the ratios.
+async fn transfer(mib: u64, relay: bool) -> Result<()> {
+    let bins = bin_dir()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("payload.bin");
+    let bytes = mib << 20;
+    write_random(&file, bytes)?;
+    let raw = raw_quinn(bytes).await?;
+    let direct = qpeer_send(&bins, dir.path(), &file, false)?;
+    if relay {
+        let relayed = qpeer_send(&bins, dir.path(), &file, true)?;
+        println!(
+            "{{\"scenario\":\"relay\",\"cores\":{},\"bytes\":{bytes},\"direct_mib_s\":{direct:.1},\"relayed_mib_s\":{relayed:.1},\"ratio\":{:.3}}}",
+            cores(),
+            relayed / direct
+        );
+    } else {
+        println!(
+            "{{\"scenario\":\"transfer\",\"cores\":{},\"bytes\":{bytes},\"qpeer_mib_s\":{direct:.1},\"raw_quinn_mib_s\":{raw:.1},\"ratio\":{:.3}}}",
+            cores(),
+            direct / raw
+        );
+    }
+    Ok(())
+}
+
+/// Whole `qpeer send` command (start, register, connect, hash, transfer, verify), MiB/s.
+fn qpeer_send(bins: &Path, dir: &Path, file: &Path, relay: bool) -> Result<f64> {
+    let run = tempfile::tempdir_in(dir)?;
+    let home = |name: &str| run.path().join(name).display().to_string();
+    let (_tracker, tracker_out) = start(
+        &bins.join("qpeer-tracker"),
+        &["--listen".into(), "127.0.0.1:0".into(), "--home".into(), home("trk")],
+    )?;
+    let tracker = wait_line(&tracker_out, "[TRACKER] ")?.trim_start_matches("[TRACKER] ").to_string();
+    let sender_id = String::from_utf8(
+        Command::new(bins.join("qpeer")).args(["id", "--home", &home("s")]).output()?.stdout,
+    )?
+    .lines()
+    .last()
+    .context("no id")?
+    .to_string();
+    let common = |name: &str| {
+        vec![
+            "--home".to_string(),
+            home(name),
+            "--tracker".into(),
+            tracker.clone(),
+            "--bind".into(),
+            "127.0.0.1:0".into(),
+        ]
+    };
+    let mut listen_args =
+        vec!["listen".to_string(), "--out".into(), home("inbox"), "--accept-from".into(), sender_id];
+    listen_args.extend(common("r"));
+    let (_receiver, receiver_out) = start(&bins.join("qpeer"), &listen_args)?;
+    let registered = wait_line(&receiver_out, "[REGISTERED] ")?;
+    let receiver_id = registered.rsplit(' ').next().context("no id")?.to_string();
+    let mut send_args = vec!["send".to_string(), receiver_id, file.display().to_string(), "--quiet".into()];
+    send_args.extend(common("s"));
+    if relay {
+        send_args.push("--relay-only".into());
+    }
+    let started = Instant::now();
+    let status = Command::new(bins.join("qpeer")).args(&send_args).stdout(Stdio::null()).status()?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("qpeer send failed ({status})");
+    }
+    let bytes = std::fs::metadata(file)?.len();
+    Ok(bytes as f64 / 1048576.0 / seconds)
+}
+
+/// A minimal raw quinn bulk stream on loopback with qpeer's crypto provider: MiB/s from the
+/// start of the handshake to the receiver's acknowledgement of the last byte.
+async fn raw_quinn(bytes: u64) -> Result<f64> {
+    let server_id = qpeer_certs::Identity::generate()?;
+    let client_id = qpeer_certs::Identity::generate()?;
+    let server = quinn::Endpoint::server(
+        qpeer_certs::server_config(&server_id, &[b"bench"])?,
+        "127.0.0.1:0".parse()?,
+    )?;
+    let addr = server.local_addr()?;
+    let sink = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut total = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            total += chunk.bytes.len() as u64;
+        }
+        send.write_all(&[1]).await?;
+        send.finish()?;
+        let _ = conn.closed().await;
+        anyhow::Ok(total)
+    });
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let config = qpeer_certs::client_config(
+        &client_id,
+        &qpeer_certs::ServerTrust::Pinned(server_id.node_id()),
+        &[b"bench"],
+    )?;
+    let started = Instant::now();
+    let conn = client.connect_with(config, addr, "qpeer")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let block = bytes::Bytes::from(vec![0u8; 1 << 20]);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        send.write_chunk(block.slice(..n)).await?;
+        left -= n as u64;
+    }
+    send.finish()?;
+    let mut ack = [0u8; 1];
+    recv.read_exact(&mut ack).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    conn.close(0u32.into(), b"done");
+    let received = sink.await??;
+    if received != bytes {
+        bail!("raw quinn delivered {received} of {bytes} bytes");
+    }
+    Ok(bytes as f64 / 1048576.0 / seconds)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+/// Time from the introduction request to a usable connection, `rounds` times.
+async fn connect(rounds: usize) -> Result<()> {
+    let tracker = qpeer_tests::TestTracker::start_with(qpeer_tracker::Limits {
+        introductions_per_sec: 10_000,
+        introduction_burst: 10_000,
+        ..qpeer_tracker::Limits::default()
+    })?;
+    let a = qpeer_tests::node(&tracker).await?;
+    let b = qpeer_tests::node(&tracker).await?;
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let conn = a.connect(b.id()).await?;
+        conn.ping(1).await?;
+        times.push(started.elapsed());
+        conn.close(0, "next round");
+        // Wait until both sides dropped it, so the next round connects afresh.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (!a.peers().is_empty() || !b.peers().is_empty()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    times.sort();
+    println!(
+        "{{\"scenario\":\"connect\",\"cores\":{},\"rounds\":{rounds},\"p50_ms\":{:.2},\"p99_ms\":{:.2}}}",
+        cores(),
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
+
+/// N simulated nodes register with a real tracker process and stay registered.
+async fn tracker(levels: &[usize]) -> Result<()> {
+    use qpeer_tracker::client::RegisterInfo;
+    let bins = bin_dir()?;
+    let dir = tempfile::tempdir()?;
+    let max = levels.iter().copied().max().unwrap_or(0);
+    let (tracker, tracker_out) = start(
+        &bins.join("qpeer-tracker"),
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--home".into(),
+            dir.path().join("trk").display().to_string(),
+            "--max-nodes".into(),
+            (max + 10).to_string(),
+            "--max-connections-per-ip".into(),
+            (max + 10).to_string(),
+            "--introductions-per-sec".into(),
+            "100000".into(),
+            "--introduction-burst".into(),
+            "100000".into(),
+        ],
+    )?;
+    let line = wait_line(&tracker_out, "[TRACKER] ")?;
+    let tracker_addr: qpeer_tracker::TrackerAddr = line.trim_start_matches("[TRACKER] ").parse()?;
+    let addr: std::net::SocketAddr = format!("{}:{}", tracker_addr.host, tracker_addr.port).parse()?;
+    let trust = qpeer_certs::ServerTrust::Pinned(tracker_addr.node_id.context("pinned")?);
+    let pid = tracker.0.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let base_rss = rss_kib(pid).context("tracker RSS")?;
+    // A few client endpoints carry all simulated nodes.
+    let endpoints: Vec<quinn::Endpoint> = (0..4)
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .collect::<Result<_, _>>()?;
+    let mut clients: Vec<TrackerClient> = Vec::new();
+    let mut ids: Vec<qpeer_certs::NodeId> = Vec::new();
+    let mut introducers = Vec::new();
+    for &level in levels {
+        let want = level - clients.len();
+        let identities: Vec<qpeer_certs::Identity> =
+            (0..want).map(|_| qpeer_certs::Identity::generate()).collect::<Result<_, _>>()?;
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, identity) in identities.into_iter().enumerate() {
+            let endpoint = endpoints[i % endpoints.len()].clone();
+            let trust = trust.clone();
+            let permit = permits.clone().acquire_owned().await?;
+            tasks.spawn(async move {
+                let _permit = permit;
+                let (client, events) = TrackerClient::connect(
+                    &endpoint,
+                    &identity,
+                    addr,
+                    "qpeer",
+                    &trust,
+                    RegisterInfo::default(),
+                )
+                .await?;
+                anyhow::Ok((client, events, identity.node_id()))
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (client, events, id) = joined??;
+            clients.push(client);
+            introducers.push(events);
+            ids.push(id);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = rss_kib(pid).context("tracker RSS")?;
+        // Introductions under this load: between two registered simulated nodes.
+        let mut times = Vec::new();
+        for i in 0..200 {
+            let (from, to) = (i % clients.len(), (i * 7919 + 1) % clients.len());
+            if from == to {
+                continue;
+            }
+            let (from, to) = (&clients[from], ids[to]);
+            let started = Instant::now();
+            from.introduce(to).await?;
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!(
+            "{{\"scenario\":\"tracker\",\"cores\":{},\"nodes\":{},\"registrations_per_s\":{:.0},\"tracker_rss_kib\":{rss},\"tracker_base_rss_kib\":{base_rss},\"rss_per_node_kib\":{:.2},\"introduce_p50_ms\":{:.2},\"introduce_p99_ms\":{:.2}}}",
+            cores(),
+            clients.len(),
+            want as f64 / seconds,
+            (rss.saturating_sub(base_rss)) as f64 / clients.len() as f64,
+            percentile(&times, 0.5),
+            percentile(&times, 0.99)
+        );
+        // Drain events so queues do not grow.
+        for events in &mut introducers {
+            while events.try_recv().is_ok() {}
+        }
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
