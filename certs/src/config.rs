@@ -85,6 +85,8 @@ pub fn server_config_with_cert(
         .with_client_cert_verifier(AnyNodeClientVerifier::new())
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // qpeer clients do not resume sessions: issuing tickets would only cost CPU and memory.
+    tls.send_tls13_tickets = 0;
     let quic =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))

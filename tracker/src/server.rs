@@ -143,6 +143,10 @@ fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TrackerEr
         .stream_receive_window((1u32 << 20).into())
         .receive_window((2u32 << 20).into())
         .send_window(2 << 20)
+        // Small control frames and a stream-based relay: no datagrams, no path MTU probing.
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
+        .mtu_discovery_config(None)
         .max_idle_timeout(Some(
             limits
                 .idle_timeout
@@ -165,6 +169,10 @@ pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     cid_key.copy_from_slice(&cid_secret[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
     config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // After a restart every node's next packet draws a reset; quinn's default of one per 20 ms
+    // would make most of them wait for the idle timeout. A reset is smaller than the packet
+    // that caused it, so a faster rate amplifies nothing.
+    config.min_reset_interval(Duration::from_millis(1));
     config
 }
 
@@ -437,7 +445,7 @@ impl Session {
             }
         };
         let mut reader = FrameReader::new(recv, limits.max_frame_len, limits.partial_frame_timeout);
-        let (outbox, outbox_rx) = mpsc::channel::<ServerFrame>(64);
+        let (outbox, outbox_rx) = mpsc::channel::<ServerFrame>(16);
         // Our own frames obey the protocol's maximum; --max-frame-len limits what we accept.
         tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx, MAX_FRAME_LEN));
 
@@ -459,11 +467,15 @@ impl Session {
             self.node_id.short()
         ));
         console.line(format_args!("[ACTIVE CONNECTIONS] {active}"));
-        tasks.spawn(Session::relay_in(self.shared.clone(), self.conn.clone(), self.node_id));
-
+        // The relay stream is served inside this task (no task per idle node for it).
+        let relay = async {
+            Session::relay_in(self.shared.clone(), self.conn.clone(), self.node_id).await;
+            std::future::pending::<()>().await
+        };
         let outcome = tokio::select! {
             _ = cancel.cancelled() => Err(Fatal::new(close_code::SHUTDOWN, "tracker shutting down")),
             outcome = self.serve(&mut reader, &outbox) => outcome,
+            _ = relay => Ok(()),
             _ = self.conn.closed() => Ok(()),
         };
         if let Err(fatal) = outcome {

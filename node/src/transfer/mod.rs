@@ -37,6 +37,8 @@ pub enum TransferError {
     Node(#[from] crate::NodeError),
     #[error("the receiver refused the transfer: {0}")]
     Rejected(String),
+    #[error("the receiver could not store the file: {0}")]
+    ReceiverFailed(String),
     #[error("{} of {} files failed:\n{}", failures.len(), total, failures.iter().map(|(p, r)| format!("  {p}: {r}")).collect::<Vec<_>>().join("\n"))]
     FilesFailed { total: usize, failures: Vec<(String, String)> },
     #[error("peer {peer} broke the transfer protocol: {message}")]

@@ -214,9 +214,10 @@ async fn send_file(
                 // A receiver that fails (disk full, permissions) stops our stream and says why
                 // on its reply half: prefer its reason to "stopped by peer".
                 return match next::<FileReply>(conn, &mut replies, Duration::from_secs(5)).await {
-                    Ok(FileReply::Failed { reason } | FileReply::Refused { reason }) => {
-                        Err(TransferError::Rejected(remote_text(&reason)))
+                    Ok(FileReply::Failed { reason }) => {
+                        Err(TransferError::ReceiverFailed(remote_text(&reason)))
                     }
+                    Ok(FileReply::Refused { reason }) => Err(TransferError::Rejected(remote_text(&reason))),
                     _ => Err(e),
                 };
             }
@@ -239,7 +240,7 @@ async fn send_file(
                             .into(),
                 })
             }
-            FileReply::Failed { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
+            FileReply::Failed { reason } => return Err(TransferError::ReceiverFailed(remote_text(&reason))),
             other => return Err(protocol(conn, format!("expected a file result, got {other:?}"))),
         }
     }

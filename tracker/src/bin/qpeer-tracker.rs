@@ -98,6 +98,14 @@ async fn main() -> Result<()> {
         relay_bytes_per_sec: cli.relay_bytes_per_sec,
         relay_packets_per_sec: cli.relay_packets_per_sec,
     };
+    for (flag, value) in
+        [("--register-timeout", cli.register_timeout), ("--frame-timeout", cli.frame_timeout)]
+    {
+        anyhow::ensure!(
+            value.is_finite() && value > 0.0,
+            "{flag} must be a positive number of seconds, got {value}"
+        );
+    }
     let listen = cli.listen.unwrap_or_else(default_listen);
     let mut config = TrackerConfig::new(listen, identity);
     config.certificate = certificate;
