@@ -437,11 +437,28 @@ async fn tracker(levels: &[usize]) -> Result<()> {
                 anyhow::Ok((client, events, identity.node_id()))
             });
         }
+        let mut failure = None;
         while let Some(joined) = tasks.join_next().await {
-            let (client, events, id) = joined??;
-            clients.push(client);
-            introducers.push(events);
-            ids.push(id);
+            match joined? {
+                Ok((client, events, id)) => {
+                    clients.push(client);
+                    introducers.push(events);
+                    ids.push(id);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+        if let Some(error) = failure {
+            println!(
+                "{{\"scenario\":\"tracker\",\"cores\":{},\"target_nodes\":{level},\"nodes_reached\":{},\"tracker_rss_kib\":{},\"error\":{:?}}}",
+                cores(),
+                clients.len(),
+                rss_kib(pid).unwrap_or(0),
+                error
+            );
+            return Ok(());
         }
         let seconds = started.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(500));
