@@ -96,10 +96,6 @@ impl Lines {
         }
     }
 
-    fn collect(&self, reader: impl std::io::Read + Send + 'static) {
-        self.collect_from(reader);
-    }
-
     /// Appends a line.
     pub fn push(&self, line: String) {
         if let Ok(mut lines) = self.0.lock() {
@@ -109,41 +105,7 @@ impl Lines {
 }
 
 /// A program started in a lab namespace.
-pub struct Process {
-    child: Child,
-    pub stdout: Lines,
-    pub stderr: Lines,
-}
-
-impl Process {
-    /// Waits for the program to exit (killing it after `timeout`); returns its exit code.
-    pub fn wait(&mut self, timeout: Duration) -> Result<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return Ok(status.code().unwrap_or(-1));
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!(
-                    "program still running after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout.text(),
-                    self.stderr.text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub type Process = crate::procs::Proc;
 
 /// A set of namespaces: the internet plus whatever a test adds. Removed on drop.
 pub struct Lab {
@@ -400,8 +362,8 @@ impl Lab {
             .with_context(|| format!("cannot start {} in {}", program.display(), host.netns))?;
         let stdout = Lines::default();
         let stderr = Lines::default();
-        stdout.collect(child.stdout.take().context("stdout")?);
-        stderr.collect(child.stderr.take().context("stderr")?);
+        stdout.collect_from(child.stdout.take().context("stdout")?);
+        stderr.collect_from(child.stderr.take().context("stderr")?);
         Ok(Process { child, stdout, stderr })
     }
 

@@ -146,3 +146,46 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Writes `len` pseudo-random bytes (xorshift from `seed`) to `path`, creating parents.
+pub fn write_random(path: &std::path::Path, len: usize, seed: u64) -> anyhow::Result<()> {
+    let mut state = seed | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, data)?;
+    Ok(())
+}
+
+/// Checks that two trees have the same names, kinds and bytes.
+pub fn assert_same_tree(expected: &std::path::Path, actual: &std::path::Path) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(expected)?;
+    if meta.is_dir() {
+        anyhow::ensure!(
+            std::fs::symlink_metadata(actual)?.is_dir(),
+            "{} is not a directory",
+            actual.display()
+        );
+        let names = |dir: &std::path::Path| -> anyhow::Result<Vec<std::ffi::OsString>> {
+            let mut names: Vec<_> =
+                std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+            names.sort();
+            Ok(names)
+        };
+        let (want, got) = (names(expected)?, names(actual)?);
+        anyhow::ensure!(want == got, "{}: {want:?} != {got:?}", actual.display());
+        for name in want {
+            assert_same_tree(&expected.join(&name), &actual.join(&name))?;
+        }
+    } else {
+        anyhow::ensure!(std::fs::read(expected)? == std::fs::read(actual)?, "{} differs", actual.display());
+    }
+    Ok(())
+}

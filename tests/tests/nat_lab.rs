@@ -302,41 +302,6 @@ fn symmetric_x_symmetric_is_relayed() {
     expect_relayed(Place::Symmetric, Place::Symmetric);
 }
 
-/// Writes `len` pseudo-random bytes.
-fn write_random(path: &std::path::Path, len: usize, seed: u64) -> Result<()> {
-    let mut state = seed | 1;
-    let mut data = vec![0u8; len];
-    for chunk in data.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    Ok(std::fs::write(path, data)?)
-}
-
-fn same_tree(expected: &std::path::Path, actual: &std::path::Path) -> Result<()> {
-    if expected.is_dir() {
-        let mut names: Vec<_> =
-            std::fs::read_dir(expected)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-        let mut got: Vec<_> =
-            std::fs::read_dir(actual)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-        names.sort();
-        got.sort();
-        ensure!(names == got, "{}: {names:?} != {got:?}", actual.display());
-        for name in names {
-            same_tree(&expected.join(&name), &actual.join(&name))?;
-        }
-        Ok(())
-    } else {
-        ensure!(std::fs::read(expected)? == std::fs::read(actual)?, "{} differs", actual.display());
-        Ok(())
-    }
-}
-
 /// What a transfer scenario sends, and what it expects.
 struct TransferCase {
     receiver: Place,
@@ -361,7 +326,7 @@ fn transfer(case: TransferCase) {
         let dir = lab.dir.path().to_path_buf();
         let home = |name: &str| dir.join(name).display().to_string();
         let src = dir.join("src");
-        write_random(&src.join("big.bin"), case.big, 11)?;
+        qpeer_tests::write_random(&src.join("big.bin"), case.big, 11)?;
         if let Some(marker) = case.marker {
             // The marker many times over, in the clear inside the file.
             let mut data = std::fs::read(src.join("big.bin"))?;
@@ -373,8 +338,8 @@ fn transfer(case: TransferCase) {
         }
         let mut paths = vec![src.join("big.bin").display().to_string()];
         if case.tree {
-            write_random(&src.join("tree/nested/deep/x.bin"), 123_457, 12)?;
-            write_random(&src.join("tree/ünïcødé 名前.txt"), 999, 13)?;
+            qpeer_tests::write_random(&src.join("tree/nested/deep/x.bin"), 123_457, 12)?;
+            qpeer_tests::write_random(&src.join("tree/ünïcødé 名前.txt"), 999, 13)?;
             std::fs::write(src.join("tree/empty.txt"), b"")?;
             std::fs::create_dir_all(src.join("tree/empty-dir"))?;
             paths.push(src.join("tree").display().to_string());
@@ -446,9 +411,9 @@ fn transfer(case: TransferCase) {
         );
         ensure!(sent.contains(&format!("[SENT] {files} files")), "{}", context());
         ensure!(receiver.stdout.text().matches("[RECEIVED] ").count() == files, "{}", context());
-        same_tree(&src.join("big.bin"), &out.join("big.bin"))?;
+        qpeer_tests::assert_same_tree(&src.join("big.bin"), &out.join("big.bin"))?;
         if case.tree {
-            same_tree(&src.join("tree"), &out.join("tree"))?;
+            qpeer_tests::assert_same_tree(&src.join("tree"), &out.join("tree"))?;
         }
         if let (Some(capture), Some(marker)) = (capture, case.marker) {
             let pcap = capture.finish()?;

@@ -16,24 +16,6 @@ use qpeer_tests::{node, TestNode, TestTracker};
 use qpeer_tracker::proto::MAX_FRAME_LEN;
 use qpeer_tracker::stream::{write_frame, FrameReader};
 
-/// Writes `len` pseudo-random bytes derived from `seed`.
-fn write_random(path: &Path, len: usize, seed: u64) -> Result<()> {
-    let mut state = seed | 1;
-    let mut data = vec![0u8; len];
-    for chunk in data.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let bytes = state.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(path, data)?;
-    Ok(())
-}
-
 /// A node that receives into `out` under `policy`, serving every connection it accepts.
 async fn receiver(
     tracker: &TestTracker,
@@ -62,28 +44,6 @@ async fn send_paths(
     send(&conn, plan, progress).await
 }
 
-/// Asserts two trees have the same names, kinds and bytes.
-fn assert_same_tree(expected: &Path, actual: &Path) -> Result<()> {
-    let meta = std::fs::symlink_metadata(expected)?;
-    let other = std::fs::symlink_metadata(actual)?;
-    if meta.is_dir() {
-        ensure!(other.is_dir(), "{} is not a directory", actual.display());
-        let mut names: Vec<_> =
-            std::fs::read_dir(expected)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-        let mut got: Vec<_> =
-            std::fs::read_dir(actual)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-        names.sort();
-        got.sort();
-        ensure!(names == got, "{}: {names:?} != {got:?}", actual.display());
-        for name in names {
-            assert_same_tree(&expected.join(&name), &actual.join(&name))?;
-        }
-    } else {
-        ensure!(std::fs::read(expected)? == std::fs::read(actual)?, "{} differs", actual.display());
-    }
-    Ok(())
-}
-
 fn allow(id: qpeer_certs::NodeId) -> AcceptPolicy {
     AcceptPolicy::Only([id].into_iter().collect())
 }
@@ -94,10 +54,10 @@ async fn a_large_file_and_a_directory_tree_arrive_identical() -> Result<()> {
     let src = tempfile::tempdir()?;
     let out = tempfile::tempdir()?;
     let big = src.path().join("big.bin");
-    write_random(&big, 100 << 20, 1)?;
+    qpeer_tests::write_random(&big, 100 << 20, 1)?;
     let tree = src.path().join("trëe");
-    write_random(&tree.join("a/b/c/deep.bin"), 300_000, 2)?;
-    write_random(&tree.join("日本語 ファイル.txt"), 1234, 3)?;
+    qpeer_tests::write_random(&tree.join("a/b/c/deep.bin"), 300_000, 2)?;
+    qpeer_tests::write_random(&tree.join("日本語 ファイル.txt"), 1234, 3)?;
     std::fs::write(tree.join("a/empty"), b"")?;
     std::fs::create_dir_all(tree.join("empty dir"))?;
 
@@ -106,8 +66,8 @@ async fn a_large_file_and_a_directory_tree_arrive_identical() -> Result<()> {
     let report = send_paths(&sender, recv.id(), vec![big.clone(), tree.clone()]).await?;
     assert_eq!(report.files, 4);
     assert_eq!(report.total_bytes, (100 << 20) + 300_000 + 1234);
-    assert_same_tree(&big, &out.path().join("big.bin"))?;
-    assert_same_tree(&tree, &out.path().join("trëe"))?;
+    qpeer_tests::assert_same_tree(&big, &out.path().join("big.bin"))?;
+    qpeer_tests::assert_same_tree(&tree, &out.path().join("trëe"))?;
     let leftovers: Vec<_> =
         walk(out.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "part")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
@@ -139,7 +99,7 @@ async fn a_transfer_killed_halfway_resumes_and_completes() -> Result<()> {
     let out = tempfile::tempdir()?;
     let file = src.path().join("resume.bin");
     let size: u64 = 64 << 20;
-    write_random(&file, size as usize, 4)?;
+    qpeer_tests::write_random(&file, size as usize, 4)?;
     let sender_home = tempfile::tempdir()?;
     let sender_id = qpeer_certs::Identity::load_or_create(sender_home.path())?.node_id();
     let (recv, _task) = receiver(&tracker, out.path(), allow(sender_id)).await?;
@@ -181,7 +141,7 @@ async fn a_transfer_killed_halfway_resumes_and_completes() -> Result<()> {
         "resumed: sent {} of {size}, {kept} were kept",
         report.sent_bytes
     );
-    assert_same_tree(&file, &out.path().join("resume.bin"))?;
+    qpeer_tests::assert_same_tree(&file, &out.path().join("resume.bin"))?;
     assert!(!part.exists());
     Ok(())
 }
@@ -193,16 +153,16 @@ async fn a_corrupt_part_file_is_detected_and_fetched_again() -> Result<()> {
     let out = tempfile::tempdir()?;
     let file = src.path().join("data.bin");
     let size: u64 = 4 << 20;
-    write_random(&file, size as usize, 5)?;
+    qpeer_tests::write_random(&file, size as usize, 5)?;
     // A .part whose first MiB is not the file's first MiB.
-    write_random(&out.path().join("data.bin.part"), 1 << 20, 99)?;
+    qpeer_tests::write_random(&out.path().join("data.bin.part"), 1 << 20, 99)?;
 
     let sender = node(&tracker).await?;
     let (recv, _task) = receiver(&tracker, out.path(), allow(sender.id())).await?;
     let report = send_paths(&sender, recv.id(), vec![file.clone()]).await?;
     // First attempt resumed after the bad MiB, failed verification, second sent everything.
     assert_eq!(report.sent_bytes, (size - (1 << 20)) + size);
-    assert_same_tree(&file, &out.path().join("data.bin"))?;
+    qpeer_tests::assert_same_tree(&file, &out.path().join("data.bin"))?;
     Ok(())
 }
 
@@ -211,7 +171,7 @@ async fn an_unknown_sender_is_refused_by_default() -> Result<()> {
     let tracker = TestTracker::start()?;
     let src = tempfile::tempdir()?;
     let out = tempfile::tempdir()?;
-    write_random(&src.path().join("f"), 10, 6)?;
+    qpeer_tests::write_random(&src.path().join("f"), 10, 6)?;
     let (recv, _task) = receiver(&tracker, out.path(), AcceptPolicy::Only(Default::default())).await?;
     let sender = node(&tracker).await?;
     match send_paths(&sender, recv.id(), vec![src.path().join("f")]).await {
@@ -229,7 +189,7 @@ async fn an_existing_file_is_never_overwritten() -> Result<()> {
     let tracker = TestTracker::start()?;
     let src = tempfile::tempdir()?;
     let out = tempfile::tempdir()?;
-    write_random(&src.path().join("f"), 1000, 7)?;
+    qpeer_tests::write_random(&src.path().join("f"), 1000, 7)?;
     std::fs::write(out.path().join("f"), b"precious")?;
     let sender = node(&tracker).await?;
     let (recv, _task) = receiver(&tracker, out.path(), allow(sender.id())).await?;
