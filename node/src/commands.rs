@@ -103,16 +103,22 @@ pub async fn send_files(
     quiet: bool,
     out: &dyn Output,
 ) -> CommandResult {
-    let plan = tokio::task::spawn_blocking(move || scan(&paths))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    // Hash the files while the connection is being punched: both take time, neither needs
+    // the other.
+    let scanning = async {
+        tokio::task::spawn_blocking(move || scan(&paths))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    };
+    let (plan, conn) = tokio::join!(scanning, node.connect(peer));
+    let plan = plan?;
+    let conn = conn.map_err(|e| e.to_string())?;
     for (path, reason) in &plan.skipped {
         if !quiet {
             out.line(&format!("[SKIPPED] {}: {reason}", path.display()));
         }
     }
-    let conn = node.connect(peer).await.map_err(|e| e.to_string())?;
     let progress = out.progress(&format!("to {}", peer.short()), plan.total_bytes);
     let result = send(&conn, plan, progress.clone()).await;
     progress.finish();

@@ -89,6 +89,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes written between background flushes of a file being received.
+const FLUSH_EVERY: usize = 64 << 20;
 /// Most memory an accepted sender's list of entries may take.
 const MAX_OFFER_BYTES: usize = 32 << 20;
 
@@ -503,12 +505,30 @@ async fn write_part(
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(offset))?;
         let mut result = Ok(());
+        // Flush to disk in the background as data arrives, so the final fsync has little
+        // left to do (it would otherwise write the whole file after the last byte arrived).
+        let mut flushers = Vec::new();
+        let mut unflushed = 0usize;
         while let Some(buf) = rx.blocking_recv() {
             if let Err(e) = file.write_all(&buf) {
                 result = Err(e);
                 break;
             }
             hasher.update(&buf);
+            unflushed += buf.len();
+            if unflushed >= FLUSH_EVERY
+                && flushers.iter().all(|f: &std::thread::JoinHandle<()>| f.is_finished())
+            {
+                unflushed = 0;
+                if let Ok(handle) = file.try_clone() {
+                    flushers.push(std::thread::spawn(move || {
+                        let _ = handle.sync_data();
+                    }));
+                }
+            }
+        }
+        for flusher in flushers {
+            let _ = flusher.join();
         }
         // Keep what was written, whatever happened.
         let synced = file.sync_all();

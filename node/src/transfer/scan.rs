@@ -30,18 +30,55 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
     move |source| TransferError::Io { path: path.to_path_buf(), source }
 }
 
-/// BLAKE3 of a whole file, read in 1 MiB blocks.
+/// BLAKE3 of a whole file. One thread reads 8 MiB blocks while the previous block is
+/// hashed on every core (BLAKE3's tree mode). Reading instead of memory-mapping keeps a file
+/// that shrinks meanwhile an error, not a crash.
 pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
+    const BLOCK: usize = 8 << 20;
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            return Ok(*hasher.finalize().as_bytes());
-        }
-        hasher.update(&buf[..n]);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        let _ = empty_tx.send(vec![0u8; BLOCK]);
     }
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> std::io::Result<()> {
+            while let Ok(mut buf) = empty_rx.recv() {
+                buf.resize(BLOCK, 0);
+                let mut filled = 0;
+                while filled < BLOCK {
+                    let n = file.read(&mut buf[filled..])?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                let last = filled == 0;
+                if full_tx.send(buf).is_err() || last {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        let mut hasher = blake3::Hasher::new();
+        while let Ok(buf) = full_rx.recv() {
+            if buf.is_empty() {
+                break;
+            }
+            hasher.update_rayon(&buf);
+            let _ = empty_tx.send(buf);
+        }
+        drop(empty_tx);
+        match reader.join() {
+            Ok(Ok(())) => Ok(*hasher.finalize().as_bytes()),
+            Ok(Err(e)) => Err(TransferError::Io { path: path.to_path_buf(), source: e }),
+            Err(_) => Err(TransferError::BadSource {
+                path: path.to_path_buf(),
+                reason: "the reader thread failed".into(),
+            }),
+        }
+    })
 }
 
 fn utf8_name(path: &Path) -> Result<String, TransferError> {

@@ -238,9 +238,19 @@ async fn transfer(mib: u64, relay: bool) -> Result<()> {
 fn qpeer_send(bins: &Path, dir: &Path, file: &Path, relay: bool) -> Result<f64> {
     let run = tempfile::tempdir_in(dir)?;
     let home = |name: &str| run.path().join(name).display().to_string();
+    // The path's capacity is measured, not the tracker's default per-node relay limit.
     let (_tracker, tracker_out) = start(
         &bins.join("qpeer-tracker"),
-        &["--listen".into(), "127.0.0.1:0".into(), "--home".into(), home("trk")],
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--home".into(),
+            home("trk"),
+            "--relay-bytes-per-sec".into(),
+            u32::MAX.to_string(),
+            "--relay-packets-per-sec".into(),
+            u32::MAX.to_string(),
+        ],
     )?;
     let tracker = wait_line(&tracker_out, "[TRACKER] ")?.trim_start_matches("[TRACKER] ").to_string();
     let sender_id = String::from_utf8(
