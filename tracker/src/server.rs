@@ -445,7 +445,7 @@ impl Session {
             }
         };
         let mut reader = FrameReader::new(recv, limits.max_frame_len, limits.partial_frame_timeout);
-        let (outbox, outbox_rx) = mpsc::channel::<ServerFrame>(16);
+        let (outbox, outbox_rx) = mpsc::channel::<Box<ServerFrame>>(16);
         // Our own frames obey the protocol's maximum; --max-frame-len limits what we accept.
         tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx, MAX_FRAME_LEN));
 
@@ -510,7 +510,7 @@ impl Session {
     async fn register(
         &self,
         reader: &mut FrameReader,
-        outbox: &mpsc::Sender<ServerFrame>,
+        outbox: &mpsc::Sender<Box<ServerFrame>>,
         cancel: &CancellationToken,
     ) -> Result<bool, Fatal> {
         let limits = &self.shared.limits;
@@ -596,12 +596,16 @@ impl Session {
                 ))
             }
         }
-        let _ = outbox.send(ServerFrame::Registered { version: PROTOCOL_VERSION, observed }).await;
+        let _ = outbox.send(Box::new(ServerFrame::Registered { version: PROTOCOL_VERSION, observed })).await;
         Ok(true)
     }
 
     /// Answers requests until the node finishes its stream or breaks the protocol.
-    async fn serve(&self, reader: &mut FrameReader, outbox: &mpsc::Sender<ServerFrame>) -> Result<(), Fatal> {
+    async fn serve(
+        &self,
+        reader: &mut FrameReader,
+        outbox: &mpsc::Sender<Box<ServerFrame>>,
+    ) -> Result<(), Fatal> {
         loop {
             let frame = match reader.next::<ClientFrame>().await {
                 Ok(Some(frame)) => frame,
@@ -620,7 +624,7 @@ impl Session {
                 ClientFrame::Introduce { request_id, target } => self.introduce(request_id, target),
                 ClientFrame::RelayRequest { request_id, peer } => self.relay_request(request_id, peer),
             };
-            if outbox.send(reply).await.is_err() {
+            if outbox.send(Box::new(reply)).await.is_err() {
                 return Ok(());
             }
         }
@@ -646,7 +650,7 @@ impl Session {
             return ServerFrame::NotFound { request_id, target };
         };
         let to_target = ServerFrame::Introduction { request_id: None, peer: self.node_id, addrs: my_addrs };
-        if peer.outbox.try_send(to_target).is_err() {
+        if peer.outbox.try_send(Box::new(to_target)).is_err() {
             return error(ErrorKind::Busy, "the target's queue is full; retry shortly");
         }
         tracing::debug!(from = %self.node_id.short(), to = %target.short(), "introduction");
@@ -683,7 +687,7 @@ impl Session {
                         entry.relay_out = Some(tx);
                         self.tasks.spawn(write_relay(entry.connection.clone(), rx));
                     }
-                    let _ = entry.outbox.try_send(ServerFrame::RelayReady { peer: other, link });
+                    let _ = entry.outbox.try_send(Box::new(ServerFrame::RelayReady { peer: other, link }));
                 }
             }
             if opened {
@@ -807,7 +811,7 @@ pub fn plausible_candidate(candidate: SocketAddr, observed: SocketAddr) -> bool 
 async fn write_outbox(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
-    mut outbox: mpsc::Receiver<ServerFrame>,
+    mut outbox: mpsc::Receiver<Box<ServerFrame>>,
     max_frame_len: usize,
 ) {
     while let Some(frame) = outbox.recv().await {
