@@ -28,7 +28,7 @@ pub struct Stdout {
 
 impl Output for Stdout {
     fn line(&self, text: &str) {
-        println!("{text}");
+        crate::progress::out_line(text);
     }
 
     fn progress(&self, label: &str, total: u64) -> Arc<Progress> {

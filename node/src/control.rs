@@ -235,7 +235,7 @@ pub async fn call(home: &Path, command: Command, mode: ProgressMode) -> Result<O
                 let bar = progress.lock().ok().and_then(|p| p.clone());
                 match bar {
                     Some(bar) => bar.say(&line),
-                    None => println!("{line}"),
+                    None => crate::progress::out_line(&line),
                 }
             }
             Event::Progress { label, done, total } => {

@@ -52,6 +52,15 @@ impl std::fmt::Debug for Progress {
     }
 }
 
+/// Prints a line on stdout. A closed stdout (a detached listener, a pipe whose reader went
+/// away) loses the line instead of panicking like `println!` would.
+pub fn out_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -144,12 +153,12 @@ impl Progress {
     fn print_line(&self, done: u64) {
         let percent = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
         let rate = mib(done) / self.started.elapsed().as_secs_f64().max(1e-9);
-        println!(
+        out_line(&format!(
             "[PROGRESS] {} {:.1}/{:.1} MiB ({percent:.0}%) {rate:.1} MiB/s",
             self.label,
             mib(done),
             mib(self.total)
-        );
+        ));
     }
 
     /// Prints a line without breaking the bar (skipped when quiet).
@@ -157,7 +166,7 @@ impl Progress {
         match (&self.bar, self.mode) {
             (_, ProgressMode::Quiet) => {}
             (Some(bar), _) => bar.println(line),
-            (None, _) => println!("{line}"),
+            (None, _) => out_line(line),
         }
     }
 

@@ -350,21 +350,10 @@ impl Lab {
 
     /// Starts `program args` inside `host`'s namespace, collecting its output.
     pub fn spawn(&self, host: &Host, program: &Path, args: &[String]) -> Result<Process> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &host.netns])
-            .arg(program)
-            .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {} in {}", program.display(), host.netns))?;
-        let stdout = Lines::default();
-        let stderr = Lines::default();
-        stdout.collect_from(child.stdout.take().context("stdout")?);
-        stderr.collect_from(child.stderr.take().context("stderr")?);
-        Ok(Process { child, stdout, stderr })
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &host.netns]).arg(program).args(args);
+        Process::spawn(command)
+            .with_context(|| format!("cannot start {} in {}", program.display(), host.netns))
     }
 
     /// Starts capturing every packet on the internet bridge into `file` (tcpdump).

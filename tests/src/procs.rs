@@ -18,14 +18,19 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(program: &Path, args: &[String]) -> Result<Self> {
-        let mut child = Command::new(program)
-            .args(args)
+        let mut command = Command::new(program);
+        command.args(args);
+        Self::spawn(command).with_context(|| format!("cannot start {}", program.display()))
+    }
+
+    /// Spawns `command` with RUST_LOG passed on, no stdin, and its output collected.
+    pub fn spawn(mut command: Command) -> Result<Self> {
+        let mut child = command
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", program.display()))?;
+            .spawn()?;
         let stdout = Lines::default();
         let stderr = Lines::default();
         stdout.collect_from(child.stdout.take().context("stdout")?);

@@ -118,7 +118,7 @@ impl Receiver {
 
     fn say(&self, line: String) {
         if self.config.console {
-            println!("{line}");
+            crate::progress::out_line(&line);
         }
     }
 

@@ -144,42 +144,14 @@ fn write_random(path: &Path, bytes: u64) -> Result<()> {
 fn transfer_rss(mib: u64) -> Result<()> {
     let bins = bin_dir()?;
     let dir = tempfile::tempdir()?;
-    let home = |name: &str| dir.path().join(name).display().to_string();
     let file = dir.path().join("payload.bin");
     let bytes = mib << 20;
     write_random(&file, bytes)?;
 
-    let (_tracker, tracker_out) = start(
-        &bins.join("qpeer-tracker"),
-        &["--listen".into(), "127.0.0.1:0".into(), "--home".into(), home("trk")],
-    )?;
-    let tracker = wait_line(&tracker_out, "[TRACKER] ")?.trim_start_matches("[TRACKER] ").to_string();
-    let common = |name: &str| {
-        vec![
-            "--home".to_string(),
-            home(name),
-            "--tracker".into(),
-            tracker.clone(),
-            "--bind".into(),
-            "127.0.0.1:0".into(),
-        ]
-    };
-    let sender_id = String::from_utf8(
-        Command::new(bins.join("qpeer")).args(["id", "--home", &home("s")]).output()?.stdout,
-    )?
-    .lines()
-    .last()
-    .context("no id")?
-    .to_string();
-    let mut listen_args =
-        vec!["listen".to_string(), "--out".into(), home("inbox"), "--accept-from".into(), sender_id];
-    listen_args.extend(common("r"));
-    let (receiver, receiver_out) = start(&bins.join("qpeer"), &listen_args)?;
-    let registered = wait_line(&receiver_out, "[REGISTERED] ")?;
-    let receiver_id = registered.rsplit(' ').next().context("no id")?.to_string();
+    let pair = Pair::start(&bins, dir.path(), &[])?;
+    let receiver = &pair.receiver;
 
-    let mut send_args = vec!["send".to_string(), receiver_id, file.display().to_string(), "--quiet".into()];
-    send_args.extend(common("s"));
+    let send_args = pair.send_args(&file);
     let started = Instant::now();
     let (mut sender, sender_out) = start(&bins.join("qpeer"), &send_args)?;
     let sender_pid = sender.0.id();
@@ -205,6 +177,69 @@ fn transfer_rss(mib: u64) -> Result<()> {
         (bytes as f64 / 1048576.0) / seconds,
     );
     Ok(())
+}
+
+/// A `qpeer-tracker` and a `qpeer listen` that accepts from the sender's home, on loopback.
+struct Pair {
+    _tracker: Running,
+    receiver: Running,
+    /// Kept open: dropping it would close the receiver's stdout pipe.
+    _receiver_out: mpsc::Receiver<String>,
+    receiver_id: String,
+    tracker: String,
+    dir: std::path::PathBuf,
+}
+
+impl Pair {
+    fn start(bins: &Path, dir: &Path, tracker_extra: &[&str]) -> Result<Self> {
+        let home = |name: &str| dir.join(name).display().to_string();
+        let mut tracker_args =
+            vec!["--listen".to_string(), "127.0.0.1:0".into(), "--home".into(), home("trk")];
+        tracker_args.extend(tracker_extra.iter().map(|a| a.to_string()));
+        let (tracker_proc, tracker_out) = start(&bins.join("qpeer-tracker"), &tracker_args)?;
+        let tracker = wait_line(&tracker_out, "[TRACKER] ")?.trim_start_matches("[TRACKER] ").to_string();
+        let sender_id = String::from_utf8(
+            Command::new(bins.join("qpeer")).args(["id", "--home", &home("s")]).output()?.stdout,
+        )?
+        .lines()
+        .last()
+        .context("no id")?
+        .to_string();
+        let mut listen_args =
+            vec!["listen".to_string(), "--out".into(), home("inbox"), "--accept-from".into(), sender_id];
+        listen_args.extend(common_args(dir, "r", &tracker));
+        let (receiver, receiver_out) = start(&bins.join("qpeer"), &listen_args)?;
+        let registered = wait_line(&receiver_out, "[REGISTERED] ")?;
+        let receiver_id = registered.rsplit(' ').next().context("no id")?.to_string();
+        Ok(Self {
+            _tracker: tracker_proc,
+            receiver,
+            _receiver_out: receiver_out,
+            receiver_id,
+            tracker,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Arguments of a quiet `qpeer send` of `file` from the sender's home.
+    fn send_args(&self, file: &Path) -> Vec<String> {
+        let mut args =
+            vec!["send".to_string(), self.receiver_id.clone(), file.display().to_string(), "--quiet".into()];
+        args.extend(common_args(&self.dir, "s", &self.tracker));
+        args
+    }
+}
+
+/// `--home DIR/NAME --tracker TRACKER --bind 127.0.0.1:0`.
+fn common_args(dir: &Path, name: &str, tracker: &str) -> Vec<String> {
+    vec![
+        "--home".to_string(),
+        dir.join(name).display().to_string(),
+        "--tracker".into(),
+        tracker.to_string(),
+        "--bind".into(),
+        "127.0.0.1:0".into(),
+    ]
 }
 
 /// Sends `mib` MiB with the real binaries (direct, and through the relay when `relay`), and
@@ -237,47 +272,11 @@ async fn transfer(mib: u64, relay: bool) -> Result<()> {
 /// Whole `qpeer send` command (start, register, connect, hash, transfer, verify), MiB/s.
 fn qpeer_send(bins: &Path, dir: &Path, file: &Path, relay: bool) -> Result<f64> {
     let run = tempfile::tempdir_in(dir)?;
-    let home = |name: &str| run.path().join(name).display().to_string();
     // The path's capacity is measured, not the tracker's default per-node relay limit.
-    let (_tracker, tracker_out) = start(
-        &bins.join("qpeer-tracker"),
-        &[
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--home".into(),
-            home("trk"),
-            "--relay-bytes-per-sec".into(),
-            u32::MAX.to_string(),
-            "--relay-packets-per-sec".into(),
-            u32::MAX.to_string(),
-        ],
-    )?;
-    let tracker = wait_line(&tracker_out, "[TRACKER] ")?.trim_start_matches("[TRACKER] ").to_string();
-    let sender_id = String::from_utf8(
-        Command::new(bins.join("qpeer")).args(["id", "--home", &home("s")]).output()?.stdout,
-    )?
-    .lines()
-    .last()
-    .context("no id")?
-    .to_string();
-    let common = |name: &str| {
-        vec![
-            "--home".to_string(),
-            home(name),
-            "--tracker".into(),
-            tracker.clone(),
-            "--bind".into(),
-            "127.0.0.1:0".into(),
-        ]
-    };
-    let mut listen_args =
-        vec!["listen".to_string(), "--out".into(), home("inbox"), "--accept-from".into(), sender_id];
-    listen_args.extend(common("r"));
-    let (_receiver, receiver_out) = start(&bins.join("qpeer"), &listen_args)?;
-    let registered = wait_line(&receiver_out, "[REGISTERED] ")?;
-    let receiver_id = registered.rsplit(' ').next().context("no id")?.to_string();
-    let mut send_args = vec!["send".to_string(), receiver_id, file.display().to_string(), "--quiet".into()];
-    send_args.extend(common("s"));
+    let limit = u32::MAX.to_string();
+    let pair =
+        Pair::start(bins, run.path(), &["--relay-bytes-per-sec", &limit, "--relay-packets-per-sec", &limit])?;
+    let mut send_args = pair.send_args(file);
     if relay {
         send_args.push("--relay-only".into());
     }
