@@ -203,6 +203,71 @@ async fn an_existing_file_is_never_overwritten() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_file_already_there_is_confirmed_by_hash_not_sent_and_a_same_size_other_file_is_kept() -> Result<()>
+{
+    let tracker = TestTracker::start()?;
+    let src = tempfile::tempdir()?;
+    let out = tempfile::tempdir()?;
+    let same = src.path().join("same.bin");
+    qpeer_tests::write_random(&same, 3 << 20, 8)?;
+    std::fs::copy(&same, out.path().join("same.bin"))?;
+    let sender = node(&tracker).await?;
+    let (recv, _task) = receiver(&tracker, out.path(), allow(sender.id())).await?;
+    let report = send_paths(&sender, recv.id(), vec![same.clone()]).await?;
+    assert_eq!(report.sent_bytes, 0, "the receiver already holds it");
+    assert_eq!(report.total_bytes, 3 << 20);
+
+    // Same size, other bytes: refused, and the receiver's file is untouched.
+    let other = src.path().join("other.bin");
+    qpeer_tests::write_random(&other, 1 << 20, 9)?;
+    let theirs = out.path().join("other.bin");
+    qpeer_tests::write_random(&theirs, 1 << 20, 10)?;
+    let before = std::fs::read(&theirs)?;
+    match send_paths(&sender, recv.id(), vec![other]).await {
+        Err(TransferError::FilesFailed { failures, .. }) => {
+            assert!(
+                failures[0].1.contains("other content") && failures[0].1.contains("not overwritten"),
+                "{failures:?}"
+            )
+        }
+        other => panic!("expected a per-file refusal, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&theirs)?, before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_file_that_changes_while_it_is_sent_is_reported_not_delivered() -> Result<()> {
+    let tracker = TestTracker::start()?;
+    let src = tempfile::tempdir()?;
+    let out = tempfile::tempdir()?;
+    let file = src.path().join("growing.log");
+    qpeer_tests::write_random(&file, 1 << 20, 11)?;
+    let sender = node(&tracker).await?;
+    let (recv, _task) = receiver(&tracker, out.path(), allow(sender.id())).await?;
+    let plan = {
+        let paths = vec![file.clone()];
+        tokio::task::spawn_blocking(move || scan(&paths)).await??
+    };
+    // Changed after the offer was built, before its bytes are read.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&file)?;
+        f.write_all(b"one more line\n")?;
+    }
+    let conn = sender.connect(recv.id()).await?;
+    let progress = Arc::new(Progress::new(ProgressMode::Quiet, "test", plan.total_bytes));
+    match send(&conn, plan, progress).await {
+        Err(TransferError::FilesFailed { failures, .. }) => {
+            assert!(failures[0].1.contains("changed while it was sent"), "{failures:?}")
+        }
+        other => panic!("expected the change to be reported, got {other:?}"),
+    }
+    assert!(!out.path().join("growing.log").exists(), "a changed file must not be delivered");
+    Ok(())
+}
+
 /// Sends a hand-made offer and returns the receiver's answer.
 async fn raw_offer(entries: Vec<OfferEntry>) -> Result<ControlFrame> {
     let tracker = TestTracker::start()?;
@@ -235,8 +300,7 @@ async fn raw_offer(entries: Vec<OfferEntry>) -> Result<ControlFrame> {
 
 #[tokio::test]
 async fn hostile_offers_are_refused() -> Result<()> {
-    let file =
-        |path: &str| OfferEntry { path: path.into(), kind: EntryKind::File { size: 1, blake3: [0; 32] } };
+    let file = |path: &str| OfferEntry { path: path.into(), kind: EntryKind::File { size: 1 } };
     for entries in [
         vec![file("../x")],
         vec![file("/etc/x")],

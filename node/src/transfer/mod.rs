@@ -5,6 +5,7 @@
 //! - [`scan`]: the sender walks and hashes what the user named.
 //! - [`send`]: [`send::send`] over a [`PeerConnection`](crate::PeerConnection).
 //! - [`receive`]: [`receive::Receiver`], serving a listener's connections.
+//! - [`part`]: writing a `.part` file, with direct I/O where the filesystem allows it.
 //!
 //! Rules (docs/PROTOCOL.md): a file is written to `<name>.part`, checked against the offered
 //! BLAKE3 hash, fsynced and then linked into place, never over an existing file (an existing
@@ -13,6 +14,7 @@
 //! send of the same file; if the whole file then does not match, the `.part` is discarded and
 //! the file is sent again from the start.
 
+pub mod part;
 pub mod receive;
 pub mod sanitize;
 pub mod scan;

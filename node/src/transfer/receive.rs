@@ -2,7 +2,7 @@
 //! atomic no-clobber move into place.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,9 +12,10 @@ use qpeer_certs::NodeId;
 use qpeer_tracker::proto::MAX_FRAME_LEN;
 use qpeer_tracker::stream::{write_frame, FrameReader};
 
+use super::part::{AlignedBuf, PartWriter};
 use super::sanitize::{check_offer, part_path};
 use super::wire::{
-    ControlFrame, EntryKind, FileHeader, FileReply, TransferId, MAX_ENTRIES, TRANSFER_VERSION,
+    ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, TransferId, MAX_ENTRIES, TRANSFER_VERSION,
 };
 use super::CHUNK;
 use crate::peer::StreamKind;
@@ -71,8 +72,8 @@ pub struct ReceiveConfig {
 struct Session {
     peer: NodeId,
     out: PathBuf,
-    /// (relative path, size, hash) per File entry, by file index.
-    files: Vec<(PathBuf, u64, [u8; 32])>,
+    /// (relative path, size) per File entry, by file index.
+    files: Vec<(PathBuf, u64)>,
     verified: Mutex<(u32, u64)>,
 }
 
@@ -82,6 +83,8 @@ pub struct Receiver {
     sessions: Mutex<HashMap<TransferId, Arc<Session>>>,
     /// Final paths being written right now (one writer per path).
     busy: Mutex<HashSet<PathBuf>>,
+    /// Signalled when a path stops being busy.
+    released: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,14 +92,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes written between background flushes of a file being received.
-const FLUSH_EVERY: usize = 64 << 20;
+/// How long a file stream waits for another stream writing the same path to end.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+/// How long a sender may take to hash a file this node already holds (to tell whether it is
+/// the same): generous, for very large files on slow disks.
+const HASH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Most memory an accepted sender's list of entries may take.
 const MAX_OFFER_BYTES: usize = 32 << 20;
 
 impl Receiver {
     pub fn new(config: ReceiveConfig) -> Arc<Self> {
-        Arc::new(Self { config, sessions: Mutex::default(), busy: Mutex::default() })
+        Arc::new(Self {
+            config,
+            sessions: Mutex::default(),
+            busy: Mutex::default(),
+            released: tokio::sync::Notify::new(),
+        })
     }
 
     /// One line per transfer being received, for `qpeer status`.
@@ -255,7 +266,7 @@ impl Receiver {
         let mut files = Vec::new();
         for (entry, path) in entries.iter().zip(paths) {
             match entry.kind {
-                EntryKind::File { size, blake3 } => files.push((path, size, blake3)),
+                EntryKind::File { size } => files.push((path, size)),
                 EntryKind::Directory => {
                     if let Err(e) = make_dirs(&out, &path) {
                         return Ok((transfer_id, Err(format!("cannot create {}: {e}", path.display()))));
@@ -296,30 +307,33 @@ impl Receiver {
         let Some(session) = session.filter(|s| s.peer == peer) else {
             return refuse("unknown transfer".into());
         };
-        let Some((rel, size, blake3)) = session.files.get(header.index as usize).cloned() else {
+        let Some((rel, size)) = session.files.get(header.index as usize).cloned() else {
             return refuse(format!("no file number {} in this transfer", header.index));
         };
         let final_path = session.out.join(&rel);
-        if !lock(&self.busy).insert(final_path.clone()) {
-            return refuse(format!("{} is being received by another transfer", rel.display()));
+        // A sender that reconnects and resumes may find its previous stream still finishing
+        // here (the final fsync of what arrived): give that a moment before refusing.
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            let released = self.released.notified();
+            if lock(&self.busy).insert(final_path.clone()) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return refuse(format!("{} is being received by another transfer", rel.display()));
+            }
         }
         let _busy = BusyGuard { receiver: self, path: final_path.clone() };
 
         let prepared = {
             let out = session.out.clone();
             let rel = rel.clone();
-            tokio::task::spawn_blocking(move || prepare(&out, &rel, size, &blake3)).await
+            tokio::task::spawn_blocking(move || prepare(&out, &rel, size)).await
         };
         let (offset, hasher) = match prepared {
             Ok(Ok(Prepared::Resume { offset, hasher })) => (offset, hasher),
-            Ok(Ok(Prepared::Complete)) => {
-                self.count(&session, size);
-                self.say(format!(
-                    "[RECEIVED] {} {size} bytes blake3={} (already here)",
-                    rel.display(),
-                    hex(&blake3)
-                ));
-                return FileReply::AlreadyComplete;
+            Ok(Ok(Prepared::Exists)) => {
+                return self.compare_existing(&session, &rel, size, send, reader).await
             }
             Ok(Err(reason)) => return refuse(reason),
             Err(e) => return refuse(format!("receiver failure: {e}")),
@@ -327,9 +341,8 @@ impl Receiver {
         if write_frame(send, &FileReply::Start { offset }, MAX_FRAME_LEN).await.is_err() {
             return FileReply::Failed { reason: "the stream closed".into() };
         }
-        let outcome = write_part(reader, &final_path, offset, size, *hasher).await;
-        match outcome {
-            WriteOutcome::Complete(hash) if hash == blake3 => {
+        match write_part(reader, &final_path, offset, size, *hasher).await {
+            WriteOutcome::Complete { received, sent } if received == sent => {
                 let finished = {
                     let final_path = final_path.clone();
                     tokio::task::spawn_blocking(move || finish(&final_path)).await
@@ -340,15 +353,15 @@ impl Receiver {
                         self.say(format!(
                             "[RECEIVED] {} {size} bytes blake3={}",
                             rel.display(),
-                            hex(&blake3)
+                            hex(&received)
                         ));
-                        FileReply::Verified { blake3 }
+                        FileReply::Verified { blake3: received }
                     }
                     Ok(Err(reason)) => FileReply::Failed { reason },
                     Err(e) => FileReply::Failed { reason: format!("receiver failure: {e}") },
                 }
             }
-            WriteOutcome::Complete(_) => {
+            WriteOutcome::Complete { .. } => {
                 self.say(format!(
                     "[CORRUPT] {}: the received file does not match its BLAKE3 hash; discarded, asking again",
                     rel.display()
@@ -360,6 +373,46 @@ impl Receiver {
                 self.say(format!("[ERROR] {}: {reason}", rel.display()));
                 FileReply::Failed { reason }
             }
+        }
+    }
+
+    /// The destination holds a file of the offered size: ask for the sender's hash (no data)
+    /// and compare it with the file's, hashed meanwhile.
+    async fn compare_existing(
+        &self,
+        session: &Session,
+        rel: &Path,
+        size: u64,
+        send: &mut quinn::SendStream,
+        mut reader: FrameReader,
+    ) -> FileReply {
+        if write_frame(send, &FileReply::Exists, MAX_FRAME_LEN).await.is_err() {
+            return FileReply::Failed { reason: "the stream closed".into() };
+        }
+        let existing = session.out.join(rel);
+        let ours = tokio::task::spawn_blocking(move || super::scan::hash_file(&existing));
+        // The sender hashes its copy first: allow for a large file on a slow disk.
+        let theirs = tokio::time::timeout(HASH_TIMEOUT, reader.next::<FileEnd>());
+        let (ours, theirs) = tokio::join!(ours, theirs);
+        let theirs = match theirs {
+            Ok(Ok(Some(FileEnd { blake3 }))) => blake3,
+            _ => return FileReply::Failed { reason: "no hash for a file that exists here".into() },
+        };
+        match ours {
+            Ok(Ok(ours)) if ours == theirs => {
+                self.count(session, size);
+                self.say(format!(
+                    "[RECEIVED] {} {size} bytes blake3={} (already here)",
+                    rel.display(),
+                    hex(&ours)
+                ));
+                FileReply::AlreadyComplete
+            }
+            Ok(Ok(_)) => FileReply::Refused {
+                reason: format!("{} already exists with other content; it is not overwritten", rel.display()),
+            },
+            Ok(Err(e)) => FileReply::Refused { reason: format!("cannot check {}: {e}", rel.display()) },
+            Err(e) => FileReply::Failed { reason: format!("receiver failure: {e}") },
         }
     }
 
@@ -378,6 +431,7 @@ struct BusyGuard<'a> {
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         lock(&self.receiver.busy).remove(&self.path);
+        self.receiver.released.notify_waiters();
     }
 }
 
@@ -410,8 +464,8 @@ fn make_dirs(out: &Path, rel: &Path) -> std::io::Result<()> {
 enum Prepared {
     /// Write from `offset`; `hasher` has already hashed the bytes before it.
     Resume { offset: u64, hasher: Box<blake3::Hasher> },
-    /// The final file is already here with the right content.
-    Complete,
+    /// A regular file of the offered size is already at the destination.
+    Exists,
 }
 
 fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
@@ -419,21 +473,16 @@ fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Checks the destination and any `.part` (blocking).
-fn prepare(out: &Path, rel: &Path, size: u64, blake3: &[u8; 32]) -> Result<Prepared, String> {
+fn prepare(out: &Path, rel: &Path, size: u64) -> Result<Prepared, String> {
     if let Some(parent) = rel.parent() {
         make_dirs(out, parent)
             .map_err(|e| format!("cannot create the directory for {}: {e}", rel.display()))?;
     }
     let final_path = out.join(rel);
     match std::fs::symlink_metadata(&final_path) {
+        Ok(meta) if meta.is_file() && meta.len() == size => return Ok(Prepared::Exists),
         Ok(meta) if meta.is_file() => {
-            let same = meta.len() == size
-                && super::scan::hash_file(&final_path).map(|h| &h == blake3).unwrap_or(false);
-            return if same {
-                Ok(Prepared::Complete)
-            } else {
-                Err(format!("{} already exists with other content; it is not overwritten", rel.display()))
-            };
+            return Err(format!("{} already exists with other content; it is not overwritten", rel.display()))
         }
         Ok(_) => return Err(format!("{} already exists and is not a regular file", rel.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -474,14 +523,15 @@ fn prepare(out: &Path, rel: &Path, size: u64, blake3: &[u8; 32]) -> Result<Prepa
 }
 
 enum WriteOutcome {
-    /// All bytes are in the `.part` (fsynced); the whole file's hash.
-    Complete([u8; 32]),
+    /// All bytes are in the `.part` (fsynced): the hash of what is there, and the hash the
+    /// sender sent after the data.
+    Complete { received: [u8; 32], sent: [u8; 32] },
     /// Writing or receiving stopped early; what arrived is kept in the `.part`.
     Failed(String),
 }
 
-/// Appends the stream to `<final>.part` from `offset` on a blocking writer thread (bounded
-/// queue), hashing as it goes.
+/// Appends the file's `size - offset` bytes to `<final>.part` on a blocking writer thread
+/// (a bounded queue of reused buffers), hashing as it goes, then reads the sender's hash.
 async fn write_part(
     reader: FrameReader,
     final_path: &Path,
@@ -491,78 +541,62 @@ async fn write_part(
 ) -> WriteOutcome {
     let part = part_path(final_path);
     let mut recv = reader.into_inner();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AlignedBuf>(2);
+    let (spent_tx, spent_rx) = std::sync::mpsc::channel::<AlignedBuf>();
     let writer_part = part.clone();
     let writer = tokio::task::spawn_blocking(move || -> Result<blake3::Hasher, std::io::Error> {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&writer_part)?;
-        file.set_len(offset)?;
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(offset))?;
+        let mut writer = PartWriter::open(&writer_part, offset)?;
+        tracing::debug!(part = %writer_part.display(), direct = writer.is_direct(), "writing");
         let mut result = Ok(());
-        // Flush to disk in the background as data arrives, so the final fsync has little
-        // left to do (it would otherwise write the whole file after the last byte arrived).
-        let mut flushers = Vec::new();
-        let mut unflushed = 0usize;
-        while let Some(buf) = rx.blocking_recv() {
-            if let Err(e) = file.write_all(&buf) {
+        while let Some(mut buf) = rx.blocking_recv() {
+            hasher.update(buf.data());
+            if let Err(e) = writer.write(&mut buf) {
                 result = Err(e);
                 break;
             }
-            hasher.update(&buf);
-            unflushed += buf.len();
-            if unflushed >= FLUSH_EVERY
-                && flushers.iter().all(|f: &std::thread::JoinHandle<()>| f.is_finished())
-            {
-                unflushed = 0;
-                if let Ok(handle) = file.try_clone() {
-                    flushers.push(std::thread::spawn(move || {
-                        let _ = handle.sync_data();
-                    }));
-                }
-            }
-        }
-        for flusher in flushers {
-            let _ = flusher.join();
+            let _ = spent_tx.send(buf);
         }
         // Keep what was written, whatever happened.
-        let synced = file.sync_all();
+        let synced = writer.sync();
         result.and(synced).map(|()| hasher)
     });
 
     let expected = size - offset;
     let mut received = 0u64;
     let mut stream_error = None;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                received += n as u64;
-                if received > expected {
-                    stream_error = Some(format!("the sender sent more than the file's {size} bytes"));
+    while received < expected && stream_error.is_none() {
+        let mut buf = spent_rx.try_recv().unwrap_or_default();
+        buf.clear();
+        // Whole buffers: hashing is fastest on large inputs and direct I/O wants whole blocks.
+        let want = (expected - received).min(buf.spare().len() as u64) as usize;
+        while buf.len() < want {
+            let room = want - buf.len();
+            match recv.read(&mut buf.spare()[..room]).await {
+                Ok(Some(n)) => buf.filled(n),
+                Ok(None) => {
+                    stream_error = Some(format!(
+                        "the stream ended after {} of {size} bytes; what arrived is kept for resume",
+                        offset + received + buf.len() as u64
+                    ));
                     break;
                 }
-                if tx.send(buf[..n].to_vec()).await.is_err() {
-                    break; // The writer failed; its error is reported below.
+                Err(e) => {
+                    stream_error =
+                        Some(format!("the transfer was interrupted ({e}); what arrived is kept for resume"));
+                    break;
                 }
             }
-            Ok(None) => break,
-            Err(e) => {
-                stream_error =
-                    Some(format!("the transfer was interrupted ({e}); what arrived is kept for resume"));
-                break;
-            }
+        }
+        received += buf.len() as u64;
+        if !buf.is_empty() && tx.send(buf).await.is_err() {
+            break; // The writer failed; its error is reported below.
         }
     }
     drop(tx);
     let hasher = match writer.await {
         Ok(Ok(hasher)) => hasher,
         Ok(Err(e)) => {
+            // Stop the sender's writes: it then asks for our reason.
             let _ = recv.stop(0u32.into());
             let reason = if e.raw_os_error() == Some(libc::ENOSPC) {
                 format!(
@@ -579,13 +613,19 @@ async fn write_part(
     if let Some(reason) = stream_error {
         return WriteOutcome::Failed(reason);
     }
-    if received != expected {
-        return WriteOutcome::Failed(format!(
-            "the stream ended after {} of {size} bytes; what arrived is kept for resume",
-            offset + received
-        ));
-    }
-    WriteOutcome::Complete(*hasher.finalize().as_bytes())
+    // The sender's hash follows the data.
+    let mut trailer = FrameReader::new(recv, MAX_FRAME_LEN, OFFER_TIMEOUT);
+    let sent = match tokio::time::timeout(OFFER_TIMEOUT, trailer.next::<FileEnd>()).await {
+        Ok(Ok(Some(FileEnd { blake3 }))) => blake3,
+        Err(_) => return WriteOutcome::Failed("the sender's hash did not follow the data in time".into()),
+        Ok(_) => {
+            return WriteOutcome::Failed(
+                "the stream did not end with the file's hash after its data; what arrived is kept for resume"
+                    .into(),
+            )
+        }
+    };
+    WriteOutcome::Complete { received: *hasher.finalize().as_bytes(), sent }
 }
 
 /// Moves a verified `.part` into place without ever replacing an existing file, then makes

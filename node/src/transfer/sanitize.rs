@@ -101,7 +101,7 @@ mod tests {
     use super::*;
 
     fn file(path: &str) -> OfferEntry {
-        OfferEntry { path: path.into(), kind: EntryKind::File { size: 1, blake3: [0; 32] } }
+        OfferEntry { path: path.into(), kind: EntryKind::File { size: 1 } }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The sender's side of an offer: walk the paths the user named, hash every file.
+//! The sender's side of an offer: walk the paths the user named; hashing files.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,9 @@ pub struct LocalFile {
     pub source: PathBuf,
     pub path: String,
     pub size: u64,
-    pub blake3: [u8; 32],
+    /// Modification time when the offer was made: a file that changes while it is sent is
+    /// reported, not delivered as a mix of old and new bytes.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// Everything one `send` offers.
@@ -30,38 +32,32 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
     move |source| TransferError::Io { path: path.to_path_buf(), source }
 }
 
-/// BLAKE3 of a whole file. One thread reads 8 MiB blocks while the previous block is
-/// hashed on every core (BLAKE3's tree mode). Reading instead of memory-mapping keeps a file
-/// that shrinks meanwhile an error, not a crash.
-pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
+/// Feeds the next `limit` bytes of `file` (fewer at its end) to `hasher`; returns how many
+/// were read. One thread reads 8 MiB blocks while the previous block is hashed on every core
+/// (BLAKE3's tree mode). Reading instead of memory-mapping keeps a file that shrinks
+/// meanwhile an error, not a crash.
+pub fn hash_into(file: &mut std::fs::File, limit: u64, hasher: &mut blake3::Hasher) -> std::io::Result<u64> {
     const BLOCK: usize = 8 << 20;
-    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
     let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
     for _ in 0..2 {
-        let _ = empty_tx.send(vec![0u8; BLOCK]);
+        let _ = empty_tx.send(Vec::with_capacity(BLOCK));
     }
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> std::io::Result<()> {
+        let reader = scope.spawn(move || -> std::io::Result<u64> {
+            let mut total = 0u64;
             while let Ok(mut buf) = empty_rx.recv() {
-                buf.resize(BLOCK, 0);
-                let mut filled = 0;
-                while filled < BLOCK {
-                    let n = file.read(&mut buf[filled..])?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                buf.truncate(filled);
-                let last = filled == 0;
+                buf.clear();
+                let want = (limit - total).min(BLOCK as u64);
+                (&mut *file).take(want).read_to_end(&mut buf)?;
+                total += buf.len() as u64;
+                let last = buf.is_empty();
                 if full_tx.send(buf).is_err() || last {
-                    return Ok(());
+                    break;
                 }
             }
-            Ok(())
+            Ok(total)
         });
-        let mut hasher = blake3::Hasher::new();
         while let Ok(buf) = full_rx.recv() {
             if buf.is_empty() {
                 break;
@@ -70,15 +66,16 @@ pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
             let _ = empty_tx.send(buf);
         }
         drop(empty_tx);
-        match reader.join() {
-            Ok(Ok(())) => Ok(*hasher.finalize().as_bytes()),
-            Ok(Err(e)) => Err(TransferError::Io { path: path.to_path_buf(), source: e }),
-            Err(_) => Err(TransferError::BadSource {
-                path: path.to_path_buf(),
-                reason: "the reader thread failed".into(),
-            }),
-        }
+        reader.join().unwrap_or_else(|_| Err(std::io::Error::other("the reader thread failed")))
     })
+}
+
+/// BLAKE3 of a whole file.
+pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = blake3::Hasher::new();
+    hash_into(&mut file, u64::MAX, &mut hasher).map_err(io_err(path))?;
+    Ok(*hasher.finalize().as_bytes())
 }
 
 fn utf8_name(path: &Path) -> Result<String, TransferError> {
@@ -88,7 +85,8 @@ fn utf8_name(path: &Path) -> Result<String, TransferError> {
     })
 }
 
-/// Builds the offer for `paths` (blocking: reads and hashes every file).
+/// Builds the offer for `paths` (blocking: walks the directories; files are read later, as
+/// they are sent).
 pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
     let mut plan = Plan::default();
     let mut top_names = std::collections::HashSet::new();
@@ -106,7 +104,7 @@ pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
         if metadata.is_dir() {
             walk(&canonical, name, &mut plan)?;
         } else if metadata.is_file() {
-            add_file(&canonical, name, metadata.len(), &mut plan)?;
+            add_file(&canonical, name, &metadata, &mut plan);
         } else {
             return Err(TransferError::BadSource {
                 path: path.clone(),
@@ -123,12 +121,12 @@ pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
     Ok(plan)
 }
 
-fn add_file(source: &Path, path: String, size: u64, plan: &mut Plan) -> Result<(), TransferError> {
-    let blake3 = hash_file(source)?;
-    plan.entries.push(OfferEntry { path: path.clone(), kind: EntryKind::File { size, blake3 } });
-    plan.files.push(LocalFile { source: source.to_path_buf(), path, size, blake3 });
+fn add_file(source: &Path, path: String, metadata: &std::fs::Metadata, plan: &mut Plan) {
+    let size = metadata.len();
+    plan.entries.push(OfferEntry { path: path.clone(), kind: EntryKind::File { size } });
+    let modified = metadata.modified().ok();
+    plan.files.push(LocalFile { source: source.to_path_buf(), path, size, modified });
     plan.total_bytes += size;
-    Ok(())
 }
 
 fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
@@ -146,7 +144,7 @@ fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
         } else if metadata.is_dir() {
             walk(&source, child_rel, plan)?;
         } else if metadata.is_file() {
-            add_file(&source, child_rel, metadata.len(), plan)?;
+            add_file(&source, child_rel, &metadata, plan);
         } else {
             plan.skipped.push((source, "not a regular file".into()));
         }

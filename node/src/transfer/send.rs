@@ -1,7 +1,7 @@
 //! The sending side: offer, then stream every file (a few at once), then wait for each file's
 //! verification.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,9 +9,9 @@ use qpeer_tracker::proto::MAX_FRAME_LEN;
 use qpeer_tracker::stream::{write_frame, FrameReader, StreamError};
 use tokio::sync::Semaphore;
 
-use super::scan::{LocalFile, Plan};
+use super::scan::{hash_file, hash_into, LocalFile, Plan};
 use super::wire::{
-    ControlFrame, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
+    ControlFrame, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
 };
 use super::{TransferError, CHUNK};
 use crate::peer::StreamKind;
@@ -190,42 +190,60 @@ async fn send_file(
         write_frame(&mut send, &FileHeader { transfer_id, index }, MAX_FRAME_LEN)
             .await
             .map_err(|e| lost(conn, e))?;
-        let offset = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
-            FileReply::Start { offset } if offset <= file.size => offset,
+        let hash = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
+            FileReply::Start { offset } if offset <= file.size => {
+                if attempt == 0 {
+                    progress.add(offset);
+                }
+                match stream_file(conn, &mut send, file, offset, progress).await {
+                    Ok((sent, hash)) => {
+                        streamed += sent;
+                        hash
+                    }
+                    Err(e @ TransferError::Lost { .. }) => {
+                        // A receiver that fails (disk full, permissions) stops our stream and
+                        // says why on its reply half: prefer its reason to "stopped by peer".
+                        return match next::<FileReply>(conn, &mut replies, Duration::from_secs(5)).await {
+                            Ok(FileReply::Failed { reason }) => {
+                                Err(TransferError::ReceiverFailed(remote_text(&reason)))
+                            }
+                            Ok(FileReply::Refused { reason }) => {
+                                Err(TransferError::Rejected(remote_text(&reason)))
+                            }
+                            _ => Err(e),
+                        };
+                    }
+                    // A local failure (the file changed or could not be read): the receiver
+                    // sees the stream reset and keeps what arrived.
+                    Err(e) => {
+                        let _ = send.reset(0u32.into());
+                        return Err(e);
+                    }
+                }
+            }
             FileReply::Start { offset } => {
                 return Err(protocol(conn, format!("resume offset {offset} is past the end ({})", file.size)))
             }
-            FileReply::AlreadyComplete => {
-                if attempt == 0 {
-                    progress.add(file.size);
-                }
-                let _ = send.finish();
-                return Ok(streamed);
+            // The receiver has a file of this size: it only needs our hash to tell whether it
+            // is this one.
+            FileReply::Exists => {
+                let source = file.source.clone();
+                tokio::task::spawn_blocking(move || hash_file(&source))
+                    .await
+                    .map_err(|e| reader_failed(file, e))??
             }
             FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
-            other => return Err(protocol(conn, format!("expected Start, got {other:?}"))),
+            other => return Err(protocol(conn, format!("expected Start or Exists, got {other:?}"))),
         };
-        if attempt == 0 {
-            progress.add(offset);
-        }
-        match stream_file(conn, &mut send, file, offset, progress).await {
-            Ok(sent) => streamed += sent,
-            Err(e) => {
-                // A receiver that fails (disk full, permissions) stops our stream and says why
-                // on its reply half: prefer its reason to "stopped by peer".
-                return match next::<FileReply>(conn, &mut replies, Duration::from_secs(5)).await {
-                    Ok(FileReply::Failed { reason }) => {
-                        Err(TransferError::ReceiverFailed(remote_text(&reason)))
-                    }
-                    Ok(FileReply::Refused { reason }) => Err(TransferError::Rejected(remote_text(&reason))),
-                    _ => Err(e),
-                };
-            }
-        }
+        write_frame(&mut send, &FileEnd { blake3: hash }, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
         let _ = send.finish();
         match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
-            FileReply::Verified { blake3 } if blake3 == file.blake3 => return Ok(streamed),
+            FileReply::Verified { blake3 } if blake3 == hash => return Ok(streamed),
             FileReply::Verified { .. } => return Err(protocol(conn, "confirmed a different hash")),
+            FileReply::AlreadyComplete => {
+                progress.add(file.size);
+                return Ok(streamed);
+            }
             FileReply::HashMismatch if attempt == 0 => {
                 progress.say(&format!(
                     "[RETRY] {}: the receiver's copy did not verify; sending it again",
@@ -241,57 +259,71 @@ async fn send_file(
                 })
             }
             FileReply::Failed { reason } => return Err(TransferError::ReceiverFailed(remote_text(&reason))),
+            FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
             other => return Err(protocol(conn, format!("expected a file result, got {other:?}"))),
         }
     }
     Err(protocol(conn, "file retry loop ended"))
 }
 
-/// Streams `file` from `offset` to its end; the file is read on a blocking thread.
+fn reader_failed(file: &LocalFile, e: impl std::fmt::Display) -> TransferError {
+    TransferError::BadSource { path: file.source.clone(), reason: format!("the reader thread failed: {e}") }
+}
+
+/// Streams `file` from `offset` to its end and returns the bytes sent and the BLAKE3 hash of
+/// the whole file. A blocking thread reads the file once: the bytes before `offset` (which
+/// the receiver holds) are only hashed, the rest are hashed and handed to quinn uncopied.
 async fn stream_file(
     conn: &PeerConnection,
     send: &mut quinn::SendStream,
     file: &LocalFile,
     offset: u64,
     progress: &Progress,
-) -> Result<u64, TransferError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let source = file.source.clone();
+) -> Result<(u64, [u8; 32]), TransferError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let local = file.clone();
     let remaining = file.size - offset;
-    let reader = tokio::task::spawn_blocking(move || {
-        let read = || -> Result<(), std::io::Error> {
-            let mut f = std::fs::File::open(&source)?;
-            f.seek(SeekFrom::Start(offset))?;
-            let mut left = remaining;
-            while left > 0 {
-                let mut buf = vec![0u8; CHUNK.min(left as usize)];
-                f.read_exact(&mut buf)?;
-                left -= buf.len() as u64;
-                if tx.blocking_send(Ok(buf)).is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(())
-        };
-        if let Err(e) = read() {
-            let _ = tx.blocking_send(Err(e));
+    let reader = tokio::task::spawn_blocking(move || -> Result<[u8; 32], TransferError> {
+        let io = |source| TransferError::Io { path: local.source.clone(), source };
+        let mut f = std::fs::File::open(&local.source).map_err(io)?;
+        let mut hasher = blake3::Hasher::new();
+        if hash_into(&mut f, offset, &mut hasher).map_err(io)? != offset {
+            return Err(changed(&local, "it is shorter than when it was offered"));
         }
+        let mut left = remaining;
+        while left > 0 {
+            // A fresh, unzeroed buffer per chunk: quinn keeps it until it is acknowledged.
+            let want = CHUNK.min(left as usize);
+            let mut buf = Vec::with_capacity(want);
+            (&mut f).take(want as u64).read_to_end(&mut buf).map_err(io)?;
+            if buf.is_empty() {
+                return Err(changed(&local, "it is shorter than when it was offered"));
+            }
+            hasher.update(&buf);
+            left -= buf.len() as u64;
+            if tx.blocking_send(buf).is_err() {
+                break; // The stream failed; the sender reports that.
+            }
+        }
+        let now = f.metadata().map_err(io)?;
+        if now.len() != local.size || now.modified().ok() != local.modified {
+            return Err(changed(&local, "it changed while it was sent"));
+        }
+        Ok(*hasher.finalize().as_bytes())
     });
     let mut sent = 0u64;
     while let Some(chunk) = rx.recv().await {
-        let chunk = chunk.map_err(|source| TransferError::Io { path: file.source.clone(), source })?;
-        send.write_all(&chunk).await.map_err(|e| lost(conn, e))?;
-        sent += chunk.len() as u64;
-        progress.add(chunk.len() as u64);
+        let len = chunk.len() as u64;
+        send.write_chunk(chunk.into()).await.map_err(|e| lost(conn, e))?;
+        sent += len;
+        progress.add(len);
     }
-    let _ = reader.await;
-    if sent != remaining {
-        return Err(TransferError::BadSource {
-            path: file.source.clone(),
-            reason: format!("the file shrank while it was sent ({sent} of {remaining} bytes)"),
-        });
-    }
-    Ok(sent)
+    let hash = reader.await.map_err(|e| reader_failed(file, e))??;
+    Ok((sent, hash))
+}
+
+fn changed(file: &LocalFile, how: &str) -> TransferError {
+    TransferError::BadSource { path: file.source.clone(), reason: format!("{how}; send it again") }
 }
 
 #[cfg(test)]
@@ -307,7 +339,7 @@ mod tests {
         let entries: Vec<OfferEntry> = (0..200)
             .map(|i| OfferEntry {
                 path: format!("{i}{}", "x".repeat(MAX_PATH_LEN - 8)),
-                kind: EntryKind::File { size: u64::MAX, blake3: [0xff; 32] },
+                kind: EntryKind::File { size: u64::MAX },
             })
             .collect();
         let batches = entry_batches(&entries);

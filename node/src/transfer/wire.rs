@@ -6,10 +6,15 @@
 //!
 //! ```text
 //! control:  S→R Offer, Entries…, OfferEnd      R→S Accept | Reject
-//! per file: S→R FileHeader                     R→S Start{offset} | AlreadyComplete | Refused
-//!           S→R <size - offset raw bytes>, FIN R→S Verified | HashMismatch | Failed
+//! per file: S→R FileHeader                     R→S Start{offset} | Exists | Refused
+//!           S→R <size - offset raw bytes>       (after Start; none after Exists)
+//!           S→R FileEnd{blake3}, FIN           R→S Verified | HashMismatch | Failed
+//!                                                  | AlreadyComplete | Refused (after Exists)
 //! control:  S→R Finish                         R→S Summary
 //! ```
+//!
+//! The file's BLAKE3 hash travels after its data, so the sender reads each file once, hashing
+//! the bytes as it sends them.
 //!
 //! [`StreamKind::Transfer`]: crate::peer::StreamKind::Transfer
 //! [`StreamKind::FileData`]: crate::peer::StreamKind::FileData
@@ -17,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version carried in [`ControlFrame::Offer`].
-pub const TRANSFER_VERSION: u16 = 1;
+pub const TRANSFER_VERSION: u16 = 2;
 /// Most entries in one offer.
 pub const MAX_ENTRIES: u32 = 100_000;
 /// Most entries in one [`ControlFrame::Entries`] frame (keeps frames under the codec limit).
@@ -33,8 +38,8 @@ pub type TransferId = [u8; 16];
 /// What an offered path is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
-    /// A regular file: its size and BLAKE3 hash.
-    File { size: u64, blake3: [u8; 32] },
+    /// A regular file of `size` bytes (its hash follows its data, in [`FileEnd`]).
+    File { size: u64 },
     /// A directory (listed so that empty directories arrive too).
     Directory,
     /// A symbolic link. Receivers refuse offers that contain one; the variant exists so that
@@ -77,12 +82,19 @@ pub struct FileHeader {
     pub index: u32,
 }
 
+/// S→R, after the file's data: the BLAKE3 hash of the whole file as the sender read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEnd {
+    pub blake3: [u8; 32],
+}
+
 /// R→S answers on a file stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileReply {
     /// Send from `offset`: the receiver already holds the bytes before it (in `<name>.part`).
     Start { offset: u64 },
-    /// The receiver already has this exact file; nothing to send.
+    /// After [`FileEnd`] that followed [`FileReply::Exists`]: the receiver's file is this
+    /// exact file.
     AlreadyComplete,
     /// The receiver will not take this file.
     Refused { reason: String },
@@ -93,6 +105,9 @@ pub enum FileReply {
     HashMismatch,
     /// After the data: writing failed; what was written is kept in `<name>.part` for resume.
     Failed { reason: String },
+    /// The destination already holds a file of this size: send no data, only [`FileEnd`], and
+    /// the receiver answers whether it is the same file.
+    Exists,
 }
 
 #[cfg(test)]
@@ -105,7 +120,7 @@ mod tests {
 
     fn entry() -> impl Strategy<Value = OfferEntry> {
         let kind = prop_oneof![
-            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(size, blake3)| EntryKind::File { size, blake3 }),
+            any::<u64>().prop_map(|size| EntryKind::File { size }),
             Just(EntryKind::Directory),
             ".{0,20}".prop_map(|target| EntryKind::Symlink { target }),
         ];
@@ -139,6 +154,7 @@ mod tests {
             any::<[u8; 32]>().prop_map(|blake3| FileReply::Verified { blake3 }),
             Just(FileReply::HashMismatch),
             ".{0,50}".prop_map(|reason| FileReply::Failed { reason }),
+            Just(FileReply::Exists),
         ]
     }
 
@@ -154,10 +170,8 @@ mod tests {
 
     #[test]
     fn a_full_entries_frame_of_long_paths_fits_the_frame_limit() {
-        let long = OfferEntry {
-            path: "é".repeat(MAX_PATH_LEN / 2),
-            kind: EntryKind::File { size: u64::MAX, blake3: [0xff; 32] },
-        };
+        let long =
+            OfferEntry { path: "é".repeat(MAX_PATH_LEN / 2), kind: EntryKind::File { size: u64::MAX } };
         let frame = ControlFrame::Entries(vec![long; 8]);
         assert!(encode_frame(&frame, MAX_FRAME_LEN).is_ok());
     }
@@ -169,10 +183,17 @@ mod tests {
         }
 
         #[test]
-        fn file_frames_roundtrip(reply in reply(), id in any::<[u8; 16]>(), index in any::<u32>()) {
+        fn file_frames_roundtrip(
+            reply in reply(),
+            id in any::<[u8; 16]>(),
+            index in any::<u32>(),
+            blake3 in any::<[u8; 32]>(),
+        ) {
             prop_assert_eq!(roundtrip(&reply), reply);
             let header = FileHeader { transfer_id: id, index };
             prop_assert_eq!(roundtrip(&header), header);
+            let end = FileEnd { blake3 };
+            prop_assert_eq!(roundtrip(&end), end);
         }
 
         #[test]
@@ -180,6 +201,7 @@ mod tests {
             let _ = decode_body::<ControlFrame>(&bytes);
             let _ = decode_body::<FileHeader>(&bytes);
             let _ = decode_body::<FileReply>(&bytes);
+            let _ = decode_body::<FileEnd>(&bytes);
         }
 
         #[test]

@@ -47,12 +47,13 @@ fn main() -> Result<()> {
     }
     let mib =
         |default_gib: u64, smoke_mib: u64| if smoke { smoke_mib } else { gib.unwrap_or(default_gib) << 10 };
+    let rounds = if smoke { 1 } else { ROUNDS };
     let levels = nodes.unwrap_or_else(|| if smoke { vec![200] } else { vec![1_000, 10_000, 100_000] });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let run = |name: &str| -> Result<()> {
         match name {
-            "transfer" => runtime.block_on(transfer(mib(1, 16), false)),
-            "relay" => runtime.block_on(transfer(mib(1, 16), true)),
+            "transfer" => runtime.block_on(transfer(mib(1, 16), false, rounds)),
+            "relay" => runtime.block_on(transfer(mib(1, 16), true, rounds)),
             "connect" => runtime.block_on(connect(if smoke { 20 } else { 200 })),
             "tracker" => runtime.block_on(tracker(&levels)),
             "transfer-rss" => transfer_rss(mib(2, 16)),
@@ -135,7 +136,8 @@ fn write_random(path: &Path, bytes: u64) -> Result<()> {
         }
         out.write_all(&block)?;
     }
-    out.flush()?;
+    // On disk before anything is timed: writeback of the payload must not share the run.
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
 }
 
@@ -242,28 +244,49 @@ fn common_args(dir: &Path, name: &str, tracker: &str) -> Vec<String> {
     ]
 }
 
+/// Rounds of each measurement in `transfer` and `relay`: this machine kind is a VM whose
+/// speed drifts between runs, so the two sides alternate and the medians are compared.
+const ROUNDS: usize = 3;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Sends `mib` MiB with the real binaries (direct, and through the relay when `relay`), and
-/// in the same run a raw quinn bulk stream, and prints the ratios.
-async fn transfer(mib: u64, relay: bool) -> Result<()> {
+/// in the same run a raw quinn bulk stream, alternating, and prints the medians' ratio.
+async fn transfer(mib: u64, relay: bool, rounds: usize) -> Result<()> {
     let bins = bin_dir()?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("payload.bin");
     let bytes = mib << 20;
     write_random(&file, bytes)?;
-    let raw = raw_quinn(bytes).await?;
-    let direct = qpeer_send(&bins, dir.path(), &file, false)?;
+    let (mut base, mut measured) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        base.push(if relay {
+            qpeer_send(&bins, dir.path(), &file, false)?
+        } else {
+            raw_quinn(bytes).await?
+        });
+        measured.push(qpeer_send(&bins, dir.path(), &file, relay)?);
+    }
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(",");
+    let (base_median, measured_median) = (median(base.clone()), median(measured.clone()));
     if relay {
-        let relayed = qpeer_send(&bins, dir.path(), &file, true)?;
         println!(
-            "{{\"scenario\":\"relay\",\"cores\":{},\"bytes\":{bytes},\"direct_mib_s\":{direct:.1},\"relayed_mib_s\":{relayed:.1},\"ratio\":{:.3}}}",
+            "{{\"scenario\":\"relay\",\"cores\":{},\"bytes\":{bytes},\"rounds\":{rounds},\"direct_mib_s\":{base_median:.1},\"relayed_mib_s\":{measured_median:.1},\"ratio\":{:.3},\"direct_each\":[{}],\"relayed_each\":[{}]}}",
             cores(),
-            relayed / direct
+            measured_median / base_median,
+            list(&base),
+            list(&measured)
         );
     } else {
         println!(
-            "{{\"scenario\":\"transfer\",\"cores\":{},\"bytes\":{bytes},\"qpeer_mib_s\":{direct:.1},\"raw_quinn_mib_s\":{raw:.1},\"ratio\":{:.3}}}",
+            "{{\"scenario\":\"transfer\",\"cores\":{},\"bytes\":{bytes},\"rounds\":{rounds},\"qpeer_mib_s\":{measured_median:.1},\"raw_quinn_mib_s\":{base_median:.1},\"ratio\":{:.3},\"qpeer_each\":[{}],\"raw_quinn_each\":[{}]}}",
             cores(),
-            direct / raw
+            measured_median / base_median,
+            list(&measured),
+            list(&base)
         );
     }
     Ok(())
