@@ -103,7 +103,7 @@ pub async fn send_files(
     quiet: bool,
     out: &dyn Output,
 ) -> CommandResult {
-    // Hash the files while the connection is being punched: both take time, neither needs
+    // Walk the paths while the connection is being punched: both take time, neither needs
     // the other.
     let scanning = async {
         tokio::task::spawn_blocking(move || scan(&paths))

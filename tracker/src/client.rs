@@ -135,12 +135,36 @@ impl TrackerClient {
         trust: &ServerTrust,
         info: RegisterInfo,
     ) -> Result<(Self, mpsc::Receiver<TrackerEvent>), ClientError> {
-        let (tls_trust, expected) = match trust {
-            ServerTrust::Pinned(id) => (ServerTrust::FirstUse, Some(*id)),
-            other => (other.clone(), None),
+        let config = Self::config(identity, trust)?;
+        Self::connect_with_config(endpoint, config, addr, server_name, trust, info).await
+    }
+
+    /// The TLS and transport settings for reaching a tracker trusted per `trust` as
+    /// `identity`: built once, usable for many connections.
+    pub fn config(identity: &Identity, trust: &ServerTrust) -> Result<quinn::ClientConfig, ClientError> {
+        // A pinned tracker id is checked after the handshake, for a precise error.
+        let tls_trust = match trust {
+            ServerTrust::Pinned(_) => ServerTrust::FirstUse,
+            other => other.clone(),
         };
         let mut config = qpeer_certs::client_config(identity, &tls_trust, &[ALPN])?;
         config.transport_config(Arc::new(client_transport()));
+        Ok(config)
+    }
+
+    /// [`TrackerClient::connect`] with a config from [`TrackerClient::config`].
+    pub async fn connect_with_config(
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+        trust: &ServerTrust,
+        info: RegisterInfo,
+    ) -> Result<(Self, mpsc::Receiver<TrackerEvent>), ClientError> {
+        let expected = match trust {
+            ServerTrust::Pinned(id) => Some(*id),
+            _ => None,
+        };
         let connection = endpoint.connect_with(config, addr, server_name)?.await?;
         let tracker_id = match trust {
             ServerTrust::Ca(_) => None,

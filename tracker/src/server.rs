@@ -156,6 +156,23 @@ fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TrackerEr
     Ok(transport)
 }
 
+/// Bytes of UDP receive buffer the tracker asks for. Registrations arrive in bursts from many
+/// nodes at once; with the kernel's default (about 208 KiB) the buffer overflows and every
+/// dropped handshake packet costs that node a one-second retransmission timeout.
+pub const RECEIVE_BUFFER: usize = 8 << 20;
+
+/// Asks for [`RECEIVE_BUFFER`] bytes of receive buffer; the kernel caps the request at
+/// `net.core.rmem_max`, and what was granted is logged.
+pub fn enlarge_receive_buffer(socket: &std::net::UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    if let Err(e) = socket.set_recv_buffer_size(RECEIVE_BUFFER) {
+        tracing::warn!("cannot enlarge the UDP receive buffer: {e}");
+    }
+    // Linux reports twice the usable size (it counts bookkeeping).
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    tracing::debug!(granted, wanted = RECEIVE_BUFFER, "UDP receive buffer");
+}
+
 /// Endpoint settings that survive a restart: the stateless-reset key and the key that
 /// validates connection IDs both derive from the identity. A restarted process then
 /// recognizes its predecessor's connection IDs and answers their packets with resets the
@@ -190,6 +207,7 @@ impl Tracker {
         server_config.transport_config(Arc::new(transport_config(&config.limits)?));
         let socket = std::net::UdpSocket::bind(config.listen)
             .map_err(|source| TrackerError::Bind { addr: config.listen, source })?;
+        enlarge_receive_buffer(&socket);
         let endpoint = quinn::Endpoint::new(
             endpoint_config(&config.identity),
             Some(server_config),
@@ -461,12 +479,12 @@ impl Session {
         }
         let console = self.shared.console;
         let active = self.shared.directory().len();
+        // One write for both lines: at thousands of registrations a second it shows.
         console.line(format_args!(
-            "[NEW CONNECTION] {} connected. node {}",
+            "[NEW CONNECTION] {} connected. node {}\n[ACTIVE CONNECTIONS] {active}",
             self.remote,
             self.node_id.short()
         ));
-        console.line(format_args!("[ACTIVE CONNECTIONS] {active}"));
         // The relay stream is served inside this task (no task per idle node for it).
         let relay = async {
             Session::relay_in(self.shared.clone(), self.conn.clone(), self.node_id).await;

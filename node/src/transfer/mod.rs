@@ -2,13 +2,14 @@
 //!
 //! - [`wire`]: the frames (pure data, proptested).
 //! - [`sanitize`]: checks on offered paths before anything touches the disk.
-//! - [`scan`]: the sender walks and hashes what the user named.
+//! - [`scan`]: the sender walks what the user named; file hashing.
 //! - [`send`]: [`send::send`] over a [`PeerConnection`](crate::PeerConnection).
 //! - [`receive`]: [`receive::Receiver`], serving a listener's connections.
 //! - [`part`]: writing a `.part` file, with direct I/O where the filesystem allows it.
 //!
-//! Rules (docs/PROTOCOL.md): a file is written to `<name>.part`, checked against the offered
-//! BLAKE3 hash, fsynced and then linked into place, never over an existing file (an existing
+//! Rules (docs/PROTOCOL.md): a file is written to `<name>.part`, checked against the BLAKE3
+//! hash the sender sends after the data (it hashes the bytes as it reads them, so each file is
+//! read once), fsynced and then linked into place, never over an existing file (an existing
 //! file with other content makes the receiver refuse that file; one with the same content
 //! counts as received). A `.part` left by an interrupted transfer is continued by the next
 //! send of the same file; if the whole file then does not match, the `.part` is discarded and

@@ -280,7 +280,7 @@ async fn stream_file(
     offset: u64,
     progress: &Progress,
 ) -> Result<(u64, [u8; 32]), TransferError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<PooledChunk>(4);
     let local = file.clone();
     let remaining = file.size - offset;
     let reader = tokio::task::spawn_blocking(move || -> Result<[u8; 32], TransferError> {
@@ -290,18 +290,19 @@ async fn stream_file(
         if hash_into(&mut f, offset, &mut hasher).map_err(io)? != offset {
             return Err(changed(&local, "it is shorter than when it was offered"));
         }
+        let (pool, spent) = std::sync::mpsc::channel::<Vec<u8>>();
         let mut left = remaining;
         while left > 0 {
-            // A fresh, unzeroed buffer per chunk: quinn keeps it until it is acknowledged.
             let want = CHUNK.min(left as usize);
-            let mut buf = Vec::with_capacity(want);
+            let mut buf = spent.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+            buf.clear();
             (&mut f).take(want as u64).read_to_end(&mut buf).map_err(io)?;
             if buf.is_empty() {
                 return Err(changed(&local, "it is shorter than when it was offered"));
             }
             hasher.update(&buf);
             left -= buf.len() as u64;
-            if tx.blocking_send(buf).is_err() {
+            if tx.blocking_send(PooledChunk { buf, pool: pool.clone() }).is_err() {
                 break; // The stream failed; the sender reports that.
             }
         }
@@ -313,13 +314,34 @@ async fn stream_file(
     });
     let mut sent = 0u64;
     while let Some(chunk) = rx.recv().await {
-        let len = chunk.len() as u64;
-        send.write_chunk(chunk.into()).await.map_err(|e| lost(conn, e))?;
+        let len = chunk.buf.len() as u64;
+        send.write_chunk(bytes::Bytes::from_owner(chunk)).await.map_err(|e| lost(conn, e))?;
         sent += len;
         progress.add(len);
     }
     let hash = reader.await.map_err(|e| reader_failed(file, e))??;
     Ok((sent, hash))
+}
+
+/// A chunk of file data lent to quinn, which holds it until the peer acknowledged it; then it
+/// goes back to the reader's pool. Memory the process already touched is reused: fresh pages
+/// for every chunk made the file reads the slowest part of a send (docs/PERFORMANCE.md).
+struct PooledChunk {
+    buf: Vec<u8>,
+    pool: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for PooledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledChunk {
+    fn drop(&mut self) {
+        // The reader may be gone (the send ended): then the buffer is simply freed.
+        let _ = self.pool.send(std::mem::take(&mut self.buf));
+    }
 }
 
 fn changed(file: &LocalFile, how: &str) -> TransferError {

@@ -17,7 +17,7 @@ use qpeer_tests::lab::bin_dir;
 use qpeer_tracker::TrackerClient;
 
 fn usage() -> ! {
-    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|all> [--smoke] [--gib N] [--nodes N,N,...]");
+    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|all> [--smoke] [--gib N] [--nodes N,N,...] [--in-flight N]");
     std::process::exit(2)
 }
 
@@ -31,9 +31,11 @@ fn main() -> Result<()> {
     let mut smoke = false;
     let mut gib: Option<u64> = None;
     let mut nodes: Option<Vec<usize>> = None;
+    let mut inflight = 32;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => smoke = true,
+            "--in-flight" => inflight = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
             "--gib" => gib = Some(args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
             "--nodes" => {
                 nodes = Some(
@@ -55,7 +57,7 @@ fn main() -> Result<()> {
             "transfer" => runtime.block_on(transfer(mib(1, 16), false, rounds)),
             "relay" => runtime.block_on(transfer(mib(1, 16), true, rounds)),
             "connect" => runtime.block_on(connect(if smoke { 20 } else { 200 })),
-            "tracker" => runtime.block_on(tracker(&levels)),
+            "tracker" => runtime.block_on(tracker(&levels, inflight)),
             "transfer-rss" => transfer_rss(mib(2, 16)),
             _ => usage(),
         }
@@ -406,7 +408,7 @@ async fn connect(rounds: usize) -> Result<()> {
 }
 
 /// N simulated nodes register with a real tracker process and stay registered.
-async fn tracker(levels: &[usize]) -> Result<()> {
+async fn tracker(levels: &[usize], inflight: usize) -> Result<()> {
     use qpeer_tracker::client::RegisterInfo;
     let bins = bin_dir()?;
     let dir = tempfile::tempdir()?;
@@ -436,43 +438,81 @@ async fn tracker(levels: &[usize]) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let base_rss = rss_kib(pid).context("tracker RSS")?;
     // A few client endpoints carry all simulated nodes.
+    // They get the tracker's receive buffer size: a burst of answers must not overflow them.
     let endpoints: Vec<quinn::Endpoint> = (0..4)
-        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .map(|_| {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            qpeer_tracker::server::enlarge_receive_buffer(&socket);
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                std::sync::Arc::new(quinn::TokioRuntime),
+            )
+        })
         .collect::<Result<_, _>>()?;
     let mut clients: Vec<TrackerClient> = Vec::new();
     let mut ids: Vec<qpeer_certs::NodeId> = Vec::new();
     let mut introducers = Vec::new();
     for &level in levels {
         let want = level - clients.len();
-        let identities: Vec<qpeer_certs::Identity> =
-            (0..want).map(|_| qpeer_certs::Identity::generate()).collect::<Result<_, _>>()?;
-        // 32 handshakes in flight: more only overflows the UDP receive buffers (rmem_max) on
-        // loopback and measures retransmission timers instead of the tracker.
-        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        // Each simulated node's identity and TLS config (with its certificate) exist before the
+        // clock starts, as a real node's do before it registers.
+        let configs = (0..want)
+            .map(|_| {
+                let identity = qpeer_certs::Identity::generate()?;
+                let config = TrackerClient::config(&identity, &trust)?;
+                anyhow::Ok((identity.node_id(), config))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // `inflight` handshakes at once (32 by default: enough to keep both cores busy).
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(inflight));
         let started = Instant::now();
+        let (tracker_cpu, bench_cpu) = (cpu_seconds(Some(pid)), cpu_seconds(None));
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, identity) in identities.into_iter().enumerate() {
+        let retries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for (i, (id, config)) in configs.into_iter().enumerate() {
             let endpoint = endpoints[i % endpoints.len()].clone();
             let trust = trust.clone();
             let permit = permits.clone().acquire_owned().await?;
+            let retries = retries.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                let (client, events) = TrackerClient::connect(
-                    &endpoint,
-                    &identity,
-                    addr,
-                    "qpeer",
-                    &trust,
-                    RegisterInfo::default(),
-                )
-                .await?;
-                anyhow::Ok((client, events, identity.node_id()))
+                let began = Instant::now();
+                // Like a real node, a simulated one tries again (with backoff) when a
+                // registration fails; every retry is counted and reported.
+                let mut backoff = Duration::from_millis(250);
+                let mut attempt = 0;
+                let (client, events) = loop {
+                    match TrackerClient::connect_with_config(
+                        &endpoint,
+                        config.clone(),
+                        addr,
+                        "qpeer",
+                        &trust,
+                        RegisterInfo::default(),
+                    )
+                    .await
+                    {
+                        Ok(registered) => break registered,
+                        Err(e) if attempt == 4 => return Err(e.into()),
+                        Err(_) => {
+                            attempt += 1;
+                            retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                };
+                anyhow::Ok((client, events, id, began.elapsed()))
             });
         }
         let mut failure = None;
+        let mut register_times = Vec::new();
         while let Some(joined) = tasks.join_next().await {
             match joined? {
-                Ok((client, events, id)) => {
+                Ok((client, events, id, took)) => {
+                    register_times.push(took);
                     clients.push(client);
                     introducers.push(events);
                     ids.push(id);
@@ -493,6 +533,9 @@ async fn tracker(levels: &[usize]) -> Result<()> {
             return Ok(());
         }
         let seconds = started.elapsed().as_secs_f64();
+        let tracker_cpu_us = (cpu_seconds(Some(pid)) - tracker_cpu) * 1e6 / want.max(1) as f64;
+        let nodes_cpu_us = (cpu_seconds(None) - bench_cpu) * 1e6 / want.max(1) as f64;
+        register_times.sort();
         std::thread::sleep(Duration::from_millis(500));
         let rss = rss_kib(pid).context("tracker RSS")?;
         // Introductions under this load: between two registered simulated nodes.
@@ -509,13 +552,17 @@ async fn tracker(levels: &[usize]) -> Result<()> {
         }
         times.sort();
         println!(
-            "{{\"scenario\":\"tracker\",\"cores\":{},\"nodes\":{},\"registrations_per_s\":{:.0},\"tracker_rss_kib\":{rss},\"tracker_base_rss_kib\":{base_rss},\"rss_per_node_kib\":{:.2},\"introduce_p50_ms\":{:.2},\"introduce_p99_ms\":{:.2}}}",
+            "{{\"scenario\":\"tracker\",\"cores\":{},\"nodes\":{},\"registrations_per_s\":{:.0},\"tracker_rss_kib\":{rss},\"tracker_base_rss_kib\":{base_rss},\"rss_per_node_kib\":{:.2},\"introduce_p50_ms\":{:.2},\"introduce_p99_ms\":{:.2},\"in_flight\":{inflight},\"registration_retries\":{},\"register_p50_ms\":{:.1},\"register_p99_ms\":{:.1},\"register_max_ms\":{:.1},\"tracker_cpu_us_per_registration\":{tracker_cpu_us:.0},\"simulated_nodes_cpu_us_per_registration\":{nodes_cpu_us:.0}}}",
             cores(),
             clients.len(),
             want as f64 / seconds,
             (rss.saturating_sub(base_rss)) as f64 / clients.len() as f64,
             percentile(&times, 0.5),
-            percentile(&times, 0.99)
+            percentile(&times, 0.99),
+            retries.load(std::sync::atomic::Ordering::Relaxed),
+            percentile(&register_times, 0.5),
+            percentile(&register_times, 0.99),
+            percentile(&register_times, 1.0),
         );
         // Drain events so queues do not grow.
         for events in &mut introducers {
@@ -523,6 +570,18 @@ async fn tracker(levels: &[usize]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far, in seconds; `None` for this process.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |pid| format!("/proc/{pid}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    // Linux reports these in USER_HZ, 100 per second on every supported architecture.
+    ticks as f64 / 100.0
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

@@ -1,5 +1,6 @@
 //! `qpeer-tracker`: the rendezvous server qpeer nodes register with.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -113,7 +114,8 @@ async fn main() -> Result<()> {
     config.console = true;
     let tracker = Tracker::bind(config).context("tracker failed to start")?;
     tracker.run(shutdown_signal()).await;
-    println!("[STOPPED] tracker server stopped");
+    // Not println!: a closed stdout (the console's reader went away) must not panic the exit.
+    let _ = writeln!(std::io::stdout(), "[STOPPED] tracker server stopped");
     Ok(())
 }
 
