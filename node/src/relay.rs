@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use qpeer_certs::NodeId;
+use qpeer_tracker::relay::{gather_frames, RelayDecoder, RelayFrame};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
@@ -52,11 +54,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Queues between the socket wrapper and the tasks that talk to the tracker.
 #[derive(Debug)]
 pub struct RelayHub {
-    inbound_tx: mpsc::Sender<(u32, Vec<u8>)>,
-    inbound_rx: Mutex<mpsc::Receiver<(u32, Vec<u8>)>>,
-    outbound_tx: mpsc::Sender<(u32, Vec<u8>)>,
+    inbound_tx: mpsc::Sender<RelayFrame>,
+    inbound_rx: Mutex<mpsc::Receiver<RelayFrame>>,
+    /// Encoded relay frames, ready for the relay stream.
+    outbound_tx: mpsc::Sender<Bytes>,
     /// Taken by the relay pump of the current tracker connection.
-    pub(crate) outbound_rx: tokio::sync::Mutex<mpsc::Receiver<(u32, Vec<u8>)>>,
+    pub(crate) outbound_rx: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
     /// Links the tracker opened for us, and the peer at the other end.
     links: Mutex<HashMap<u32, NodeId>>,
     link_opened: tokio::sync::Notify,
@@ -103,12 +106,12 @@ impl RelayHub {
         }
     }
 
-    /// A packet the tracker relayed to us; dropped unless its link is ours.
-    pub fn deliver(&self, link: u32, packet: &[u8]) -> bool {
-        if !lock(&self.links).contains_key(&link) {
+    /// A frame the tracker relayed to us; dropped unless its link is ours.
+    pub fn deliver(&self, frame: RelayFrame) -> bool {
+        if !lock(&self.links).contains_key(&frame.link()) {
             return false;
         }
-        self.inbound_tx.try_send((link, packet.to_vec())).is_ok()
+        self.inbound_tx.try_send(frame).is_ok()
     }
 }
 
@@ -139,10 +142,11 @@ impl RelaySocket {
         };
         let mut inbound = lock(&self.hub.inbound_rx);
         match inbound.poll_recv(cx) {
-            Poll::Ready(Some((link, packet))) => {
+            Poll::Ready(Some(frame)) => {
+                let packet = frame.packet();
                 let len = packet.len().min(buf.len());
                 buf[..len].copy_from_slice(&packet[..len]);
-                let mut addr = placeholder(link);
+                let mut addr = placeholder(frame.link());
                 if self.ipv6 {
                     if let IpAddr::V4(v4) = addr.ip() {
                         addr = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port());
@@ -165,11 +169,14 @@ impl AsyncUdpSocket for RelaySocket {
         let Some(link) = link_of(transmit.destination) else {
             return self.inner.try_send(transmit);
         };
-        // A relayed transmit may hold several packets (GSO): the relay carries them one by one.
+        // A relayed transmit may hold several packets (GSO): the relay carries them one by one,
+        // each framed in one allocation. A full queue drops the packet, like a congested link,
+        // and QUIC recovers.
         let size = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
         for packet in transmit.contents.chunks(size) {
-            // A full queue drops the packet, like a congested link; QUIC recovers.
-            let _ = self.hub.outbound_tx.try_send((link, packet.to_vec()));
+            if let Ok(frame) = RelayFrame::new(link, packet) {
+                let _ = self.hub.outbound_tx.try_send(frame.into_bytes());
+            }
         }
         Ok(())
     }
@@ -219,35 +226,24 @@ pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
     let outbound = async {
         let mut queue = hub.outbound_rx.lock().await;
         let mut send: Option<quinn::SendStream> = None;
-        let mut frame = Vec::with_capacity(64 * 1024);
-        while let Some((link, packet)) = queue.recv().await {
-            frame.clear();
-            let _ = qpeer_tracker::relay::encode_relay_frame(link, &packet, &mut frame);
-            while frame.len() < 60 * 1024 {
-                match queue.try_recv() {
-                    Ok((link, packet)) => {
-                        let _ = qpeer_tracker::relay::encode_relay_frame(link, &packet, &mut frame);
-                    }
-                    Err(_) => break,
-                }
-            }
+        while let Some(first) = queue.recv().await {
             if send.is_none() {
                 send = tracker.open_uni().await.ok();
             }
             let Some(stream) = send.as_mut() else { return };
-            if stream.write_all(&frame).await.is_err() {
+            if stream.write_chunk(gather_frames(first, &mut queue)).await.is_err() {
                 return;
             }
         }
     };
     let inbound = async {
         let Ok(mut recv) = tracker.accept_uni().await else { return };
-        let mut decoder = qpeer_tracker::relay::RelayDecoder::default();
+        let mut decoder = RelayDecoder::default();
         while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
             decoder.extend(&chunk.bytes);
-            while let Some((link, packet)) = decoder.next_frame() {
-                if !hub.deliver(link, packet) {
-                    tracing::trace!(link, "dropping a relayed packet for an unknown link or a full queue");
+            while let Some(frame) = decoder.next_frame() {
+                if !hub.deliver(frame) {
+                    tracing::trace!("dropping a relayed packet for an unknown link or a full queue");
                 }
             }
         }
@@ -256,28 +252,5 @@ pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
     tokio::select! {
         _ = async { tokio::join!(outbound, inbound) } => {}
         _ = tracker.closed() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_roundtrip_and_are_recognized() {
-        for link in [1u32, 255, 65_536, 0x00ff_ffff] {
-            let addr = placeholder(link);
-            assert_eq!(link_of(addr), Some(link));
-            let mapped = SocketAddr::new(
-                match addr.ip() {
-                    IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
-                    other => other,
-                },
-                addr.port(),
-            );
-            assert_eq!(link_of(mapped), Some(link));
-        }
-        assert_eq!(link_of("198.51.100.1:9".parse().expect("addr")), None);
-        assert_eq!(link_of("240.0.0.1:4433".parse().expect("addr")), None);
     }
 }

@@ -64,7 +64,7 @@ pub struct Entry {
     pub outbox: mpsc::Sender<Box<ServerFrame>>,
     pub introductions: TokenBucket,
     /// Relay: the queue of frames for this node's relay stream, once a link needs it.
-    pub relay_out: Option<mpsc::Sender<(u32, Vec<u8>)>>,
+    pub relay_out: Option<mpsc::Sender<bytes::Bytes>>,
     /// Relay limits on what this node sends.
     pub relay_bytes: TokenBucket,
     pub relay_packets: TokenBucket,

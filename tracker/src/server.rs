@@ -19,8 +19,9 @@ use crate::proto::{
     close_code, ClientFrame, ErrorKind, PeerAddrs, ServerFrame, ALPN, MAX_CANDIDATES, MAX_FRAME_LEN,
     MAX_NAME_LEN, MAX_PEERS_PAGE, PROTOCOL_VERSION, RELAY_REQUEST_WINDOW_SECS,
 };
-use crate::relay::{encode_relay_frame, RelayDecoder};
+use crate::relay::{gather_frames, RelayDecoder, RelayFrame};
 use crate::stream::{write_frame, FrameReader, StreamError};
+use bytes::Bytes;
 
 /// Limits that keep one client from hurting the others. Defaults suit a public tracker.
 #[derive(Debug, Clone)]
@@ -731,8 +732,8 @@ impl Session {
             decoder.extend(&chunk.bytes);
             let now = Instant::now();
             let mut directory = shared.directory();
-            while let Some((link_id, packet)) = decoder.next_frame() {
-                let forwarded = forward(&mut directory, node_id, link_id, packet, now);
+            while let Some(frame) = decoder.next_frame() {
+                let forwarded = forward(&mut directory, node_id, frame, now);
                 match forwarded {
                     Some(bytes) => {
                         shared.relayed_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -755,21 +756,17 @@ const RELAY_QUEUE: usize = 1024;
 /// Forwards one relay packet from `from` on `link_id`. Returns the bytes forwarded, or `None`
 /// when it was dropped: unknown link, `from` not an end of it, over `from`'s limits, or the
 /// other end's queue is full.
-fn forward(
-    directory: &mut Directory,
-    from: NodeId,
-    link_id: u32,
-    packet: &[u8],
-    now: Instant,
-) -> Option<u64> {
+fn forward(directory: &mut Directory, from: NodeId, frame: RelayFrame, now: Instant) -> Option<u64> {
+    let link_id = frame.link();
     let to = directory.links.get(&link_id)?.other(&from)?;
-    let bytes = packet.len() as u64;
+    let bytes = frame.packet().len() as u64;
     let sender = directory.get_mut(&from)?;
     if !sender.relay_packets.try_take(now) || !sender.relay_bytes.try_take_n(bytes, now) {
         return None;
     }
     let out = directory.get(&to)?.relay_out.as_ref()?;
-    out.try_send((link_id, packet.to_vec())).ok()?;
+    // Both ends know the link by the same id: the frame goes on unchanged.
+    out.try_send(frame.into_bytes()).ok()?;
     if let Some(link) = directory.links.get_mut(&link_id) {
         if from == link.a {
             link.bytes_ab += bytes;
@@ -781,24 +778,10 @@ fn forward(
 }
 
 /// Writes relay frames to a node on a uni stream the tracker opens.
-async fn write_relay(conn: quinn::Connection, mut queue: mpsc::Receiver<(u32, Vec<u8>)>) {
+async fn write_relay(conn: quinn::Connection, mut queue: mpsc::Receiver<Bytes>) {
     let Ok(mut send) = conn.open_uni().await else { return };
-    let mut frame = Vec::with_capacity(64 * 1024);
-    while let Some((link, packet)) = queue.recv().await {
-        frame.clear();
-        if encode_relay_frame(link, &packet, &mut frame).is_err() {
-            continue;
-        }
-        // Batch whatever else is queued into one write.
-        while frame.len() < 60 * 1024 {
-            match queue.try_recv() {
-                Ok((link, packet)) => {
-                    let _ = encode_relay_frame(link, &packet, &mut frame);
-                }
-                Err(_) => break,
-            }
-        }
-        if send.write_all(&frame).await.is_err() {
+    while let Some(first) = queue.recv().await {
+        if send.write_chunk(gather_frames(first, &mut queue)).await.is_err() {
             return;
         }
     }

@@ -400,7 +400,8 @@ async fn relay_opens_when_both_ask_and_carries_packets_between_them() {
     from_tracker.read_exact(&mut got).await.expect("frame");
     let mut decoder = qpeer_tracker::relay::RelayDecoder::default();
     decoder.extend(&got);
-    assert_eq!(decoder.next_frame(), Some((link, &b"opaque packet"[..])));
+    let frame = decoder.next_frame().expect("a whole frame");
+    assert_eq!((frame.link(), frame.packet()), (link, &b"opaque packet"[..]));
     assert_eq!(tracker.stats.relayed_bytes(), 13);
     tracker.stop().await;
 }
