@@ -159,6 +159,8 @@ struct Shared {
     endpoint: quinn::Endpoint,
     /// A second handle on the endpoint's socket (same port), for punch packets only.
     punch_socket: std::net::UdpSocket,
+    /// How we accept a connection that arrives through the relay (see [`relay_transport`]).
+    relay_server_config: Arc<quinn::ServerConfig>,
     local_addr: SocketAddr,
     tracker: watch::Sender<TrackerState>,
     peers: Mutex<HashMap<NodeId, PeerConnection>>,
@@ -223,9 +225,13 @@ impl Shared {
         lock(&self.dial_locks).entry(peer).or_default().clone()
     }
 
-    fn peer_client_config(&self, peer: NodeId) -> Result<quinn::ClientConfig, NodeError> {
+    fn peer_client_config(
+        &self,
+        peer: NodeId,
+        transport: quinn::TransportConfig,
+    ) -> Result<quinn::ClientConfig, NodeError> {
         let mut config = qpeer_certs::client_config(&self.identity, &ServerTrust::Pinned(peer), &[ALPN])?;
-        config.transport_config(Arc::new(peer_transport()));
+        config.transport_config(Arc::new(transport));
         Ok(config)
     }
 
@@ -335,7 +341,8 @@ impl Shared {
     async fn dial(self: &Arc<Self>, peer: NodeId, addrs: &PeerAddrs) -> Result<PeerConnection, NodeError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let targets = if self.relay_only { Vec::new() } else { dial_targets(addrs) };
-        let config = self.peer_client_config(peer)?;
+        let config = self.peer_client_config(peer, peer_transport())?;
+        let relay_config = self.peer_client_config(peer, relay_transport())?;
         let mut attempts: Vec<Attempt> = Vec::new();
         let mut racing = FuturesUnordered::new();
         for addr in targets.iter().copied() {
@@ -364,7 +371,7 @@ impl Shared {
                     relay_pending = false;
                     let addr = relay::placeholder(link);
                     tracing::debug!(peer = %peer.short(), link, "no direct path yet; dialing through the relay");
-                    match self.start_dial(&config, addr) {
+                    match self.start_dial(&relay_config, addr) {
                         Ok(handshake) => racing.push(handshake),
                         Err(e) => attempts.push(Attempt { addr, outcome: format!("relay: cannot start: {e}") }),
                     }
@@ -524,7 +531,13 @@ impl Shared {
     /// Handshake of an incoming connection; installs it once the dialer selects it.
     async fn accept_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
         let remote = canonical(incoming.remote_address());
-        let connection = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+        let connecting = if relay::link_of(incoming.remote_address()).is_some() {
+            incoming.accept_with(self.relay_server_config.clone())
+        } else {
+            incoming.accept()
+        };
+        let connecting = async { connecting?.await };
+        let connection = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(e)) => {
                 tracing::debug!(%remote, "incoming handshake failed: {e}");
@@ -605,6 +618,23 @@ pub fn peer_transport() -> quinn::TransportConfig {
     transport
 }
 
+/// Size of the QUIC packets of a connection through the relay. The relay carries packets on
+/// a stream, so their size is not bound by any link's MTU: large packets mean fewer to
+/// encrypt, frame and forward per byte, which is what limits relayed throughput.
+pub const RELAY_MTU: u16 = 16 * 1024;
+
+/// Transport settings of a connection through the relay: those of [`peer_transport`], with
+/// [`RELAY_MTU`]-sized packets from the start (no path MTU discovery: the relay has no MTU).
+pub fn relay_transport() -> quinn::TransportConfig {
+    let mut transport = peer_transport();
+    transport.initial_mtu(RELAY_MTU).min_mtu(RELAY_MTU).mtu_discovery_config(None);
+    // quinn's default first congestion window (14 720 bytes) would not fit one such packet.
+    let mut congestion = quinn::congestion::CubicConfig::default();
+    congestion.initial_window(10 * u64::from(RELAY_MTU));
+    transport.congestion_controller_factory(Arc::new(congestion));
+    transport
+}
+
 /// A running qpeer node.
 pub struct Node {
     shared: Arc<Shared>,
@@ -655,14 +685,23 @@ impl Node {
         let punch_socket =
             socket.try_clone().map_err(|source| NodeError::Bind { addr: config.bind, source })?;
         let mut server_config = qpeer_certs::server_config(&identity, &[ALPN])?;
+        let mut relay_server_config = server_config.clone();
         server_config.transport_config(Arc::new(peer_transport()));
+        relay_server_config.transport_config(Arc::new(relay_transport()));
         let relay_hub = RelayHub::new();
         let bind_err = |source| NodeError::Bind { addr: config.bind, source };
         let runtime = Arc::new(quinn::TokioRuntime);
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_err)?;
         let relay_socket = Arc::new(RelaySocket::new(udp, relay_hub.clone()).map_err(bind_err)?);
+        let mut endpoint_config = qpeer_tracker::server::endpoint_config(&identity);
+        // Relayed connections use packets larger than any link MTU; direct ones still find
+        // their path's MTU (at most 1452 bytes) by discovery.
+        endpoint_config.max_udp_payload_size(RELAY_MTU).map_err(|e| NodeError::Bind {
+            addr: config.bind,
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            qpeer_tracker::server::endpoint_config(&identity),
+            endpoint_config,
             Some(server_config),
             relay_socket,
             runtime,
@@ -676,6 +715,7 @@ impl Node {
             identity,
             endpoint,
             punch_socket,
+            relay_server_config: Arc::new(relay_server_config),
             local_addr,
             tracker: tracker_state,
             peers: Mutex::default(),

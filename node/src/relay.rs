@@ -131,31 +131,34 @@ impl RelaySocket {
         Ok(Self { inner, hub, ipv6, relay_first: AtomicBool::new(true) })
     }
 
+    /// Relayed packets, as many as are queued and fit `bufs` (one per buffer).
     fn poll_relay(
         &self,
         cx: &mut Context<'_>,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<usize> {
-        let (Some(buf), Some(slot)) = (bufs.first_mut(), meta.first_mut()) else {
-            return Poll::Pending;
-        };
         let mut inbound = lock(&self.hub.inbound_rx);
-        match inbound.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => {
-                let packet = frame.packet();
-                let len = packet.len().min(buf.len());
-                buf[..len].copy_from_slice(&packet[..len]);
-                let mut addr = placeholder(frame.link());
-                if self.ipv6 {
-                    if let IpAddr::V4(v4) = addr.ip() {
-                        addr = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port());
-                    }
+        let mut filled = 0;
+        for (buf, slot) in bufs.iter_mut().zip(meta.iter_mut()) {
+            let next = if filled == 0 { inbound.poll_recv(cx) } else { Poll::Ready(inbound.try_recv().ok()) };
+            let Poll::Ready(Some(frame)) = next else { break };
+            let packet = frame.packet();
+            let len = packet.len().min(buf.len());
+            buf[..len].copy_from_slice(&packet[..len]);
+            let mut addr = placeholder(frame.link());
+            if self.ipv6 {
+                if let IpAddr::V4(v4) = addr.ip() {
+                    addr = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port());
                 }
-                *slot = RecvMeta { addr, len, stride: len, ecn: None, dst_ip: None };
-                Poll::Ready(1)
             }
-            _ => Poll::Pending,
+            *slot = RecvMeta { addr, len, stride: len, ecn: None, dst_ip: None };
+            filled += 1;
+        }
+        if filled == 0 {
+            Poll::Pending
+        } else {
+            Poll::Ready(filled)
         }
     }
 }
@@ -240,7 +243,7 @@ pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
         let Ok(mut recv) = tracker.accept_uni().await else { return };
         let mut decoder = RelayDecoder::default();
         while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
-            decoder.extend(&chunk.bytes);
+            decoder.extend_shared(chunk.bytes);
             while let Some(frame) = decoder.next_frame() {
                 if !hub.deliver(frame) {
                     tracing::trace!("dropping a relayed packet for an unknown link or a full queue");
