@@ -628,7 +628,7 @@ pub const RELAY_MTU: u16 = 16 * 1024;
 pub fn relay_transport() -> quinn::TransportConfig {
     let mut transport = peer_transport();
     transport.initial_mtu(RELAY_MTU).min_mtu(RELAY_MTU).mtu_discovery_config(None);
-    // quinn's default first congestion window (14 720 bytes) would not fit one such packet.
+    // quinn's default first congestion window (12 000 bytes) would not fit one such packet.
     let mut congestion = quinn::congestion::CubicConfig::default();
     congestion.initial_window(10 * u64::from(RELAY_MTU));
     transport.congestion_controller_factory(Arc::new(congestion));

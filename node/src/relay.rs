@@ -257,3 +257,26 @@ pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
         _ = tracker.closed() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_roundtrip_and_are_recognized() {
+        for link in [1u32, 255, 65_536, 0x00ff_ffff] {
+            let addr = placeholder(link);
+            assert_eq!(link_of(addr), Some(link));
+            let mapped = SocketAddr::new(
+                match addr.ip() {
+                    IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+                    other => other,
+                },
+                addr.port(),
+            );
+            assert_eq!(link_of(mapped), Some(link));
+        }
+        assert_eq!(link_of("198.51.100.1:9".parse().expect("addr")), None);
+        assert_eq!(link_of("240.0.0.1:4433".parse().expect("addr")), None);
+    }
+}

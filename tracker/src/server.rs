@@ -159,7 +159,7 @@ fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TrackerEr
 
 /// Bytes of UDP receive buffer the tracker asks for. Registrations arrive in bursts from many
 /// nodes at once; with the kernel's default (about 208 KiB) the buffer overflows and every
-/// dropped handshake packet costs that node a one-second retransmission timeout.
+/// dropped handshake packet costs that node a retransmission timeout of 1 s, then 2 s.
 pub const RECEIVE_BUFFER: usize = 8 << 20;
 
 /// Asks for [`RECEIVE_BUFFER`] bytes of receive buffer; the kernel caps the request at

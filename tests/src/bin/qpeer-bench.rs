@@ -530,7 +530,7 @@ async fn tracker(levels: &[usize], inflight: usize) -> Result<()> {
                 rss_kib(pid).unwrap_or(0),
                 error
             );
-            return Ok(());
+            bail!("{} of {level} simulated nodes could not register: {error}", level - clients.len());
         }
         let seconds = started.elapsed().as_secs_f64();
         let tracker_cpu_us = (cpu_seconds(Some(pid)) - tracker_cpu) * 1e6 / want.max(1) as f64;
