@@ -243,7 +243,7 @@ pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
         let Ok(mut recv) = tracker.accept_uni().await else { return };
         let mut decoder = RelayDecoder::default();
         while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
-            decoder.extend_shared(chunk.bytes);
+            decoder.extend(&chunk.bytes);
             while let Some(frame) = decoder.next_frame() {
                 if !hub.deliver(frame) {
                     tracing::trace!("dropping a relayed packet for an unknown link or a full queue");

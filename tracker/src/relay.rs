@@ -77,53 +77,23 @@ pub fn gather_frames(first: Bytes, queue: &mut tokio::sync::mpsc::Receiver<Bytes
 /// length field caps a frame at 64 KiB); the frames it returns share its buffer.
 #[derive(Debug, Default)]
 pub struct RelayDecoder {
-    /// A partial frame and what followed it.
     buffer: BytesMut,
-    /// A read taken without a copy (see [`RelayDecoder::extend_shared`]); empty when
-    /// `buffer` is not.
-    shared: Bytes,
 }
 
 impl RelayDecoder {
     pub fn extend(&mut self, bytes: &[u8]) {
-        self.spill();
         self.buffer.extend_from_slice(bytes);
-    }
-
-    /// Like [`RelayDecoder::extend`], but whole frames at the start of `bytes` are later
-    /// returned as slices of it, without a copy.
-    pub fn extend_shared(&mut self, bytes: Bytes) {
-        if self.buffer.is_empty() && self.shared.is_empty() {
-            self.shared = bytes;
-        } else {
-            self.extend(&bytes);
-        }
-    }
-
-    /// Moves what is left of the shared read into the buffer (it ends in a partial frame).
-    fn spill(&mut self) {
-        if !self.shared.is_empty() {
-            self.buffer.extend_from_slice(&self.shared);
-            self.shared = Bytes::new();
-        }
     }
 
     /// The next complete frame, if buffered.
     pub fn next_frame(&mut self) -> Option<RelayFrame> {
-        if self.buffer.is_empty() {
-            if let Some(len) = frame_len(&self.shared) {
-                return Some(RelayFrame(self.shared.split_to(len)));
-            }
-            self.spill();
-            return None;
-        }
         let len = frame_len(&self.buffer)?;
         Some(RelayFrame(self.buffer.split_to(len).freeze()))
     }
 
     /// Bytes held (for memory bounds in tests).
     pub fn buffered(&self) -> usize {
-        self.buffer.len() + self.shared.len()
+        self.buffer.len()
     }
 }
 
@@ -147,7 +117,6 @@ mod tests {
         fn frames_roundtrip_across_any_split(
             frames in prop::collection::vec((any::<u32>(), prop::collection::vec(any::<u8>(), 0..1500)), 0..20),
             chunk in 1usize..4000,
-            shared in any::<bool>(),
         ) {
             let mut bytes = Vec::new();
             for (link, packet) in &frames {
@@ -155,12 +124,8 @@ mod tests {
             }
             let mut decoder = RelayDecoder::default();
             let mut got = Vec::new();
-            for (i, piece) in bytes.chunks(chunk).enumerate() {
-                if (i + usize::from(shared)) % 2 == 0 {
-                    decoder.extend_shared(Bytes::copy_from_slice(piece));
-                } else {
-                    decoder.extend(piece);
-                }
+            for piece in bytes.chunks(chunk) {
+                decoder.extend(piece);
                 while let Some(frame) = decoder.next_frame() {
                     got.push((frame.link(), frame.packet().to_vec()));
                 }
@@ -172,12 +137,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..5000), chunk in 1usize..700) {
             let mut decoder = RelayDecoder::default();
-            for (i, piece) in bytes.chunks(chunk).enumerate() {
-                if i % 3 == 0 {
-                    decoder.extend_shared(Bytes::copy_from_slice(piece));
-                } else {
-                    decoder.extend(piece);
-                }
+            for piece in bytes.chunks(chunk) {
+                decoder.extend(piece);
                 while decoder.next_frame().is_some() {}
             }
         }

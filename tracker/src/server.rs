@@ -729,7 +729,7 @@ impl Session {
                 Ok(Some(chunk)) => chunk,
                 _ => return,
             };
-            decoder.extend_shared(chunk.bytes);
+            decoder.extend(&chunk.bytes);
             let now = Instant::now();
             let mut directory = shared.directory();
             while let Some(frame) = decoder.next_frame() {
