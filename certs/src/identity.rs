@@ -11,6 +11,9 @@ use crate::error::{IdentityError, TlsError};
 use crate::home::ensure_home;
 use crate::{NodeId, NODE_ID_LEN};
 
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
 /// File name of the identity key inside a home directory.
 pub const KEY_FILE: &str = "identity.key";
 
@@ -107,6 +110,13 @@ impl Identity {
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(3650);
         Ok(params.self_signed(&self.key_pair)?.der().clone())
+    }
+
+    /// An Ed25519 signature of `message` by this identity (see [`NodeId::verify`]).
+    pub fn sign(&self, message: &[u8]) -> Result<[u8; SIGNATURE_LEN], TlsError> {
+        use rcgen::SigningKey;
+        let signature = self.key_pair.sign(message)?;
+        signature.try_into().map_err(|_| TlsError::Rcgen(rcgen::Error::RingUnspecified))
     }
 
     /// A 32-byte secret derived from the private key for `label` (e.g. the QUIC stateless-reset

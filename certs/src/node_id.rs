@@ -34,6 +34,13 @@ impl NodeId {
         &self.0
     }
 
+    /// True when `signature` is this node's Ed25519 signature of `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.0)
+            .verify(message, signature)
+            .is_ok()
+    }
+
     /// First 8 hex characters, for log lines. Not unique enough to authenticate anything.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..4])

@@ -151,7 +151,13 @@ pub fn status(node: &Node, tracker: &str, transfers: &[String], out: &dyn Output
     let peers = node.peers();
     out.line(&format!("peers:    {}", peers.len()));
     for peer in peers {
-        out.line(&format!("  {} {} rtt {:.1} ms", peer.node_id(), peer.path(), ms(peer.rtt())));
+        let (path, since) = peer.path_since();
+        out.line(&format!(
+            "  {} {path} rtt {:.1} ms, path since {:.1} s",
+            peer.node_id(),
+            ms(peer.rtt()),
+            since.elapsed().as_secs_f64()
+        ));
     }
     out.line(&format!("transfers: {}", transfers.len()));
     for transfer in transfers {

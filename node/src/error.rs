@@ -6,26 +6,6 @@ use std::time::Duration;
 
 use qpeer_certs::NodeId;
 
-/// One candidate address tried while punching, and what happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attempt {
-    pub addr: SocketAddr,
-    pub outcome: String,
-}
-
-impl std::fmt::Display for Attempt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.addr, self.outcome)
-    }
-}
-
-fn list(attempts: &[Attempt]) -> String {
-    if attempts.is_empty() {
-        return "no candidate addresses".into();
-    }
-    attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-}
-
 /// The tracker presented another id than the one pinned or recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -64,8 +44,8 @@ pub enum NodeError {
     RegistrationTimeout { timeout: Duration, last_error: String },
     #[error("node {0} is not registered with the tracker")]
     PeerNotFound(NodeId),
-    #[error("no direct path to {peer} within {timeout:?}; tried {}", list(attempts))]
-    NoDirectPath { peer: NodeId, timeout: Duration, attempts: Vec<Attempt> },
+    #[error("cannot reach {peer} within {timeout:?}: {reason}")]
+    Unreachable { peer: NodeId, timeout: Duration, reason: String },
     #[error("connection to {peer} failed: {source}")]
     Connection { peer: NodeId, source: quinn::ConnectionError },
     #[error("peer {peer}: {message}")]
@@ -83,6 +63,8 @@ pub enum NodeError {
     HomeInUse { home: PathBuf },
     #[error("a node cannot connect to itself")]
     SelfConnect,
+    #[error("conflicting settings: {0}")]
+    Conflict(&'static str),
     #[error("the node is shut down")]
     Shutdown,
 }

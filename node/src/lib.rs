@@ -3,8 +3,15 @@
 //! QUIC.
 //!
 //! # Layout
-//! - [`node`]: [`Node`] and [`NodeBuilder`]: the endpoint, tracker registration (with
-//!   re-registration), introductions, punching, and the accept loop.
+//! - [`node`]: [`Node`] and [`NodeBuilder`]: the public handle; the endpoint, tracker
+//!   registration (with re-registration), and routing of introductions and handshakes to
+//!   sessions.
+//! - [`session`]: one actor per peer: its connection, the handshake in progress, who waits.
+//! - [`paths`]: the path table: each session's virtual address and current best path.
+//! - [`socket`]: [`socket::PathSocket`], the one UDP socket with the path layer inside.
+//! - [`prober`]: sends and answers path probes, re-chooses paths.
+//! - [`probe`]: the signed probe datagrams (wire format, no I/O).
+//! - [`relay`]: queues to and from the tracker's relay.
 //! - [`peer`]: [`PeerConnection`], the node-to-node stream protocol (stream kinds, ping, close codes).
 //! - [`transfer`]: sending and receiving files and directories (BLAKE3-verified, resumable).
 //! - [`progress`]: progress bars / lines for transfers.
@@ -39,6 +46,8 @@
 //! b.registered(Duration::from_secs(10)).await?;
 //!
 //! let conn = a.connect(b.id()).await?;
+//! // The first packets may go through the relay; the session moves to the direct path as
+//! // soon as a probe answers.
 //! println!("{} rtt {:?}", conn.path(), conn.ping(1).await?);
 //!
 //! a.shutdown().await;
@@ -54,11 +63,23 @@ pub mod control;
 pub mod error;
 pub mod known_trackers;
 pub mod node;
+pub mod paths;
 pub mod peer;
+pub mod probe;
+pub mod prober;
 pub mod progress;
 pub mod relay;
+pub mod session;
+pub mod socket;
 pub mod transfer;
 
 pub use error::NodeError;
 pub use node::{Node, NodeBuilder};
-pub use peer::{Path, PeerConnection};
+pub use paths::Path;
+pub use peer::PeerConnection;
+
+/// Locks a mutex, taking the data back if a panic poisoned it: every lock here guards state
+/// that stays consistent between statements.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,18 +1,17 @@
 //! Peer connections and the node-to-node stream protocol (ALPN `qpeer/1`).
 //!
-//! Every stream starts with one byte naming its kind. The dialer's first uni stream is
-//! [`StreamKind::Select`]: it marks the one connection (of those raced over several candidate
-//! addresses) that both sides keep. Ping streams are answered by the node itself; other
-//! kinds are handed to the application through [`PeerConnection::accept_stream`].
+//! Every stream starts with one byte naming its kind. Ping streams are answered by the node
+//! itself; other kinds are handed to the application through [`PeerConnection::accept_stream`].
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qpeer_certs::NodeId;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 
 use crate::error::NodeError;
+use crate::lock;
+use crate::paths::{Path, PathTable};
 
 /// ALPN of node-to-node connections.
 pub const ALPN: &[u8] = b"qpeer/1";
@@ -21,7 +20,8 @@ pub const ALPN: &[u8] = b"qpeer/1";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum StreamKind {
-    /// Uni, dialer → acceptor: "this is the connection we keep".
+    /// Retired (protocol 1 raced one connection per candidate address and marked the winner
+    /// with it); never sent now, and refused like an unknown kind.
     Select = 1,
     /// Bi: 8-byte probes echoed back.
     Ping = 2,
@@ -47,7 +47,7 @@ impl StreamKind {
 pub mod close_code {
     /// Normal close.
     pub const NORMAL: u32 = 0;
-    /// One of several raced candidate connections that was not selected.
+    /// Retired with the candidate race of protocol 1 (kept so the value is not reused).
     pub const NOT_SELECTED: u32 = 0x10;
     /// A newer connection to the same peer replaced this one.
     pub const REPLACED: u32 = 0x11;
@@ -55,26 +55,8 @@ pub mod close_code {
     pub const PROTOCOL_VIOLATION: u32 = 0x12;
     /// The node is shutting down.
     pub const SHUTDOWN: u32 = 0x13;
-    /// The dialer never selected this connection in time.
+    /// Retired with the candidate race of protocol 1 (kept so the value is not reused).
     pub const SELECT_TIMEOUT: u32 = 0x14;
-}
-
-/// How a peer connection travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Straight to the peer's address.
-    Direct(SocketAddr),
-    /// Through the tracker's relay (still end-to-end encrypted between the nodes).
-    Relayed,
-}
-
-impl std::fmt::Display for Path {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Path::Direct(addr) => write!(f, "direct {addr}"),
-            Path::Relayed => f.write_str("relayed via tracker"),
-        }
-    }
 }
 
 /// A stream the peer opened for the application: its kind and both halves.
@@ -89,37 +71,33 @@ pub struct PeerConnection {
 struct Inner {
     node_id: NodeId,
     connection: quinn::Connection,
-    path: Path,
+    /// Where the session's current path is kept.
+    paths: Arc<Mutex<PathTable>>,
     established: Instant,
     app_streams_tx: mpsc::Sender<AppStream>,
-    app_streams: Mutex<mpsc::Receiver<AppStream>>,
+    app_streams: tokio::sync::Mutex<mpsc::Receiver<AppStream>>,
 }
 
 impl std::fmt::Debug for PeerConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerConnection")
             .field("peer", &self.inner.node_id)
-            .field("path", &self.inner.path)
+            .field("path", &self.path())
             .finish_non_exhaustive()
     }
 }
 
 impl PeerConnection {
-    pub(crate) fn new(node_id: NodeId, connection: quinn::Connection) -> Self {
+    pub(crate) fn new(node_id: NodeId, connection: quinn::Connection, paths: Arc<Mutex<PathTable>>) -> Self {
         let (app_streams_tx, app_streams) = mpsc::channel(16);
-        let remote = crate::node::canonical(connection.remote_address());
-        let path = match crate::relay::link_of(remote) {
-            Some(_) => Path::Relayed,
-            None => Path::Direct(remote),
-        };
         Self {
             inner: Arc::new(Inner {
                 node_id,
                 connection,
-                path,
+                paths,
                 established: Instant::now(),
                 app_streams_tx,
-                app_streams: Mutex::new(app_streams),
+                app_streams: tokio::sync::Mutex::new(app_streams),
             }),
         }
     }
@@ -128,8 +106,16 @@ impl PeerConnection {
         self.inner.node_id
     }
 
+    /// The path the session's packets take right now.
     pub fn path(&self) -> Path {
-        self.inner.path
+        self.path_since().0
+    }
+
+    /// The current path and when the session moved to it.
+    pub fn path_since(&self) -> (Path, Instant) {
+        lock(&self.inner.paths)
+            .path_of(&self.inner.node_id)
+            .unwrap_or((Path::Waiting, self.inner.established))
     }
 
     /// quinn's current RTT estimate.

@@ -7,6 +7,12 @@
 //! router; `masquerade random` makes it a symmetric NAT. A carrier NAT is the same on
 //! 100.64.x.0/24. Home LANs are 10.x.1.0/24 bridges. No address outside these ranges is used.
 //!
+//! A test can also change a router while nodes run behind it: [`Router::rebind`] makes it
+//! forget its mappings and map from another port range, as a rebooted router does (needs
+//! `conntrack`); [`Router::block_udp_except`] cuts UDP to everyone but one address;
+//! [`Lab::shape`] slows its uplink down (`tc`). `qpeer-lab-send` ([`lab_send_bin`]) sends raw
+//! UDP datagrams from inside a namespace, and [`Lab::capture_internet`] records the internet.
+//!
 //! Every [`Lab`] uses a unique namespace prefix; dropping it ends every process it started,
 //! then every process still inside its namespaces, then deletes the namespaces, also when a
 //! test panics.
@@ -64,9 +70,13 @@ pub struct Host {
 #[derive(Debug, Clone)]
 pub struct Router {
     pub netns: String,
+    /// The address of its `wan` interface: on the internet, or on a carrier NAT's LAN.
+    pub wan: Ipv4Addr,
     /// The LAN prefix's first three octets, e.g. 10.3.1.
     lan: [u8; 3],
     next_host: u8,
+    /// Maps every new flow to a random port (`masquerade random`).
+    symmetric: bool,
 }
 
 /// Output lines of a program, collected by a reader thread.
@@ -130,6 +140,27 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs `program args`, waits for it and returns its stdout; fails with its stderr.
+fn run_output(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Runs `program args` inside `netns`, waits for it and returns its stdout; fails with its
+/// stderr.
+pub fn netns_exec(netns: &str, program: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["netns", "exec", netns, program];
+    full.extend_from_slice(args);
+    run_output("ip", &full)
+}
+
 fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<()> {
     use std::io::Write;
     let mut child = Command::new(program)
@@ -170,6 +201,19 @@ pub fn bin_dir() -> Result<PathBuf> {
          with --release for benchmarks) or set QPEER_BIN_DIR",
         candidates.first().map(|d| d.display().to_string()).unwrap_or_default()
     )
+}
+
+/// The `qpeer-lab-send` binary (raw UDP datagrams from inside a namespace), next to `qpeer` in
+/// [`bin_dir`].
+pub fn lab_send_bin() -> Result<PathBuf> {
+    let path = bin_dir()?.join("qpeer-lab-send");
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p qpeer-tests --bins` (or set QPEER_BIN_DIR)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 impl Lab {
@@ -277,36 +321,35 @@ impl Lab {
     ) -> Result<Router> {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        match carrier {
-            None => {
-                self.attach_to_internet(&netns)?;
-            }
+        let wan = match carrier {
+            None => self.attach_to_internet(&netns)?,
             Some(carrier) => {
                 let wan = carrier.next_addr();
                 self.join_lan(carrier, &netns, "wan", wan)?;
                 let gateway = carrier.gateway().to_string();
                 self.ip(&netns, &["route", "add", "default", "via", &gateway])?;
+                wan
             }
-        }
+        };
         let subnet = self.next_subnet;
         self.next_subnet += 1;
         let lan = [10, subnet, 1];
         self.router_lan(&netns, lan)?;
         self.nat_rules(&netns, symmetric)?;
-        Ok(Router { netns, lan, next_host: 2 })
+        Ok(Router { netns, wan, lan, next_host: 2, symmetric })
     }
 
     /// A carrier-grade NAT on the internet whose customers sit on 100.64.x.0/24.
     pub fn carrier_nat(&mut self, name: &str) -> Result<Router> {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        self.attach_to_internet(&netns)?;
+        let wan = self.attach_to_internet(&netns)?;
         let subnet = self.next_subnet;
         self.next_subnet += 1;
         let lan = [100, 64, subnet];
         self.router_lan(&netns, lan)?;
         self.nat_rules(&netns, false)?;
-        Ok(Router { netns, lan, next_host: 2 })
+        Ok(Router { netns, wan, lan, next_host: 2, symmetric: false })
     }
 
     /// Plugs `netns` into `router`'s LAN bridge as interface `ifname` with `addr`.
@@ -332,14 +375,28 @@ impl Lab {
         Ok(Host { netns, addr })
     }
 
+    /// A host behind a home router of its own on the internet (a symmetric NAT when
+    /// `symmetric`), and that router, for tests that rebind, block or shape it.
+    pub fn home_host(&mut self, name: &str, symmetric: bool) -> Result<(Host, Router)> {
+        let mut router = self.home_router(&format!("{name}r"), symmetric, None)?;
+        let host = self.host_behind(&mut router, name)?;
+        Ok((host, router))
+    }
+
+    /// Limits what `router` sends on its `wan` to `rate` (a `tc` rate such as `80mbit`) with a
+    /// token bucket (`tbf`; the lab's kernels may lack `netem`): slows a transfer through it
+    /// down so that something can happen in the middle of it.
+    pub fn shape(&self, router: &Router, rate: &str) -> Result<()> {
+        let args =
+            ["qdisc", "add", "dev", "wan", "root", "tbf", "rate", rate, "burst", "64kb", "latency", "400ms"];
+        netns_exec(&router.netns, "tc", &args).map(drop).context("cannot shape the router's wan (tc tbf)")
+    }
+
     /// A host placed as `place` describes, with whatever routers that takes.
     pub fn node_host(&mut self, name: &str, place: Place) -> Result<Host> {
         match place {
             Place::Public => self.public_host(name, None),
-            Place::Cone | Place::Symmetric => {
-                let mut router = self.home_router(&format!("{name}r"), place == Place::Symmetric, None)?;
-                self.host_behind(&mut router, name)
-            }
+            Place::Cone | Place::Symmetric => Ok(self.home_host(name, place == Place::Symmetric)?.0),
             Place::Cgnat => {
                 let mut carrier = self.carrier_nat(&format!("{name}c"))?;
                 let mut router = self.home_router(&format!("{name}r"), false, Some(&mut carrier))?;
@@ -385,7 +442,61 @@ impl Lab {
     }
 }
 
+impl Host {
+    /// Runs `program args` in this host's namespace, waits for it and returns its stdout.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        netns_exec(&self.netns, program, args)
+    }
+}
+
+/// The nftables table of [`Router::block_udp_except`].
+const BLOCK_TABLE: &str = "qpeer_block";
+
 impl Router {
+    /// Runs `program args` in the router's namespace, waits for it and returns its stdout.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        netns_exec(&self.netns, program, args)
+    }
+
+    /// Forgets every mapping and maps UDP from the port range `ports` (e.g. `20000-20999`)
+    /// from now on, as a rebooted home router does: UDP leaving `wan` is masqueraded
+    /// `to :<ports>` (still `random` for a symmetric NAT; other protocols as before) and the
+    /// connection tracking table is flushed. A flow that kept its source port before now gets
+    /// a port in the range, later flows from the same source share that port (a cone stays a
+    /// cone), and packets sent to an old mapping are dropped as unsolicited.
+    pub fn rebind(&self, ports: &str) -> Result<()> {
+        let random = if self.symmetric { " random" } else { "" };
+        let rules = format!(
+            "flush chain ip qpeer_nat postrouting\n\
+             add rule ip qpeer_nat postrouting oifname \"wan\" meta l4proto udp masquerade to :{ports}{random}\n\
+             add rule ip qpeer_nat postrouting oifname \"wan\" masquerade{random}\n"
+        );
+        run_stdin("ip", &["netns", "exec", &self.netns, "nft", "-f", "-"], &rules)
+            .context("cannot replace the masquerade rule")?;
+        // `conntrack -F` reports the number of deleted entries on stderr; only failure matters.
+        self.run("conntrack", &["-F"]).context("cannot flush the router's connections (conntrack)")?;
+        Ok(())
+    }
+
+    /// Drops every UDP packet forwarded between the router's LAN and any address beyond its
+    /// `wan` except `allowed` (say, the tracker), in both directions: a network that lets
+    /// nodes reach their tracker but no peer directly. [`Router::unblock`] lifts it.
+    pub fn block_udp_except(&self, allowed: Ipv4Addr) -> Result<()> {
+        let rules = format!(
+            "table inet {BLOCK_TABLE} {{\n\
+               chain forward {{ type filter hook forward priority filter - 10; policy accept; \
+                 oifname \"wan\" meta l4proto udp ip daddr != {allowed} drop; \
+                 iifname \"wan\" meta l4proto udp ip saddr != {allowed} drop; }}\n\
+             }}\n"
+        );
+        run_stdin("ip", &["netns", "exec", &self.netns, "nft", "-f", "-"], &rules)
+    }
+
+    /// Lifts [`Router::block_udp_except`].
+    pub fn unblock(&self) -> Result<()> {
+        self.run("nft", &["delete", "table", "inet", BLOCK_TABLE]).map(drop)
+    }
+
     fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(self.lan[0], self.lan[1], self.lan[2], 1)
     }
@@ -404,6 +515,12 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// The pcap file's bytes so far; the capture goes on. tcpdump writes each packet as it
+    /// gets it (`-U`), but the kernel hands packets over in batches, up to about a second late.
+    pub fn snapshot(&self) -> Result<Vec<u8>> {
+        Ok(std::fs::read(&self.file)?)
+    }
+
     /// Stops the capture and returns the pcap file's bytes.
     pub fn finish(mut self) -> Result<Vec<u8>> {
         let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();

@@ -7,6 +7,7 @@
 //! - Tests live in `tests/tests/`.
 
 pub mod lab;
+pub mod lab_run;
 pub mod procs;
 
 use std::net::{Ipv4Addr, SocketAddr};

@@ -222,31 +222,63 @@ async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Resul
     Ok(())
 }
 
-async fn node_attacks(addr: SocketAddr) -> Result<()> {
-    tls_attacks(addr, qpeer_node::peer::ALPN).await?;
-    let endpoint = attacker_endpoint()?;
-    let peer_config = || config(qpeer_node::peer::ALPN, Cert::Valid);
+async fn node_attacks(
+    addr: SocketAddr,
+    tracker: qpeer_tracker::TrackerAddr,
+    attacked: qpeer_certs::NodeId,
+) -> Result<()> {
+    // A stranger (no introduction, no signed probe) gets no answer at all: the path layer
+    // hands QUIC nothing from an address of no session, whatever it presents.
+    let mut endpoint = attacker_endpoint()?;
+    let mut quick = quinn::TransportConfig::default();
+    quick.max_idle_timeout(Some(Duration::from_secs(2).try_into()?));
+    let quick = Arc::new(quick);
+    let mut silent = 0;
+    for cert in [Cert::Valid, Cert::None, Cert::P256] {
+        let mut client = config(qpeer_node::peer::ALPN, cert)?;
+        client.transport_config(quick.clone());
+        endpoint.set_default_client_config(client.clone());
+        let result = endpoint.connect_with(client, addr, "qpeer")?.await;
+        ensure!(
+            matches!(result, Err(ConnectionError::TimedOut)),
+            "a stranger's handshake was answered: {result:?}"
+        );
+        silent += 1;
+    }
+    let garbage = tokio::net::UdpSocket::bind((ATTACKER_IP, 0)).await?;
+    let mut forged = qpeer_node::probe::MAGIC.to_vec();
+    forged.resize(qpeer_node::probe::PROBE_LEN, 0xab);
+    for i in 0..500u32 {
+        garbage.send_to(&i.to_be_bytes().repeat(300), addr).await?;
+        garbage.send_to(&forged, addr).await?;
+    }
+    let mut reply = [0u8; 2048];
+    let answered = tokio::time::timeout(Duration::from_millis(500), garbage.recv_from(&mut reply)).await;
+    ensure!(answered.is_err(), "the node answered garbage or a forged probe");
+    eprintln!("strangers: {silent} handshakes and 1000 garbage datagrams, none answered");
 
-    // A selected connection that sends an unknown stream kind.
-    let conn = endpoint.connect_with(peer_config()?, addr, "qpeer")?.await?;
-    let mut select = conn.open_uni().await?;
-    select.write_all(&[1]).await?;
-    select.finish()?;
-    let (mut send, _recv) = conn.open_bi().await?;
+    // An introduced peer that breaks the node protocol.
+    let home = tempfile::tempdir()?;
+    let peer = Node::builder()
+        .home(home.path())
+        .bind_addr(([127, 0, 0, 2], 0).into())
+        .tracker(tracker)
+        .bind()
+        .await?;
+    peer.registered(Duration::from_secs(10)).await?;
+    let conn = peer.connect(attacked).await?;
+    let (mut send, _recv) = conn.connection().open_bi().await?;
     send.write_all(&[0xee, 1, 2, 3]).await?;
     ensure!(
-        closed_with(&conn).await == Some(qpeer_node::peer::close_code::PROTOCOL_VIOLATION.into()),
+        closed_with(conn.connection()).await == Some(qpeer_node::peer::close_code::PROTOCOL_VIOLATION.into()),
         "unknown stream kind"
     );
 
     // Thousands of streams: at most 256 at once.
-    let conn = endpoint.connect_with(peer_config()?, addr, "qpeer")?.await?;
-    let mut select = conn.open_uni().await?;
-    select.write_all(&[1]).await?;
-    select.finish()?;
+    let conn = peer.connect(attacked).await?;
     let mut open = Vec::new();
     for _ in 0..2000 {
-        match tokio::time::timeout(Duration::from_millis(20), conn.open_bi()).await {
+        match tokio::time::timeout(Duration::from_millis(20), conn.connection().open_bi()).await {
             Ok(Ok((mut send, recv))) => {
                 send.write_all(&[2]).await?;
                 open.push((send, recv));
@@ -256,31 +288,9 @@ async fn node_attacks(addr: SocketAddr) -> Result<()> {
     }
     ensure!(open.len() <= 256, "{} concurrent streams were granted", open.len());
     eprintln!("stream flood on the node: {} concurrent streams granted", open.len());
-    conn.close(0u32.into(), b"done");
-
-    // Hundreds of handshakes that never select: a bounded number wait, the rest are refused.
-    let mut refused = 0;
-    let mut pending = Vec::new();
-    for _ in 0..200 {
-        match endpoint.connect_with(peer_config()?, addr, "qpeer")?.await {
-            Ok(conn) => pending.push(conn),
-            Err(ConnectionError::ConnectionClosed(c))
-                if c.error_code == TransportErrorCode::CONNECTION_REFUSED =>
-            {
-                refused += 1
-            }
-            Err(e) => bail!("unselected handshake: {e}"),
-        }
-    }
-    ensure!(refused >= 50, "only {refused} of 200 unselected handshakes were refused");
-    eprintln!(
-        "unselected node handshakes: {refused} refused, {} waited for the select timeout",
-        pending.len()
-    );
-    for conn in &pending {
-        let code = closed_with(conn).await;
-        ensure!(code == Some(qpeer_node::peer::close_code::SELECT_TIMEOUT.into()), "unselected: {code:?}");
-    }
+    conn.close(0, "done");
+    drop(open);
+    peer.shutdown().await;
     Ok(())
 }
 
@@ -400,7 +410,7 @@ async fn hostile_clients_are_refused_and_honest_nodes_carry_on() -> Result<()> {
     let rss_before = tracker.proc.rss_kib().context("tracker RSS")?;
     let started = Instant::now();
     tracker_attacks(tracker_addr, a.id()).await.context("tracker attacks")?;
-    node_attacks(attacked_addr).await.context("node attacks")?;
+    node_attacks(attacked_addr, tracker.tracker.clone(), attacked_id).await.context("node attacks")?;
     let rss_after = tracker.proc.rss_kib().context("tracker RSS")?;
     eprintln!("attacks took {:?}; tracker RSS {rss_before} KiB -> {rss_after} KiB", started.elapsed());
 

@@ -7,8 +7,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use qpeer_tests::lab::{bin_dir, leftover_namespaces, Host, Lab, Place, Process};
+use anyhow::{ensure, Result};
+use qpeer_tests::lab::{Host, Lab, Place, Process};
+use qpeer_tests::lab_run::{
+    final_path, home, node_id, registration, replies, scenario, spawn_qpeer, start_listener, start_tracker,
+    upgrades_to_direct, wait_direct,
+};
 
 /// What one lab run saw.
 struct Run {
@@ -23,86 +27,42 @@ struct Run {
     elapsed: Duration,
 }
 
-/// The id and observed address from a node's `[REGISTERED] observed ADDR as ID` line.
-fn registration(process: &Process) -> Result<(SocketAddr, String)> {
-    let line =
-        process.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[REGISTERED] observed "))?;
-    let rest = line.trim_start_matches("[REGISTERED] observed ");
-    let (addr, id) = rest.split_once(" as ").context("malformed [REGISTERED] line")?;
-    Ok((addr.parse()?, id.trim().to_string()))
-}
-
-/// The address in `[PEER CONNECTED] <id> direct <addr> rtt …` for `peer`.
+/// The peer's address on the direct path `process` ends up with: from its
+/// `[PEER CONNECTED] <peer> direct <addr> rtt …` line, or, when the session started relayed,
+/// from the later `[PATH] <peer> direct <addr> (was …)` line.
 fn direct_addr(process: &Process, peer: &str) -> Result<SocketAddr> {
-    let prefix = format!("[PEER CONNECTED] {peer} direct ");
-    let line = process.stdout.wait_for(Duration::from_secs(5), |l| l.starts_with(&prefix))?;
-    let addr = line[prefix.len()..].split_whitespace().next().context("no address")?;
-    Ok(addr.parse()?)
+    wait_direct(&process.stdout, peer, Duration::from_secs(5))
 }
 
 /// Builds the lab, starts a tracker on the internet, a listening node at `listener_place`
 /// and pings it from a node at `pinger_place` (or two nodes on one LAN when `same_lan`).
 fn run_pair(lab: &mut Lab, listener_place: Place, pinger_place: Place, same_lan: bool) -> Result<Run> {
-    let bins = bin_dir()?;
-    let tracker_host = lab.public_host("trk", Some(1))?;
+    let tracker = start_tracker(lab)?;
     let (listener_host, pinger_host) = if same_lan {
         let mut router = lab.home_router("home", false, None)?;
         (lab.host_behind(&mut router, "a")?, lab.host_behind(&mut router, "b")?)
     } else {
         (lab.node_host("a", listener_place)?, lab.node_host("b", pinger_place)?)
     };
-    let home = |name: &str| lab.dir.path().join(name).display().to_string();
-
-    let tracker = lab.spawn(
-        &tracker_host,
-        &bins.join("qpeer-tracker"),
-        &["--listen".into(), format!("{}:4433", tracker_host.addr), "--home".into(), home("trk")],
-    )?;
-    let tracker_line = tracker.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))?;
-    let tracker_addr = tracker_line.trim_start_matches("[TRACKER] ").to_string();
-
-    let listener = lab.spawn(
-        &listener_host,
-        &bins.join("qpeer"),
-        &["listen".into(), "--home".into(), home("a"), "--tracker".into(), tracker_addr.clone()],
-    )?;
-    let (_, listener_id) = registration(&listener)?;
-    let listening = listener.stdout.wait_for(Duration::from_secs(5), |l| l.starts_with("[LISTENING] "))?;
-    let listener_port: u16 = listening
-        .split_whitespace()
-        .find_map(|w| w.strip_suffix(';').and_then(|a| a.parse::<SocketAddr>().ok()))
-        .context("no bound address in [LISTENING] line")?
-        .port();
+    let listener = start_listener(lab, &listener_host, &home(lab, "a"), &tracker.addr, &[])?;
+    let listener_id = listener.id.clone();
 
     let start = Instant::now();
-    let mut pinger = lab.spawn(
-        &pinger_host,
-        &bins.join("qpeer"),
-        &[
-            "ping".into(),
-            listener_id.clone(),
-            "--count".into(),
-            "2".into(),
-            "--interval".into(),
-            "0.2".into(),
-            "--home".into(),
-            home("b"),
-            "--tracker".into(),
-            tracker_addr,
-        ],
-    )?;
+    let ping =
+        ["ping".into(), listener_id.clone(), "--count".into(), "2".into(), "--interval".into(), "0.2".into()];
+    let mut pinger = spawn_qpeer(lab, &pinger_host, &home(lab, "b"), &tracker.addr, &ping)?;
     let pinger_exit = pinger.wait(Duration::from_secs(20))?;
     let elapsed = start.elapsed();
     let (_, pinger_id) = registration(&pinger)?;
     Ok(Run {
-        tracker,
-        listener,
+        tracker: tracker.process,
+        listener: listener.process,
         pinger,
         pinger_exit,
         listener_id,
         pinger_id,
         listener_host,
-        listener_port,
+        listener_port: listener.port,
         elapsed,
     })
 }
@@ -119,20 +79,6 @@ fn describe(run: &Run) -> String {
     )
 }
 
-/// Runs one scenario in a fresh lab and checks that none of its namespaces survive it.
-fn scenario(name: &str, check: impl FnOnce(&mut Lab) -> Result<()>) {
-    let mut lab = Lab::new().expect("the NAT lab cannot be built here (it needs root, ip and nft)");
-    let namespaces = lab.namespaces().to_vec();
-    let prefix = namespaces[0].trim_end_matches("-inet").to_string();
-    let result = check(&mut lab);
-    drop(lab);
-    let left = leftover_namespaces(&format!("{prefix}-"));
-    assert!(left.is_empty(), "{name}: namespaces left behind: {left:?}");
-    if let Err(e) = result {
-        panic!("{name}: {e:#}");
-    }
-}
-
 /// A direct path: ping succeeds, the tracker saw both nodes, and each side saw the other's
 /// connection come from the address the tracker observed (one socket per node).
 fn expect_direct(listener: Place, pinger: Place, same_lan: bool) {
@@ -146,8 +92,9 @@ fn expect_direct(listener: Place, pinger: Place, same_lan: bool) {
         }
         ensure!(run.pinger_exit == 0, "ping failed\n{}", describe(&run));
         let pinger_out = run.pinger.stdout.text();
-        let path_line = format!("PING {}: direct ", run.listener_id);
-        ensure!(pinger_out.contains(&path_line), "not direct\n{}", describe(&run));
+        // A session may start relayed and upgrade: the last reply must have gone direct.
+        let last = replies(&pinger_out).pop().map(|r| r.path).unwrap_or_default();
+        ensure!(last.starts_with("direct "), "the last reply was not direct\n{}", describe(&run));
         ensure!(pinger_out.contains("2 received"), "pings lost\n{}", describe(&run));
         let tracker_out = run.tracker.stdout.text();
         for id in [&run.listener_id, &run.pinger_id] {
@@ -206,6 +153,11 @@ fn expect_relayed(listener: Place, pinger: Place) {
         ensure!(run.pinger.stdout.text().contains("2 received"), "pings lost\n{}", describe(&run));
         let connected = format!("[PEER CONNECTED] {} relayed via tracker rtt", run.pinger_id);
         ensure!(run.listener.stdout.text().contains(&connected), "listener not relayed\n{}", describe(&run));
+        for process in [&run.pinger, &run.listener] {
+            let text = process.stdout.text();
+            let upgrades = upgrades_to_direct(&text);
+            ensure!(upgrades.is_empty(), "a relayed pair went direct: {upgrades:?}\n{}", describe(&run));
+        }
         ensure!(run.tracker.stdout.text().contains("[RELAY] "), "no relay line\n{}", describe(&run));
         Ok(())
     });
@@ -319,12 +271,10 @@ struct TransferCase {
 fn transfer(case: TransferCase) {
     let name = format!("{} receiver x {} sender transfer", case.receiver, case.sender);
     scenario(&name.clone(), |lab| {
-        let bins = bin_dir()?;
-        let tracker_host = lab.public_host("trk", Some(1))?;
+        let tracker = start_tracker(lab)?;
         let receiver_host = lab.node_host("a", case.receiver)?;
         let sender_host = lab.node_host("b", case.sender)?;
         let dir = lab.dir.path().to_path_buf();
-        let home = |name: &str| dir.join(name).display().to_string();
         let src = dir.join("src");
         qpeer_tests::write_random(&src.join("big.bin"), case.big, 11)?;
         if let Some(marker) = case.marker {
@@ -350,45 +300,19 @@ fn transfer(case: TransferCase) {
             Some(_) => Some(lab.capture_internet(&dir.join("internet.pcap"))?),
             None => None,
         };
-        let tracker = lab.spawn(
-            &tracker_host,
-            &bins.join("qpeer-tracker"),
-            &["--listen".into(), format!("{}:4433", tracker_host.addr), "--home".into(), home("trk")],
-        )?;
-        let tracker_line =
-            tracker.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))?;
-        let tracker_addr = tracker_line.trim_start_matches("[TRACKER] ").to_string();
-
         // The sender's id, so the receiver can allow it.
-        let id_out =
-            std::process::Command::new(bins.join("qpeer")).args(["id", "--home", &home("b")]).output()?;
-        ensure!(id_out.status.success(), "qpeer id failed");
-        let sender_id = String::from_utf8(id_out.stdout)?.lines().last().context("no id")?.to_string();
+        let sender_id = node_id(&home(lab, "b"))?;
 
         let out = dir.join("inbox");
-        let receiver = lab.spawn(
-            &receiver_host,
-            &bins.join("qpeer"),
-            &[
-                "listen".into(),
-                "--home".into(),
-                home("a"),
-                "--tracker".into(),
-                tracker_addr.clone(),
-                "--out".into(),
-                out.display().to_string(),
-                "--accept-from".into(),
-                sender_id,
-            ],
-        )?;
-        let (_, receiver_id) = registration(&receiver)?;
-        receiver.stdout.wait_for(Duration::from_secs(5), |l| l.starts_with("[LISTENING] "))?;
+        let accept = ["--out".into(), out.display().to_string(), "--accept-from".into(), sender_id];
+        let receiver = start_listener(lab, &receiver_host, &home(lab, "a"), &tracker.addr, &accept)?;
+        let (receiver, receiver_id) = (receiver.process, receiver.id);
+        let (tracker, tracker_addr) = (tracker.process, tracker.addr);
 
         let start = Instant::now();
-        let mut args = vec!["send".to_string(), receiver_id];
+        let mut args = vec!["send".to_string(), receiver_id.clone()];
         args.extend(paths);
-        args.extend(["--home".into(), home("b"), "--tracker".into(), tracker_addr]);
-        let mut sender = lab.spawn(&sender_host, &bins.join("qpeer"), &args)?;
+        let mut sender = spawn_qpeer(lab, &sender_host, &home(lab, "b"), &tracker_addr, &args)?;
         let exit = sender.wait(Duration::from_secs(120))?;
         eprintln!("{name}: {:?}", start.elapsed());
         let context = || {
@@ -403,12 +327,16 @@ fn transfer(case: TransferCase) {
         };
         ensure!(exit == 0, "send failed\n{}", context());
         let sent = sender.stdout.text();
-        let path = if case.relayed { " relayed via tracker rtt" } else { " direct " };
-        ensure!(
-            sent.lines().any(|l| l.starts_with("[PEER CONNECTED]") && l.contains(path)),
-            "wrong path\n{}",
-            context()
-        );
+        // A direct session may start relayed and upgrade ([PATH]); a relayed one never does.
+        let path = final_path(&sent, &receiver_id).unwrap_or_default();
+        let want = if case.relayed { "relayed via tracker" } else { "direct " };
+        ensure!(path.starts_with(want), "wrong path: {path:?}\n{}", context());
+        if case.relayed {
+            for text in [sent.clone(), receiver.stdout.text()] {
+                let upgrades = upgrades_to_direct(&text);
+                ensure!(upgrades.is_empty(), "a relayed pair went direct: {upgrades:?}\n{}", context());
+            }
+        }
         ensure!(sent.contains(&format!("[SENT] {files} files")), "{}", context());
         ensure!(receiver.stdout.text().matches("[RECEIVED] ").count() == files, "{}", context());
         qpeer_tests::assert_same_tree(&src.join("big.bin"), &out.join("big.bin"))?;

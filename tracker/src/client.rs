@@ -56,6 +56,8 @@ pub enum ClientError {
 pub struct RegisterInfo {
     pub candidates: Vec<SocketAddr>,
     pub name: Option<String>,
+    /// The node process's incarnation (see [`ClientFrame::Register`]).
+    pub incarnation: u64,
 }
 
 /// An introduction: a peer we should punch toward right now.
@@ -63,6 +65,8 @@ pub struct RegisterInfo {
 pub struct Introduction {
     pub peer: NodeId,
     pub addrs: PeerAddrs,
+    /// The peer process's incarnation: another value than before means it restarted.
+    pub incarnation: u64,
     /// True when we asked for it; false when the peer asked for us.
     pub requested: bool,
 }
@@ -91,6 +95,8 @@ pub enum TrackerEvent {
     Introduction(Introduction),
     /// A relay link to `peer` is open.
     RelayReady { peer: NodeId, link: u32 },
+    /// The tracker now sees us at another address (see [`ServerFrame::Observed`]).
+    Observed { observed: SocketAddr, was: SocketAddr },
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
@@ -99,7 +105,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 pub struct TrackerClient {
     connection: quinn::Connection,
     tracker_id: Option<NodeId>,
-    observed: SocketAddr,
+    observed: Arc<Mutex<SocketAddr>>,
     send: tokio::sync::Mutex<quinn::SendStream>,
     pending: Pending,
     next_request: AtomicU64,
@@ -184,6 +190,7 @@ impl TrackerClient {
                 version: PROTOCOL_VERSION,
                 candidates: info.candidates,
                 name: info.name,
+                incarnation: info.incarnation,
             },
             MAX_FRAME_LEN,
         )
@@ -215,7 +222,9 @@ impl TrackerClient {
         let tasks = TaskTracker::new();
         let pending: Pending = Arc::default();
         let (event_tx, event_rx) = mpsc::channel(64);
-        tasks.spawn(read_frames(reader, pending.clone(), event_tx, cancel.clone(), connection.clone()));
+        let observed = Arc::new(Mutex::new(observed));
+        let routes = Routes { pending: pending.clone(), events: event_tx, observed: observed.clone() };
+        tasks.spawn(read_frames(reader, routes, cancel.clone(), connection.clone()));
         tasks.close();
         Ok((
             Self {
@@ -234,7 +243,7 @@ impl TrackerClient {
 
     /// The address the tracker sees us at (our public NAT mapping).
     pub fn observed_addr(&self) -> SocketAddr {
-        self.observed
+        *self.observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The tracker's NodeId (`None` when it was verified by a CA instead).
@@ -319,12 +328,19 @@ impl TrackerClient {
         }
     }
 
+    /// Replaces the candidate addresses we registered (after a move to another network).
+    pub async fn announce_candidates(&self, candidates: Vec<SocketAddr>) -> Result<(), ClientError> {
+        let mut send = self.send.lock().await;
+        write_frame(&mut send, &ClientFrame::Candidates { candidates }, MAX_FRAME_LEN).await?;
+        Ok(())
+    }
+
     /// Asks the tracker to introduce us to `target`. The target receives our addresses at the
     /// same moment; we receive theirs.
     pub async fn introduce(&self, target: NodeId) -> Result<Introduction, ClientError> {
         match self.request(|request_id| ClientFrame::Introduce { request_id, target }).await? {
-            ServerFrame::Introduction { peer, addrs, .. } if peer == target => {
-                Ok(Introduction { peer, addrs, requested: true })
+            ServerFrame::Introduction { peer, addrs, incarnation, .. } if peer == target => {
+                Ok(Introduction { peer, addrs, incarnation, requested: true })
             }
             ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
             other => Err(ClientError::Protocol(format!("expected Introduction, got {other:?}"))),
@@ -332,14 +348,21 @@ impl TrackerClient {
     }
 }
 
+/// Where the tracker's frames go.
+struct Routes {
+    pending: Pending,
+    events: mpsc::Sender<TrackerEvent>,
+    observed: Arc<Mutex<SocketAddr>>,
+}
+
 /// Routes the tracker's frames: answers to their waiting requests, introductions to the node.
 async fn read_frames(
     mut reader: FrameReader,
-    pending: Pending,
-    events: mpsc::Sender<TrackerEvent>,
+    routes: Routes,
     cancel: CancellationToken,
     connection: quinn::Connection,
 ) {
+    let Routes { pending, events, observed } = routes;
     loop {
         let frame = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -357,8 +380,13 @@ async fn read_frames(
             }
         };
         let request_id = match &frame {
-            ServerFrame::Introduction { request_id: None, peer, addrs } => {
-                let intro = Introduction { peer: *peer, addrs: addrs.clone(), requested: false };
+            ServerFrame::Introduction { request_id: None, peer, addrs, incarnation } => {
+                let intro = Introduction {
+                    peer: *peer,
+                    addrs: addrs.clone(),
+                    incarnation: *incarnation,
+                    requested: false,
+                };
                 if events.try_send(TrackerEvent::Introduction(intro)).is_err() {
                     tracing::warn!("dropping an introduction: the node is not keeping up");
                 }
@@ -375,6 +403,16 @@ async fn read_frames(
             | ServerFrame::NotFound { request_id, .. }
             | ServerFrame::Error { request_id, .. }
             | ServerFrame::RelayAccepted { request_id } => *request_id,
+            ServerFrame::Observed { observed: now } => {
+                let was = std::mem::replace(
+                    &mut *observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    *now,
+                );
+                if events.try_send(TrackerEvent::Observed { observed: *now, was }).is_err() {
+                    tracing::warn!("dropping an address change notice: the node is not keeping up");
+                }
+                continue;
+            }
             ServerFrame::Registered { .. } => {
                 connection.close(close_code::PROTOCOL_VIOLATION.into(), b"Registered sent twice");
                 return;

@@ -133,13 +133,17 @@ mod tests {
             (
                 any::<u16>(),
                 prop::collection::vec(addr(), 0..MAX_CANDIDATES),
-                prop::option::of("[a-z0-9 é]{0,20}")
+                prop::option::of("[a-z0-9 é]{0,20}"),
+                any::<u64>()
             )
-                .prop_map(|(version, candidates, name)| ClientFrame::Register {
+                .prop_map(|(version, candidates, name, incarnation)| ClientFrame::Register {
                     version,
                     candidates,
-                    name
+                    name,
+                    incarnation
                 }),
+            prop::collection::vec(addr(), 0..MAX_CANDIDATES)
+                .prop_map(|candidates| ClientFrame::Candidates { candidates }),
             (any::<u64>(), prop::option::of(node_id()), any::<u16>())
                 .prop_map(|(request_id, after, limit)| ClientFrame::ListPeers { request_id, after, limit }),
             (any::<u64>(), node_id())
@@ -159,8 +163,15 @@ mod tests {
                 .prop_map(|(version, observed)| ServerFrame::Registered { version, observed }),
             (any::<u64>(), prop::collection::vec(peer, 0..8), prop::option::of(node_id()))
                 .prop_map(|(request_id, peers, next)| ServerFrame::Peers { request_id, peers, next }),
-            (prop::option::of(any::<u64>()), node_id(), addrs)
-                .prop_map(|(request_id, peer, addrs)| ServerFrame::Introduction { request_id, peer, addrs }),
+            (prop::option::of(any::<u64>()), node_id(), addrs, any::<u64>()).prop_map(
+                |(request_id, peer, addrs, incarnation)| ServerFrame::Introduction {
+                    request_id,
+                    peer,
+                    addrs,
+                    incarnation
+                }
+            ),
+            addr().prop_map(|observed| ServerFrame::Observed { observed }),
             (any::<u64>(), node_id())
                 .prop_map(|(request_id, target)| ServerFrame::NotFound { request_id, target }),
             (any::<u64>(), kind, ".{0,30}").prop_map(|(request_id, kind, message)| ServerFrame::Error {

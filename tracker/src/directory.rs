@@ -57,6 +57,8 @@ pub struct Entry {
     pub connection_id: u64,
     pub connection: quinn::Connection,
     pub addrs: PeerAddrs,
+    /// The node process's incarnation, passed to peers in introductions.
+    pub incarnation: u64,
     pub name: Option<String>,
     pub registered_at: u64,
     /// Frames for this node's control stream. Boxed: a channel allocates its first block of

@@ -12,7 +12,7 @@ pub const ALPN: &[u8] = b"qpeer-tracker/1";
 
 /// Protocol version carried in `Register` and `Registered`. A tracker closes a connection whose
 /// version it does not speak with [`close_code::UNSUPPORTED_VERSION`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard upper bound of a frame body in bytes. A tracker may be configured lower, never higher.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -39,6 +39,9 @@ pub enum ClientFrame {
         candidates: Vec<SocketAddr>,
         /// Optional human-readable name, at most [`MAX_NAME_LEN`] bytes.
         name: Option<String>,
+        /// A random number the node's process chose at start, passed to peers in
+        /// introductions: a peer whose incarnation changed has restarted.
+        incarnation: u64,
     },
     /// A page of registered nodes, ordered by NodeId, starting after `after`. `limit` is
     /// clamped to 1..=[`MAX_PEERS_PAGE`].
@@ -48,6 +51,9 @@ pub enum ClientFrame {
     /// Ask the tracker to relay between us and `peer` (after an introduction). The link opens
     /// when both nodes have asked for each other: both then receive `RelayReady`.
     RelayRequest { request_id: u64, peer: NodeId },
+    /// The node's local addresses changed (it moved to another network or interface):
+    /// replaces the candidates it registered. At most [`MAX_CANDIDATES`].
+    Candidates { candidates: Vec<SocketAddr> },
 }
 
 /// One directory entry.
@@ -88,7 +94,7 @@ pub enum ServerFrame {
     Peers { request_id: u64, peers: Vec<PeerInfo>, next: Option<NodeId> },
     /// An introduction. `request_id` is set on the reply to the node that asked, and `None` on
     /// the copy sent at the same moment to the node that was asked for.
-    Introduction { request_id: Option<u64>, peer: NodeId, addrs: PeerAddrs },
+    Introduction { request_id: Option<u64>, peer: NodeId, addrs: PeerAddrs, incarnation: u64 },
     /// Reply to `Introduce` when the target is not registered.
     NotFound { request_id: u64, target: NodeId },
     /// A request failed; the connection stays open.
@@ -98,6 +104,9 @@ pub enum ServerFrame {
     /// Both nodes asked: packets for `peer` go on our relay stream tagged with `link`, and
     /// packets tagged with `link` on the tracker's relay stream come from `peer`.
     RelayReady { peer: NodeId, link: u32 },
+    /// The node's connection now arrives from another address (its NAT rebound, or it moved):
+    /// the tracker gives this address to peers from now on.
+    Observed { observed: SocketAddr },
 }
 
 /// QUIC application close codes used by the tracker (and documented in docs/PROTOCOL.md).

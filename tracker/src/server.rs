@@ -491,10 +491,15 @@ impl Session {
             Session::relay_in(self.shared.clone(), self.conn.clone(), self.node_id).await;
             std::future::pending::<()>().await
         };
+        let migrations = async {
+            self.follow_migrations(&outbox).await;
+            std::future::pending::<()>().await
+        };
         let outcome = tokio::select! {
             _ = cancel.cancelled() => Err(Fatal::new(close_code::SHUTDOWN, "tracker shutting down")),
             outcome = self.serve(&mut reader, &outbox) => outcome,
             _ = relay => Ok(()),
+            _ = migrations => Ok(()),
             _ = self.conn.closed() => Ok(()),
         };
         if let Err(fatal) = outcome {
@@ -544,7 +549,7 @@ impl Session {
             Ok(Err(StreamError::Read(_))) => return Ok(false),
             Ok(Err(e)) => return Err(e.into()),
         };
-        let ClientFrame::Register { version, candidates, name } = frame else {
+        let ClientFrame::Register { version, candidates, name, incarnation } = frame else {
             return Err(Fatal::new(close_code::PROTOCOL_VIOLATION, "the first frame must be Register"));
         };
         if version != PROTOCOL_VERSION {
@@ -571,12 +576,12 @@ impl Session {
         // Only addresses a peer could legitimately reach us at: our public address itself, or
         // local-network ones. Anything else would let a node aim other nodes' punch packets
         // and handshakes at a third party.
-        let candidates: Vec<SocketAddr> =
-            candidates.into_iter().map(canonical).filter(|c| plausible_candidate(*c, observed)).collect();
+        let candidates = plausible_candidates(candidates, observed);
         let entry = Entry {
             connection_id: self.connection_id,
             connection: self.conn.clone(),
             addrs: PeerAddrs { observed, candidates },
+            incarnation,
             name,
             registered_at: unix_now(),
             outbox: outbox.clone(),
@@ -642,10 +647,68 @@ impl Session {
                 }
                 ClientFrame::Introduce { request_id, target } => self.introduce(request_id, target),
                 ClientFrame::RelayRequest { request_id, peer } => self.relay_request(request_id, peer),
+                ClientFrame::Candidates { candidates } => {
+                    self.update_candidates(candidates)?;
+                    continue;
+                }
             };
             if outbox.send(Box::new(reply)).await.is_err() {
                 return Ok(());
             }
+        }
+    }
+
+    /// Replaces the node's candidates (it moved to another network).
+    fn update_candidates(&self, candidates: Vec<SocketAddr>) -> Result<(), Fatal> {
+        if candidates.len() > MAX_CANDIDATES {
+            return Err(Fatal::new(
+                close_code::PROTOCOL_VIOLATION,
+                format!("{} candidates; at most {MAX_CANDIDATES}", candidates.len()),
+            ));
+        }
+        let mut directory = self.shared.directory();
+        if let Some(entry) = directory.get_mut(&self.node_id) {
+            if entry.connection_id == self.connection_id {
+                let observed = entry.addrs.observed;
+                entry.addrs.candidates = plausible_candidates(candidates, observed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the node's connection when it migrates (its NAT rebound, or it moved): the
+    /// directory and the node learn the new address. quinn has no event for a migration, so
+    /// the connection's remote address is checked every [`MIGRATION_CHECK`].
+    async fn follow_migrations(&self, outbox: &mpsc::Sender<Box<ServerFrame>>) {
+        let mut known = self.remote;
+        loop {
+            tokio::time::sleep(MIGRATION_CHECK).await;
+            let now = canonical(self.conn.remote_address());
+            if now == known {
+                continue;
+            }
+            let updated = {
+                let mut directory = self.shared.directory();
+                match directory.get_mut(&self.node_id) {
+                    Some(entry) if entry.connection_id == self.connection_id => {
+                        entry.addrs.observed = now;
+                        let candidates = std::mem::take(&mut entry.addrs.candidates);
+                        entry.addrs.candidates = plausible_candidates(candidates, now);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if !updated {
+                return;
+            }
+            self.shared
+                .console
+                .line(format_args!("[MIGRATED] node {} now at {now} (was {known})", self.node_id.short()));
+            if outbox.send(Box::new(ServerFrame::Observed { observed: now })).await.is_err() {
+                return;
+            }
+            known = now;
         }
     }
 
@@ -664,11 +727,16 @@ impl Session {
         if !me.introductions.try_take(Instant::now()) {
             return error(ErrorKind::RateLimited, "too many introduction requests; slow down");
         }
-        let my_addrs = me.addrs.clone();
+        let (my_addrs, my_incarnation) = (me.addrs.clone(), me.incarnation);
         let Some(peer) = directory.get(&target) else {
             return ServerFrame::NotFound { request_id, target };
         };
-        let to_target = ServerFrame::Introduction { request_id: None, peer: self.node_id, addrs: my_addrs };
+        let to_target = ServerFrame::Introduction {
+            request_id: None,
+            peer: self.node_id,
+            addrs: my_addrs,
+            incarnation: my_incarnation,
+        };
         if peer.outbox.try_send(Box::new(to_target)).is_err() {
             return error(ErrorKind::Busy, "the target's queue is full; retry shortly");
         }
@@ -677,6 +745,7 @@ impl Session {
             request_id: Some(request_id),
             peer: target,
             addrs: peer.addrs.clone(),
+            incarnation: peer.incarnation,
         };
         directory.introduced.insert(pair(self.node_id, target), Instant::now());
         reply
@@ -786,6 +855,14 @@ async fn write_relay(conn: quinn::Connection, mut queue: mpsc::Receiver<Bytes>) 
         }
     }
 }
+
+/// The candidates worth passing to peers, canonical.
+fn plausible_candidates(candidates: Vec<SocketAddr>, observed: SocketAddr) -> Vec<SocketAddr> {
+    candidates.into_iter().map(canonical).filter(|c| plausible_candidate(*c, observed)).collect()
+}
+
+/// How often a session checks whether its connection migrated.
+const MIGRATION_CHECK: Duration = Duration::from_secs(1);
 
 /// True for a candidate address worth passing to peers: the observed IP, or a private,
 /// carrier-NAT, loopback, link-local or unique-local address, with a real port.

@@ -71,7 +71,7 @@ async fn register(tracker: &RunningTracker, identity: Identity) -> Result<TestNo
         tracker.addr,
         PINNED_SERVER_NAME,
         &ServerTrust::Pinned(tracker.id),
-        RegisterInfo { candidates, name: Some("test".into()) },
+        RegisterInfo { candidates, name: Some("test".into()), incarnation: 1 },
     )
     .await?;
     Ok(TestNode { identity, endpoint, client, intros })
@@ -273,7 +273,12 @@ async fn bad_frames_close_only_the_offender() {
     // A valid Register of an unknown version.
     let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
     let frame = qpeer_tracker::codec::encode_frame(
-        &qpeer_tracker::proto::ClientFrame::Register { version: 99, candidates: vec![], name: None },
+        &qpeer_tracker::proto::ClientFrame::Register {
+            version: 99,
+            candidates: vec![],
+            name: None,
+            incarnation: 0,
+        },
         qpeer_tracker::proto::MAX_FRAME_LEN,
     )
     .expect("encode");

@@ -24,7 +24,10 @@ use tokio_util::sync::CancellationToken;
 ///
 /// A node registers with a tracker (`--tracker` / QPEER_TRACKER), which tells it its public
 /// address and introduces it to other nodes; both then punch through their NATs and talk
-/// directly over mutually authenticated QUIC. A node's id is its Ed25519 public key, kept
+/// directly over mutually authenticated QUIC. A connection starts at once, through the
+/// tracker's relay if no direct path answers yet, and moves to a direct path as soon as a
+/// signed probe gets through; it stays up while NATs rebind or networks change
+/// (`[PATH]` lines say when its path changes). A node's id is its Ed25519 public key, kept
 /// in its home directory (`--home` / QPEER_HOME, default ~/.local/share/qpeer).
 ///
 /// One node runs per home (it holds HOME/node.lock). While `qpeer listen` runs, `qpeer send`,
@@ -61,8 +64,12 @@ struct NodeOpts {
     name: Option<String>,
     /// Never connect directly: always go through the tracker's relay (end-to-end encrypted
     /// all the same). For networks that block direct UDP between peers, and for testing.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "no_relay")]
     relay_only: bool,
+    /// Never use the tracker's relay: reach peers directly or not at all (a peer behind a
+    /// symmetric NAT may then be unreachable).
+    #[arg(long, global = true)]
+    no_relay: bool,
     /// Seconds to wait for registration with the tracker.
     #[arg(long, default_value_t = 10, global = true)]
     register_timeout: u64,
@@ -116,7 +123,7 @@ enum Command {
         #[command(flatten)]
         node: NodeOpts,
     },
-    /// Connect to a peer (punching through NATs) and measure round trips.
+    /// Connect to a peer and measure round trips; each reply says which path it took.
     Ping {
         #[command(flatten)]
         node: NodeOpts,
@@ -165,7 +172,11 @@ async fn main() -> ExitCode {
 }
 
 fn builder(opts: &NodeOpts, console: bool) -> qpeer_node::NodeBuilder {
-    let mut builder = Node::builder().bind_addr(opts.bind).console(console).relay_only(opts.relay_only);
+    let mut builder = Node::builder()
+        .bind_addr(opts.bind)
+        .console(console)
+        .relay_only(opts.relay_only)
+        .no_relay(opts.no_relay);
     if let Some(home) = &opts.home {
         builder = builder.home(home);
     }

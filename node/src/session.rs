@@ -1,0 +1,477 @@
+//! One actor per peer: it owns the peer's session — its QUIC connection, the handshake in
+//! progress, who waits for it, and the work that keeps its path good — and takes commands
+//! through its inbox. Every slow step (a tracker request, a handshake, a liveness check) runs
+//! in a task the actor owns and reports back to the inbox, so the actor never blocks.
+//!
+//! Roles: the node with the lower NodeId opens the QUIC connection; the other asks the
+//! tracker for an introduction (which reaches the dialer at the same moment) and waits for it.
+//! Both probe each other's candidates and both ask for a relay link, so the connection starts
+//! at once over whichever path is ready first (see [`crate::paths`]).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qpeer_certs::NodeId;
+use qpeer_tracker::client::Introduction;
+use qpeer_tracker::ClientError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::candidates::dial_targets;
+use crate::error::NodeError;
+use crate::lock;
+use crate::node::Shared;
+use crate::paths::Path;
+use crate::peer::{close_code, describe_close, PeerConnection};
+
+/// Inbox depth of a peer actor.
+const INBOX: usize = 64;
+/// How long a session without a connection or anyone waiting lives on (a peer that comes back
+/// within this finds its session, paths and relay link still there).
+const LINGER: Duration = Duration::from_secs(15);
+/// A live connection that does not answer a ping within this is taken for dead when the
+/// peer asks to meet us again.
+const LIVENESS_TIMEOUT: Duration = Duration::from_millis(1500);
+/// While relayed, the actor asks the tracker for fresh candidates this often at first, then
+/// backing off to [`REFRESH_CAP`].
+const REFRESH_START: Duration = Duration::from_secs(2);
+const REFRESH_CAP: Duration = Duration::from_secs(30);
+
+/// What a peer actor is asked to do, or told.
+pub(crate) enum Command {
+    /// A caller wants a connection.
+    Connect(oneshot::Sender<Result<PeerConnection, NodeError>>),
+    /// The tracker introduced the peer (asked by us or by the peer).
+    Introduced(Introduction),
+    /// Our introduction request failed.
+    IntroduceFailed(NodeError),
+    /// The peer started a handshake to our session address.
+    Incoming(Box<quinn::Incoming>),
+    /// A handshake finished.
+    Established(quinn::Connection),
+    HandshakeFailed(String),
+    /// The connection with this stable id closed.
+    Closed(usize, quinn::ConnectionError),
+    /// The result of checking a live connection.
+    Alive(usize, bool),
+    /// Our tracker connection or address changed: tell the peer where we are now.
+    Refresh,
+}
+
+/// The part of a session the rest of the node reads without asking the actor.
+#[derive(Default)]
+pub(crate) struct SessionState {
+    pub(crate) connection: Mutex<Option<PeerConnection>>,
+}
+
+/// The registry's handle on a running actor.
+#[derive(Clone)]
+pub(crate) struct SessionHandle {
+    pub(crate) inbox: mpsc::Sender<Command>,
+    pub(crate) state: Arc<SessionState>,
+}
+
+impl SessionHandle {
+    pub(crate) fn live_connection(&self) -> Option<PeerConnection> {
+        lock(&self.state.connection).clone().filter(PeerConnection::is_open)
+    }
+}
+
+pub(crate) struct PeerActor {
+    shared: Arc<Shared>,
+    peer: NodeId,
+    virtual_addr: SocketAddr,
+    inbox_tx: mpsc::Sender<Command>,
+    state: Arc<SessionState>,
+    conn: Option<PeerConnection>,
+    waiters: Vec<oneshot::Sender<Result<PeerConnection, NodeError>>>,
+    /// When waiting callers give up.
+    deadline: Option<Instant>,
+    introducing: bool,
+    handshaking: bool,
+    last_error: Option<String>,
+    peer_incarnation: Option<u64>,
+    /// Next time to ask the tracker for fresh candidates while relayed, and the gap after it.
+    next_refresh: Option<Instant>,
+    refresh_gap: Duration,
+    idle_since: Instant,
+}
+
+impl PeerActor {
+    /// Starts the actor for `peer` and returns its handle.
+    pub(crate) fn spawn(shared: Arc<Shared>, peer: NodeId) -> SessionHandle {
+        let (inbox_tx, inbox) = mpsc::channel(INBOX);
+        let state = Arc::new(SessionState::default());
+        let virtual_addr = lock(&shared.table).open(peer, std::time::Instant::now());
+        let actor = PeerActor {
+            shared: shared.clone(),
+            peer,
+            virtual_addr,
+            inbox_tx: inbox_tx.clone(),
+            state: state.clone(),
+            conn: None,
+            waiters: Vec::new(),
+            deadline: None,
+            introducing: false,
+            handshaking: false,
+            last_error: None,
+            peer_incarnation: None,
+            next_refresh: None,
+            refresh_gap: REFRESH_START,
+            idle_since: Instant::now(),
+        };
+        shared.tasks.spawn(actor.run(inbox));
+        SessionHandle { inbox: inbox_tx, state }
+    }
+
+    fn we_dial(&self) -> bool {
+        self.shared.id() < self.peer
+    }
+
+    async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let cancel = self.shared.cancel.clone();
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                command = inbox.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if self.on_timer() {
+                        // Leave the registry first, then drain what raced in.
+                        if self.shared.retire(&self.peer, &self.inbox_tx) {
+                            inbox.close();
+                            while let Ok(command) = inbox.try_recv() {
+                                self.handle(command);
+                            }
+                            if self.waiters.is_empty() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.fail_waiters(NodeError::Shutdown);
+        lock(&self.shared.table).close(&self.peer);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.conn.is_none() && self.waiters.is_empty() && !self.handshaking && !self.introducing
+    }
+
+    /// The next deadline: waiting callers give up, a refresh is due, or an idle session ends.
+    fn next_wake(&self) -> Instant {
+        let linger = self.is_idle().then_some(self.idle_since + LINGER);
+        [self.deadline, self.next_refresh, linger]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + LINGER)
+    }
+
+    /// Handles deadlines; true when the session is idle and may end.
+    fn on_timer(&mut self) -> bool {
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now >= d) {
+            self.deadline = None;
+            let reason = self.unreachable_reason();
+            let timeout = self.shared.connect_timeout;
+            let peer = self.peer;
+            self.fail_waiters_with(|| NodeError::Unreachable { peer, timeout, reason: reason.clone() });
+        }
+        if self.next_refresh.is_some_and(|t| now >= t) {
+            self.next_refresh = None;
+            if self.conn.is_some() && !self.is_direct() {
+                self.introduce();
+                self.next_refresh = Some(now + self.refresh_gap);
+                self.refresh_gap = (self.refresh_gap * 2).min(REFRESH_CAP);
+            }
+        }
+        self.is_idle() && now >= self.idle_since + LINGER
+    }
+
+    fn unreachable_reason(&self) -> String {
+        let policy = lock(&self.shared.table).policy();
+        let detail = self.last_error.clone().unwrap_or_else(|| match (policy.direct, policy.relay) {
+            (true, false) => "no direct path answered a probe, and the relay is off (--no-relay)".into(),
+            _ => "no path answered (neither a probe nor the relay)".into(),
+        });
+        if self.we_dial() {
+            detail
+        } else {
+            format!("the peer's handshake never arrived ({detail})")
+        }
+    }
+
+    fn is_direct(&self) -> bool {
+        matches!(lock(&self.shared.table).path_of(&self.peer), Some((Path::Direct(_), _)))
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Connect(reply) => self.on_connect(reply),
+            Command::Introduced(intro) => self.on_introduced(intro),
+            Command::IntroduceFailed(e) => {
+                self.introducing = false;
+                if self.conn.is_none() {
+                    self.deadline = None;
+                    self.fail_waiters(e);
+                }
+            }
+            Command::Incoming(incoming) => self.accept(*incoming),
+            Command::Established(connection) => self.install(connection),
+            Command::HandshakeFailed(e) => {
+                self.handshaking = false;
+                tracing::debug!(peer = %self.peer.short(), "handshake failed: {e}");
+                self.last_error = Some(e);
+                if !self.waiters.is_empty() && self.conn.is_none() && self.we_dial() {
+                    self.dial();
+                }
+            }
+            Command::Closed(id, reason) => self.on_closed(id, &reason),
+            Command::Alive(id, alive) => {
+                let current = self.conn.as_ref().is_some_and(|c| c.connection().stable_id() == id);
+                if current && !alive {
+                    tracing::debug!(peer = %self.peer.short(), "the connection did not answer; dialing anew");
+                    self.dial();
+                }
+            }
+            Command::Refresh => {
+                if self.conn.is_some() || !self.waiters.is_empty() {
+                    self.introduce();
+                }
+            }
+        }
+    }
+
+    fn on_connect(&mut self, reply: oneshot::Sender<Result<PeerConnection, NodeError>>) {
+        if let Some(conn) = self.conn.as_ref().filter(|c| c.is_open()) {
+            let _ = reply.send(Ok(conn.clone()));
+            return;
+        }
+        self.waiters.push(reply);
+        if self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.shared.connect_timeout);
+        }
+        self.last_error = None;
+        self.introduce();
+    }
+
+    /// Asks the tracker to introduce us (both sides learn each other's addresses now).
+    fn introduce(&mut self) {
+        if self.introducing {
+            return;
+        }
+        self.introducing = true;
+        let (shared, peer, inbox) = (self.shared.clone(), self.peer, self.inbox_tx.clone());
+        self.shared.tasks.spawn(async move {
+            let result = async {
+                let client = shared.tracker_client().await?;
+                client.introduce(peer).await.map_err(|source| match source {
+                    ClientError::NotFound(id) => NodeError::PeerNotFound(id),
+                    source => NodeError::Tracker { tracker: "introduce".into(), source },
+                })
+            };
+            let command = tokio::select! {
+                result = result => match result {
+                    Ok(intro) => Command::Introduced(intro),
+                    Err(e) => Command::IntroduceFailed(e),
+                },
+                _ = shared.cancel.cancelled() => return,
+            };
+            let _ = inbox.send(command).await;
+        });
+    }
+
+    fn on_introduced(&mut self, intro: Introduction) {
+        if intro.requested {
+            self.introducing = false;
+        }
+        lock(&self.shared.table).add_candidates(
+            &self.peer,
+            &dial_targets(&intro.addrs),
+            std::time::Instant::now(),
+        );
+        self.shared.ask_for_relay(self.peer);
+        let restarted = self.peer_incarnation.is_some_and(|known| known != intro.incarnation);
+        self.peer_incarnation = Some(intro.incarnation);
+        let live = self.conn.as_ref().filter(|c| c.is_open()).cloned();
+        if restarted {
+            if let Some(old) = &live {
+                // The peer is a new process: the old connection is half-open at best.
+                old.close(close_code::REPLACED, "the peer restarted");
+            }
+        }
+        if !self.we_dial() || self.handshaking {
+            return;
+        }
+        match live {
+            Some(conn) if !restarted => {
+                // The peer asked to meet us although we hold a connection: it may have lost
+                // its side. Check ours answers; dial anew if not.
+                if !intro.requested {
+                    self.check_alive(conn);
+                }
+            }
+            _ => {
+                if !self.waiters.is_empty() || !intro.requested || restarted {
+                    self.dial();
+                }
+            }
+        }
+    }
+
+    fn check_alive(&self, conn: PeerConnection) {
+        let inbox = self.inbox_tx.clone();
+        self.shared.tasks.spawn(async move {
+            let alive = matches!(tokio::time::timeout(LIVENESS_TIMEOUT, conn.ping(0)).await, Ok(Ok(_)));
+            let _ = inbox.send(Command::Alive(conn.connection().stable_id(), alive)).await;
+        });
+    }
+
+    /// Opens the QUIC connection to the session's virtual address: its packets leave on
+    /// whichever path is ready first.
+    fn dial(&mut self) {
+        if self.handshaking {
+            return;
+        }
+        let config = match self.shared.peer_client_config(self.peer) {
+            Ok(config) => config,
+            Err(e) => {
+                self.last_error = Some(e.to_string());
+                return;
+            }
+        };
+        let connecting = self.shared.endpoint.connect_with(
+            config,
+            self.virtual_addr,
+            qpeer_certs::config::PINNED_SERVER_NAME,
+        );
+        let connecting = match connecting {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                self.last_error = Some(format!("cannot start a handshake: {e}"));
+                return;
+            }
+        };
+        self.handshaking = true;
+        let (inbox, timeout) = (self.inbox_tx.clone(), self.shared.connect_timeout);
+        self.shared.tasks.spawn(async move {
+            let command = match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(connection)) => Command::Established(connection),
+                Ok(Err(e)) => Command::HandshakeFailed(format!("handshake failed: {e}")),
+                Err(_) => {
+                    Command::HandshakeFailed(format!("the handshake did not finish within {timeout:?}"))
+                }
+            };
+            let _ = inbox.send(command).await;
+        });
+    }
+
+    /// The peer's handshake to our session address: accepted if it really is the peer.
+    fn accept(&mut self, incoming: quinn::Incoming) {
+        let connecting = match incoming.accept_with(self.shared.server_config.clone()) {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer.short(), "incoming handshake refused: {e}");
+                return;
+            }
+        };
+        self.handshaking = true;
+        let (inbox, peer) = (self.inbox_tx.clone(), self.peer);
+        self.shared.tasks.spawn(async move {
+            let command = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+                Ok(Ok(connection)) => match qpeer_certs::peer_node_id(&connection) {
+                    Ok(id) if id == peer => Command::Established(connection),
+                    Ok(other) => {
+                        connection
+                            .close(close_code::PROTOCOL_VIOLATION.into(), b"not the node of this session");
+                        Command::HandshakeFailed(format!(
+                            "{} answered in place of {}",
+                            other.short(),
+                            peer.short()
+                        ))
+                    }
+                    Err(e) => {
+                        connection.close(close_code::PROTOCOL_VIOLATION.into(), e.to_string().as_bytes());
+                        Command::HandshakeFailed(e.to_string())
+                    }
+                },
+                Ok(Err(e)) => Command::HandshakeFailed(format!("incoming handshake failed: {e}")),
+                Err(_) => Command::HandshakeFailed("incoming handshake timed out".into()),
+            };
+            let _ = inbox.send(command).await;
+        });
+    }
+
+    /// Makes `connection` the session's connection.
+    fn install(&mut self, connection: quinn::Connection) {
+        self.handshaking = false;
+        let conn = PeerConnection::new(self.peer, connection.clone(), self.shared.table.clone());
+        if let Some(old) = self.conn.replace(conn.clone()) {
+            if old.connection().stable_id() != connection.stable_id() {
+                old.close(close_code::REPLACED, "replaced by a newer connection");
+            }
+        }
+        *lock(&self.state.connection) = Some(conn.clone());
+        self.deadline = None;
+        self.last_error = None;
+        self.shared.say(format_args!(
+            "[PEER CONNECTED] {} {} rtt {:.1} ms",
+            self.peer,
+            conn.path(),
+            conn.rtt().as_secs_f64() * 1000.0
+        ));
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Ok(conn.clone()));
+        }
+        // Every connection is offered to `accept` (a listener serves transfers on it), also
+        // when we asked for it: replying to someone who just reached you is ordinary.
+        let _ = self.shared.accepted.try_send(conn.clone());
+        if !self.is_direct() && lock(&self.shared.table).policy().direct {
+            self.refresh_gap = REFRESH_START;
+            self.next_refresh = Some(Instant::now() + REFRESH_START);
+        }
+        let (shared, inbox) = (self.shared.clone(), self.inbox_tx.clone());
+        self.shared.tasks.spawn(async move {
+            let id = conn.connection().stable_id();
+            let reason = tokio::select! {
+                reason = shared.clone().serve_streams(conn) => reason,
+                _ = shared.cancel.cancelled() => return,
+            };
+            let _ = inbox.send(Command::Closed(id, reason)).await;
+        });
+    }
+
+    fn on_closed(&mut self, id: usize, reason: &quinn::ConnectionError) {
+        let current = self.conn.as_ref().is_some_and(|c| c.connection().stable_id() == id);
+        if !current {
+            return;
+        }
+        self.conn = None;
+        *lock(&self.state.connection) = None;
+        self.next_refresh = None;
+        self.idle_since = Instant::now();
+        self.shared.say(format_args!("[PEER DISCONNECTED] {} ({})", self.peer, describe_close(reason)));
+    }
+
+    /// Fails every waiting caller: the first with `error`, the others with its text.
+    fn fail_waiters(&mut self, error: NodeError) {
+        let (peer, message) = (self.peer, error.to_string());
+        let mut error = Some(error);
+        self.fail_waiters_with(|| {
+            error.take().unwrap_or_else(|| NodeError::Peer { peer, message: message.clone() })
+        });
+    }
+
+    fn fail_waiters_with(&mut self, mut error: impl FnMut() -> NodeError) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Err(error()));
+        }
+        self.idle_since = Instant::now();
+    }
+}
