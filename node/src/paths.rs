@@ -27,7 +27,8 @@ const VIRTUAL_OCTET: u8 = 240;
 const VIRTUAL_PORT: u16 = 9;
 /// Heartbeat ping interval on the current direct path.
 pub const HEARTBEAT: Duration = Duration::from_millis(1500);
-/// A direct path we sent on for this long without hearing anything back has gone quiet.
+/// A direct path we have been sending on for this long without hearing anything back (QUIC
+/// acknowledges within a round trip) has gone quiet.
 pub const QUIET_WHILE_SENDING: Duration = Duration::from_millis(1500);
 /// A direct path that has not been heard from (pong or packet) for this long is not used.
 pub const HEARD_WITHIN: Duration = Duration::from_secs(5);
@@ -141,14 +142,22 @@ struct Direct {
     rtt: Option<Duration>,
     /// Last pong or packet from it.
     heard: Option<Instant>,
-    /// Last packet we sent on it.
-    sent: Option<Instant>,
+    /// The first packet we sent on it since we last heard from it.
+    unanswered_since: Option<Instant>,
     added: Instant,
 }
 
 impl Direct {
     fn new(addr: SocketAddr, now: Instant) -> Self {
-        Self { addr, pings: VecDeque::new(), confirmed: None, rtt: None, heard: None, sent: None, added: now }
+        Self {
+            addr,
+            pings: VecDeque::new(),
+            confirmed: None,
+            rtt: None,
+            heard: None,
+            unanswered_since: None,
+            added: now,
+        }
     }
 
     /// Confirmed by a pong, heard from recently, and not silent while we send on it.
@@ -157,7 +166,19 @@ impl Direct {
         if now.saturating_duration_since(heard) > HEARD_WITHIN {
             return false;
         }
-        self.sent.is_none_or(|sent| sent.saturating_duration_since(heard) <= QUIET_WHILE_SENDING)
+        let unanswered = self.unanswered_since.filter(|since| heard < *since);
+        unanswered.is_none_or(|since| now.saturating_duration_since(since) <= QUIET_WHILE_SENDING)
+    }
+
+    fn note_send(&mut self, now: Instant) {
+        let answered = match (self.unanswered_since, self.heard) {
+            (None, _) => true,
+            (Some(since), Some(heard)) => heard >= since,
+            (Some(_), None) => false,
+        };
+        if answered {
+            self.unanswered_since = Some(now);
+        }
     }
 }
 
@@ -390,7 +411,7 @@ impl PathTable {
         match session.path {
             Path::Direct(addr) => {
                 if let Some(direct) = session.direct_mut(addr) {
-                    direct.sent = Some(now);
+                    direct.note_send(now);
                 }
                 Route::Direct(addr)
             }
@@ -639,6 +660,26 @@ mod tests {
         assert_eq!(changes, vec![PathChange { peer, path: Path::Relayed, was: Path::Direct(public) }]);
         // Probe rounds start again at once.
         assert_eq!(table.due_pings(now, counter()).len(), 1);
+    }
+
+    #[test]
+    fn a_send_just_before_a_late_heartbeat_pong_is_not_silence() {
+        let start = Instant::now();
+        let mut table = PathTable::new(BOTH);
+        let peer = id(7);
+        let virt = table.open(peer, start);
+        let public = addr("198.51.100.25:5000");
+        table.add_candidates(&peer, &[public], start);
+        let ping = table.due_pings(start, counter())[0];
+        table.on_pong(&peer, public, ping.tx, start);
+        table.reevaluate(start);
+        // Last heard 1.6 s ago (a heartbeat pong still on its way); one packet goes out now.
+        let now = start + Duration::from_millis(1600);
+        table.route(virt, now);
+        assert!(table.reevaluate(now + Duration::from_millis(100)).is_empty());
+        // Its answer arrives: still direct; silence only counts from an unanswered send.
+        table.arrival(public, now + Duration::from_millis(150));
+        assert!(table.reevaluate(now + Duration::from_millis(1400)).is_empty());
     }
 
     #[test]

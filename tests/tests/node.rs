@@ -222,3 +222,28 @@ async fn connecting_to_an_unregistered_node_is_a_typed_error() -> Result<()> {
     a.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dual_stack_node_reaches_an_ipv4_node_directly() -> Result<()> {
+    // An IPv6 socket (dual-stack on Linux) sees IPv4 peers as v4-mapped addresses; the path
+    // layer keeps them plain IPv4, and maps them back for the socket.
+    let tracker = TestTracker::start()?;
+    let home = tempfile::tempdir()?;
+    let dual = qpeer_node::Node::builder()
+        .home(home.path())
+        .bind_addr("[::]:0".parse()?)
+        .tracker(tracker.tracker_addr())
+        .bind()
+        .await?;
+    dual.registered(Duration::from_secs(10)).await?;
+    let v4 = node(&tracker).await?;
+    let conn = dual.connect(v4.id()).await?;
+    conn.ping(1).await?;
+    assert_eq!(conn.path(), Path::Direct(v4.local_addr()));
+    let back = peer_of(&v4, dual.id()).await;
+    assert!(matches!(back.path(), Path::Direct(addr) if addr.is_ipv4()), "{}", back.path());
+    back.ping(2).await?;
+    dual.shutdown().await;
+    v4.shutdown().await;
+    Ok(())
+}

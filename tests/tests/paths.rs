@@ -313,7 +313,11 @@ fn a_session_upgrades_when_a_blocked_direct_path_opens() {
             first.path,
             world.dump()
         );
-        std::thread::sleep(Duration::from_secs(4).saturating_sub(start.elapsed()));
+        // QPEER_LAB_UNBLOCK_MS moves the opening (default 4 s), to measure it at other phases
+        // of the probe schedule.
+        let unblock_after =
+            std::env::var("QPEER_LAB_UNBLOCK_MS").ok().and_then(|ms| ms.parse().ok()).unwrap_or(4000);
+        std::thread::sleep(Duration::from_millis(unblock_after).saturating_sub(start.elapsed()));
         for (name, process) in [("pinger", &ping), ("listener", &a.process)] {
             let early = upgrades_to_direct(&process.stdout.text())
                 .into_iter()
