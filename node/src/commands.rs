@@ -43,7 +43,7 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-/// `qpeer ping`: connect (punching or relaying) and time `count` round trips.
+/// `qpeer ping`: connect and time `count` round trips, each reply with the path it took.
 pub async fn ping(
     node: &Node,
     peer: NodeId,
@@ -103,7 +103,7 @@ pub async fn send_files(
     quiet: bool,
     out: &dyn Output,
 ) -> CommandResult {
-    // Walk the paths while the connection is being punched: both take time, neither needs
+    // Walk the paths while the connection is being made: both take time, neither needs
     // the other.
     let scanning = async {
         tokio::task::spawn_blocking(move || scan(&paths))

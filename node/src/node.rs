@@ -299,6 +299,7 @@ impl Shared {
 
     /// Prints a path change of a session that has a connection.
     fn on_path_change(&self, change: PathChange) {
+        tracing::debug!(peer = %change.peer.short(), "path {} (was {})", change.path, change.was);
         if change.was == Path::Waiting || self.live_peer(&change.peer).is_none() {
             return;
         }
@@ -365,7 +366,7 @@ pub fn relay_transport() -> quinn::TransportConfig {
     transport
 }
 
-/// A random number that is not secret (an incarnation, a probe's tx).
+/// A random number that is not secret (a process's incarnation).
 pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     // The system RNG does not fail on supported platforms; a zero is still a valid value.
@@ -603,9 +604,7 @@ impl Node {
         if peer == shared.id() {
             return Err(NodeError::SelfConnect);
         }
-        if let Some(existing) = shared.live_peer(&peer) {
-            return Ok(existing);
-        }
+        // The session decides whether its live connection, if any, is still good.
         // A session that is just ending may drop the request: ask its successor once.
         for _ in 0..2 {
             let (reply, answer) = tokio::sync::oneshot::channel();
@@ -643,12 +642,17 @@ impl Node {
     /// Closes everything with a reason and waits (bounded) for the endpoint to go idle.
     pub async fn shutdown(&self) {
         let shared = &self.shared;
+        // Peers first, while their paths (the relay among them) still carry the close.
+        let peers = self.peers();
+        for peer in &peers {
+            peer.close(close_code::SHUTDOWN, "node shutting down");
+        }
+        if !peers.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         shared.cancel.cancel();
         shared.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.tasks.wait()).await;
-        for peer in self.peers() {
-            peer.close(close_code::SHUTDOWN, "node shutting down");
-        }
         lock(&shared.sessions).clear();
         shared.endpoint.close(close_code::SHUTDOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;

@@ -44,6 +44,8 @@ const MAX_PINGS: usize = 4;
 /// Packets kept per session while it has no path at all (its first handshake packets,
 /// before the relay link or a direct path is ready).
 const MAX_WAITING: usize = 64;
+/// Least time between two pings back to one address.
+const PING_BACK_GAP: Duration = Duration::from_millis(200);
 /// A confirmed direct path replaces the current one only when clearly faster.
 const SWITCH_RTT_RATIO: f64 = 0.7;
 
@@ -190,6 +192,8 @@ struct Session {
     path: Path,
     changed: Instant,
     waiting: VecDeque<(Bytes, Option<usize>)>,
+    /// Last packet from the peer, on any path.
+    heard: Option<Instant>,
     /// When the next probe round toward unconfirmed candidates is due, and the gap after it.
     next_round: Instant,
     round_gap: Duration,
@@ -282,6 +286,7 @@ impl PathTable {
                 path: Path::Waiting,
                 changed: now,
                 waiting: VecDeque::new(),
+                heard: None,
                 next_round: now,
                 round_gap: ROUND_START,
                 next_heartbeat: now,
@@ -351,13 +356,20 @@ impl PathTable {
         if !usable || is_virtual(addr) || self.pass.contains(&addr) {
             return false;
         }
-        // An address belongs to one session: the newest claim wins (a peer restarted on the
-        // port another peer had).
+        // An address belongs to one session. A newer claim takes it only while the holder
+        // has not heard from it recently (a peer restarted on the port another peer had); a
+        // working path is never taken away by someone else's say-so.
         if let Some(other) = self.by_direct.get(&addr).copied() {
             if other == *peer {
                 return false;
             }
             if let Some(session) = self.sessions.get_mut(&other) {
+                let in_use = session.direct.iter().any(|d| {
+                    d.addr == addr && d.heard.is_some_and(|h| now.saturating_duration_since(h) < HEARD_WITHIN)
+                });
+                if in_use {
+                    return false;
+                }
                 session.direct.retain(|d| d.addr != addr);
             }
         }
@@ -382,6 +394,18 @@ impl PathTable {
         session.direct.push(Direct::new(addr, now));
         self.by_direct.insert(addr, *peer);
         true
+    }
+
+    /// The peer is a new process: the direct addresses of the old one are forgotten (the new
+    /// one's come with its introduction; if it took the old port, a probe confirms it anew).
+    pub fn forget_direct(&mut self, peer: &NodeId) {
+        let Some(session) = self.sessions.get_mut(peer) else { return };
+        for direct in session.direct.drain(..) {
+            if self.by_direct.get(&direct.addr) == Some(peer) {
+                self.by_direct.remove(&direct.addr);
+            }
+        }
+        session.heard = None;
     }
 
     /// The relay link the tracker opened to `peer`.
@@ -447,6 +471,7 @@ impl PathTable {
         let source = canonical(source);
         if let Some(peer) = self.by_direct.get(&source).copied() {
             if let Some(session) = self.sessions.get_mut(&peer) {
+                session.heard = Some(now);
                 if let Some(direct) = session.direct_mut(source) {
                     direct.heard = Some(now);
                 }
@@ -460,10 +485,21 @@ impl PathTable {
         }
     }
 
-    /// The virtual address of the session a relay link belongs to.
-    pub fn link_arrival(&self, link: u32) -> Option<SocketAddr> {
+    /// The virtual address of the session a relay link belongs to; notes that the peer was
+    /// heard from.
+    pub fn link_arrival(&mut self, link: u32, now: Instant) -> Option<SocketAddr> {
         let peer = self.by_link.get(&link)?;
-        self.sessions.get(peer).map(|s| s.virtual_addr)
+        let session = self.sessions.get_mut(peer)?;
+        session.heard = Some(now);
+        Some(session.virtual_addr)
+    }
+
+    /// True when anything came from `peer` (on any path) within `within`.
+    pub fn heard_within(&self, peer: &NodeId, within: Duration, now: Instant) -> bool {
+        self.sessions
+            .get(peer)
+            .and_then(|s| s.heard)
+            .is_some_and(|heard| now.saturating_duration_since(heard) <= within)
     }
 
     /// A valid ping from `peer` arrived from `source`: the address becomes a candidate
@@ -484,8 +520,12 @@ impl PathTable {
         self.add_direct(peer, source, now);
         let session = self.sessions.get_mut(peer)?;
         let direct = session.direct_mut(source)?;
+        // No ping back to an address confirmed or pinged a moment ago: a flood of (replayed)
+        // pings from one address draws one pong each, and at most a ping every PING_BACK_GAP.
         let fresh = direct.confirmed.is_some_and(|c| now.saturating_duration_since(c) < HEARTBEAT);
-        if fresh {
+        let pinged =
+            direct.pings.back().is_some_and(|(_, sent)| now.saturating_duration_since(*sent) < PING_BACK_GAP);
+        if fresh || pinged {
             return Some(None);
         }
         Some(Some(Self::note_ping(direct, *peer, tx, now)))
@@ -618,7 +658,8 @@ mod tests {
         assert_eq!(table.reevaluate(now), vec![PathChange { peer, path: Path::Relayed, was: Path::Waiting }]);
         assert_eq!(table.route(virt, now), Route::Relay(7));
         assert_eq!(table.take_waiting(&peer).len(), 1);
-        assert_eq!(table.link_arrival(7), Some(virt));
+        assert_eq!(table.link_arrival(7, now), Some(virt));
+        assert!(table.heard_within(&peer, Duration::ZERO, now));
 
         let public = addr("198.51.100.20:5000");
         table.add_candidates(&peer, &[public], now);
@@ -769,7 +810,7 @@ mod tests {
         assert_eq!(table.sessions(), 0);
         assert_eq!(table.route(virt, now), Route::Drop);
         assert_eq!(table.arrival(public, now), Arrival::Drop);
-        assert_eq!(table.link_arrival(9), None);
+        assert_eq!(table.link_arrival(9, now), None);
         let tracker = addr("198.51.100.1:4433");
         table.allow_pass(tracker);
         assert_eq!(table.arrival(tracker, now), Arrival::Pass);

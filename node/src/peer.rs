@@ -62,7 +62,7 @@ pub mod close_code {
 /// A stream the peer opened for the application: its kind and both halves.
 pub type AppStream = (StreamKind, quinn::SendStream, quinn::RecvStream);
 
-/// An established, selected connection to a verified peer.
+/// An established connection to a verified peer.
 #[derive(Clone)]
 pub struct PeerConnection {
     inner: Arc<Inner>,
@@ -127,7 +127,7 @@ impl PeerConnection {
         &self.inner.connection
     }
 
-    /// When this connection was selected.
+    /// When this connection was established.
     pub fn established(&self) -> Instant {
         self.inner.established
     }

@@ -11,8 +11,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use qpeer_certs::identity::SIGNATURE_LEN;
 use qpeer_certs::{Identity, NodeId, TlsError, NODE_ID_LEN};
 
-/// First bytes of every probe. Its first byte has QUIC's fixed bit (0x40) clear, and the
-/// length of a probe is fixed, so a probe is never mistaken for a QUIC packet.
+/// First bytes of every probe. The socket takes every datagram that starts with them out of
+/// QUIC's way (quinn greases QUIC's fixed bit, so the zero first byte alone would not tell a
+/// probe from a QUIC packet; the eight bytes together do).
 pub const MAGIC: [u8; 8] = *b"\0qpprobe";
 
 /// Length of a probe's random transaction id.

@@ -89,7 +89,7 @@ pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
             decoder.extend(&chunk.bytes);
             while let Some(frame) = decoder.next_frame() {
                 if !hub.deliver(frame) {
-                    tracing::trace!("dropping a relayed packet for an unknown link or a full queue");
+                    tracing::trace!("dropping a relayed packet: the queue to the socket is full");
                 }
             }
         }

@@ -34,9 +34,14 @@ const LINGER: Duration = Duration::from_secs(15);
 /// peer asks to meet us again.
 const LIVENESS_TIMEOUT: Duration = Duration::from_millis(1500);
 /// While relayed, the actor asks the tracker for fresh candidates this often at first, then
-/// backing off to [`REFRESH_CAP`].
+/// backing off to [`REFRESH_CAP`]; it looks at its path every [`REFRESH_START`].
 const REFRESH_START: Duration = Duration::from_secs(2);
 const REFRESH_CAP: Duration = Duration::from_secs(30);
+/// A live connection is handed out at once when the peer was heard from this recently;
+/// otherwise the tracker is asked first whether the peer is still the same process.
+const FRESH: Duration = Duration::from_secs(1);
+/// A failed handshake is tried again after this (while callers wait).
+const REDIAL_AFTER: Duration = Duration::from_millis(250);
 
 /// What a peer actor is asked to do, or told.
 pub(crate) enum Command {
@@ -95,6 +100,11 @@ pub(crate) struct PeerActor {
     /// Next time to ask the tracker for fresh candidates while relayed, and the gap after it.
     next_refresh: Option<Instant>,
     refresh_gap: Duration,
+    /// When to look at the live connection's path again.
+    next_check: Option<Instant>,
+    /// When to try a failed handshake again.
+    redial_at: Option<Instant>,
+    /// Last time the session had something to do (it ends [`LINGER`] after).
     idle_since: Instant,
 }
 
@@ -119,6 +129,8 @@ impl PeerActor {
             peer_incarnation: None,
             next_refresh: None,
             refresh_gap: REFRESH_START,
+            next_check: None,
+            redial_at: None,
             idle_since: Instant::now(),
         };
         shared.tasks.spawn(actor.run(inbox));
@@ -136,7 +148,12 @@ impl PeerActor {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 command = inbox.recv() => match command {
-                    Some(command) => self.handle(command),
+                    Some(command) => {
+                        self.handle(command);
+                        if !self.is_idle() {
+                            self.idle_since = Instant::now();
+                        }
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake) => {
@@ -156,7 +173,11 @@ impl PeerActor {
             }
         }
         self.fail_waiters(NodeError::Shutdown);
-        lock(&self.shared.table).close(&self.peer);
+        // On shutdown the session stays in the table: the node closes its connections after
+        // its tasks end, and those close packets still need their path.
+        if !cancel.is_cancelled() {
+            lock(&self.shared.table).close(&self.peer);
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -166,7 +187,7 @@ impl PeerActor {
     /// The next deadline: waiting callers give up, a refresh is due, or an idle session ends.
     fn next_wake(&self) -> Instant {
         let linger = self.is_idle().then_some(self.idle_since + LINGER);
-        [self.deadline, self.next_refresh, linger]
+        [self.deadline, self.next_refresh, self.next_check, self.redial_at, linger]
             .into_iter()
             .flatten()
             .min()
@@ -182,6 +203,25 @@ impl PeerActor {
             let timeout = self.shared.connect_timeout;
             let peer = self.peer;
             self.fail_waiters_with(|| NodeError::Unreachable { peer, timeout, reason: reason.clone() });
+        }
+        if self.redial_at.is_some_and(|t| now >= t) {
+            self.redial_at = None;
+            if !self.waiters.is_empty() && self.conn.is_none() && self.we_dial() {
+                self.dial();
+            }
+        }
+        if self.next_check.is_some_and(|t| now >= t) {
+            self.next_check = None;
+            if self.conn.is_some() {
+                self.next_check = Some(now + REFRESH_START);
+                if self.is_direct() {
+                    self.next_refresh = None;
+                    self.refresh_gap = REFRESH_START;
+                } else if self.next_refresh.is_none() && lock(&self.shared.table).policy().direct {
+                    // Relayed (from the start, or since the direct path went quiet).
+                    self.next_refresh = Some(now);
+                }
+            }
         }
         if self.next_refresh.is_some_and(|t| now >= t) {
             self.next_refresh = None;
@@ -217,9 +257,14 @@ impl PeerActor {
             Command::Introduced(intro) => self.on_introduced(intro),
             Command::IntroduceFailed(e) => {
                 self.introducing = false;
-                if self.conn.is_none() {
-                    self.deadline = None;
-                    self.fail_waiters(e);
+                let live = self.conn.as_ref().filter(|c| c.is_open()).cloned();
+                match live {
+                    // The tracker could not say whether the peer restarted: use what we have.
+                    Some(conn) if !matches!(e, NodeError::PeerNotFound(_)) => self.hand_out(&conn),
+                    _ => {
+                        self.deadline = None;
+                        self.fail_waiters(e);
+                    }
                 }
             }
             Command::Incoming(incoming) => self.accept(*incoming),
@@ -229,7 +274,7 @@ impl PeerActor {
                 tracing::debug!(peer = %self.peer.short(), "handshake failed: {e}");
                 self.last_error = Some(e);
                 if !self.waiters.is_empty() && self.conn.is_none() && self.we_dial() {
-                    self.dial();
+                    self.redial_at = Some(Instant::now() + REDIAL_AFTER);
                 }
             }
             Command::Closed(id, reason) => self.on_closed(id, &reason),
@@ -250,8 +295,13 @@ impl PeerActor {
 
     fn on_connect(&mut self, reply: oneshot::Sender<Result<PeerConnection, NodeError>>) {
         if let Some(conn) = self.conn.as_ref().filter(|c| c.is_open()) {
-            let _ = reply.send(Ok(conn.clone()));
-            return;
+            let heard = lock(&self.shared.table).heard_within(&self.peer, FRESH, std::time::Instant::now());
+            if heard {
+                let _ = reply.send(Ok(conn.clone()));
+                return;
+            }
+            // Quiet for a while: the peer may be a new process by now, and this connection
+            // half-open. The introduction's incarnation tells.
         }
         self.waiters.push(reply);
         if self.deadline.is_none() {
@@ -291,13 +341,19 @@ impl PeerActor {
         if intro.requested {
             self.introducing = false;
         }
-        lock(&self.shared.table).add_candidates(
-            &self.peer,
-            &dial_targets(&intro.addrs),
-            std::time::Instant::now(),
-        );
-        self.shared.ask_for_relay(self.peer);
         let restarted = self.peer_incarnation.is_some_and(|known| known != intro.incarnation);
+        {
+            let mut table = lock(&self.shared.table);
+            if restarted {
+                // The old process's paths are dead: waiting for them to go quiet would hold
+                // up the new connection's handshake.
+                table.forget_direct(&self.peer);
+            }
+            table.add_candidates(&self.peer, &dial_targets(&intro.addrs), std::time::Instant::now());
+        }
+        // Probe now, not at the next tick: the peer probes us at this very moment.
+        self.shared.prober.tick();
+        self.shared.ask_for_relay(self.peer);
         self.peer_incarnation = Some(intro.incarnation);
         let live = self.conn.as_ref().filter(|c| c.is_open()).cloned();
         if restarted {
@@ -305,6 +361,10 @@ impl PeerActor {
                 // The peer is a new process: the old connection is half-open at best.
                 old.close(close_code::REPLACED, "the peer restarted");
             }
+        }
+        if let Some(conn) = live.as_ref().filter(|_| !restarted && intro.requested) {
+            // The same process as before: the connection we hold is the one.
+            self.hand_out(conn);
         }
         if !self.we_dial() || self.handshaking {
             return;
@@ -420,22 +480,19 @@ impl PeerActor {
         *lock(&self.state.connection) = Some(conn.clone());
         self.deadline = None;
         self.last_error = None;
+        self.redial_at = None;
+        self.next_check = Some(Instant::now() + REFRESH_START);
         self.shared.say(format_args!(
             "[PEER CONNECTED] {} {} rtt {:.1} ms",
             self.peer,
             conn.path(),
             conn.rtt().as_secs_f64() * 1000.0
         ));
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(Ok(conn.clone()));
-        }
+        self.hand_out(&conn);
         // Every connection is offered to `accept` (a listener serves transfers on it), also
         // when we asked for it: replying to someone who just reached you is ordinary.
         let _ = self.shared.accepted.try_send(conn.clone());
-        if !self.is_direct() && lock(&self.shared.table).policy().direct {
-            self.refresh_gap = REFRESH_START;
-            self.next_refresh = Some(Instant::now() + REFRESH_START);
-        }
+        self.refresh_gap = REFRESH_START;
         let (shared, inbox) = (self.shared.clone(), self.inbox_tx.clone());
         self.shared.tasks.spawn(async move {
             let id = conn.connection().stable_id();
@@ -455,8 +512,17 @@ impl PeerActor {
         self.conn = None;
         *lock(&self.state.connection) = None;
         self.next_refresh = None;
+        self.next_check = None;
         self.idle_since = Instant::now();
         self.shared.say(format_args!("[PEER DISCONNECTED] {} ({})", self.peer, describe_close(reason)));
+    }
+
+    /// Gives `conn` to every waiting caller.
+    fn hand_out(&mut self, conn: &PeerConnection) {
+        self.deadline = None;
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Ok(conn.clone()));
+        }
     }
 
     /// Fails every waiting caller: the first with `error`, the others with its text.

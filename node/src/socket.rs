@@ -103,7 +103,7 @@ impl PathSocket {
                 if filled == 0 { self.hub.poll_inbound(cx) } else { Poll::Ready(self.hub.try_inbound()) };
             let Poll::Ready(Some(frame)) = next else { break };
             // A link of no session (one that closed) has nobody to deliver to.
-            let Some(addr) = lock(&self.table).link_arrival(frame.link()) else { continue };
+            let Some(addr) = lock(&self.table).link_arrival(frame.link(), Instant::now()) else { continue };
             let packet = frame.packet();
             let buf = &mut bufs[filled];
             let len = packet.len().min(buf.len());

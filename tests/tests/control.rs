@@ -52,7 +52,7 @@ fn commands_run_inside_the_running_node_and_one_node_runs_per_home() -> Result<(
     let t = tracker.tracker.to_string();
     let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
     let inbox = dir.path().join("inbox");
-    let _a = listen(&home_a, &t, &["--out", &inbox.display().to_string(), "--accept-any"])?;
+    let a = listen(&home_a, &t, &["--out", &inbox.display().to_string(), "--accept-any"])?;
     let mut b = listen(&home_b, &t, &[])?;
     let (a_id, b_id) = (id_of(&home_a)?, id_of(&home_b)?);
     let hb = home_b.display().to_string();
@@ -93,9 +93,16 @@ fn commands_run_inside_the_running_node_and_one_node_runs_per_home() -> Result<(
     ensure!(home_b.join("node.sock").exists(), "the killed node's socket file should still be there");
     let (code, out, _) = run(&["status", "--home", &hb])?;
     ensure!(code == 4 && out.contains("not running"), "status after kill: {out}");
-    let _b = listen(&home_b, &t, &[])?;
+    let b2 = listen(&home_b, &t, &[])?;
     let (code, out, err) = run(&["ping", &a_id, "-c", "1", "--home", &hb, "--tracker", &t])?;
-    ensure!(code == 0, "ping after restart: {out}\n{err}");
+    ensure!(
+        code == 0,
+        "ping after restart: {out}\n{err}\nA:\n{}\n{}\nB2:\n{}\n{}",
+        a.stdout.text(),
+        a.stderr.text(),
+        b2.stdout.text(),
+        b2.stderr.text()
+    );
     Ok(())
 }
 

@@ -245,3 +245,45 @@ async fn a_full_disk_keeps_the_part_file_and_the_send_resumes_once_space_is_free
     receiver_node.shutdown().await;
     Ok(())
 }
+
+/// A listener killed with SIGKILL comes back (same home, new port) while a peer still holds
+/// the old, half-open connection: the peer's next connect must give a working connection at
+/// once, not the dead one (nor wait for its 30 s idle timeout).
+#[tokio::test]
+async fn a_peer_killed_and_restarted_is_reached_at_once_through_its_new_process() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tracker = TrackerProc::start(&dir.path().join("trk"), "127.0.0.1:0", &[])?;
+    let a = node_on(&tracker.tracker, &dir.path().join("a")).await?;
+    let bins = bin_dir()?;
+    let home = dir.path().join("b").display().to_string();
+    let args: Vec<String> =
+        ["listen", "--home", &home, "--tracker", &tracker.tracker.to_string(), "--bind", "127.0.0.1:0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let registered =
+        |p: &Proc| p.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[REGISTERED] observed "));
+    let mut b = Proc::start(&bins.join("qpeer"), &args)?;
+    let line = registered(&b)?;
+    let b_id: qpeer_certs::NodeId = line.rsplit(' ').next().unwrap_or_default().parse()?;
+    a.connect(b_id).await?.ping(1).await?;
+
+    b.kill();
+    let b = Proc::start(&bins.join("qpeer"), &args)?;
+    registered(&b)?;
+    // Past the moment in which a live connection is handed out without asking the tracker.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let conn = a.connect(b_id).await?;
+    let rtt = tokio::time::timeout(Duration::from_secs(3), conn.ping(2)).await;
+    ensure!(
+        matches!(rtt, Ok(Ok(_))),
+        "the ping after the restart failed: {rtt:?}\n{}\n{}",
+        b.stdout.text(),
+        b.stderr.text()
+    );
+    ensure!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    eprintln!("reached the restarted peer in {:?}, path {}", started.elapsed(), conn.path());
+    a.shutdown().await;
+    Ok(())
+}

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 /// qpeer: direct, end-to-end encrypted QUIC connections between machines behind home NATs.
 ///
 /// A node registers with a tracker (`--tracker` / QPEER_TRACKER), which tells it its public
-/// address and introduces it to other nodes; both then punch through their NATs and talk
-/// directly over mutually authenticated QUIC. A connection starts at once, through the
+/// address and introduces it to other nodes; both then probe each other through their NATs
+/// and talk over mutually authenticated QUIC. A connection starts at once, through the
 /// tracker's relay if no direct path answers yet, and moves to a direct path as soon as a
 /// signed probe gets through; it stays up while NATs rebind or networks change
 /// (`[PATH]` lines say when its path changes). A node's id is its Ed25519 public key, kept
