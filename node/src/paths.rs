@@ -34,7 +34,7 @@ pub const QUIET_WHILE_SENDING: Duration = Duration::from_millis(1500);
 pub const HEARD_WITHIN: Duration = Duration::from_secs(5);
 /// Probe rounds toward a peer's candidates while no direct path works: the first few come
 /// fast (holes open within a round trip or two), then every [`ROUND_CAP`].
-const ROUND_START: Duration = Duration::from_millis(200);
+const ROUND_START: Duration = Duration::from_millis(100);
 pub const ROUND_CAP: Duration = Duration::from_secs(3);
 /// Most direct addresses kept per session (the tracker's candidates plus addresses pings
 /// came from); the oldest unconfirmed ones go first.
@@ -44,6 +44,11 @@ const MAX_PINGS: usize = 4;
 /// Packets kept per session while it has no path at all (its first handshake packets,
 /// before the relay link or a direct path is ready).
 const MAX_WAITING: usize = 64;
+/// Valid pings from peers without a session yet, kept for a session that opens soon after
+/// (a peer's first ping can overtake the introduction that opens our side): how many, and
+/// for how long.
+const MAX_EARLY_PINGS: usize = 64;
+const EARLY_PING_TTL: Duration = Duration::from_secs(2);
 /// Least time between two pings back to one address.
 const PING_BACK_GAP: Duration = Duration::from_millis(200);
 /// A confirmed direct path replaces the current one only when clearly faster.
@@ -146,6 +151,8 @@ struct Direct {
     heard: Option<Instant>,
     /// The first packet we sent on it since we last heard from it.
     unanswered_since: Option<Instant>,
+    /// When a ping from it last made us ping it back.
+    pinged_back: Option<Instant>,
     added: Instant,
 }
 
@@ -158,6 +165,7 @@ impl Direct {
             rtt: None,
             heard: None,
             unanswered_since: None,
+            pinged_back: None,
             added: now,
         }
     }
@@ -242,6 +250,8 @@ pub struct PathTable {
     by_link: HashMap<u32, NodeId>,
     /// Addresses the node talks QUIC to without a session: its tracker.
     pass: HashSet<SocketAddr>,
+    /// Where valid pings of peers without a session came from, and when.
+    early_pings: VecDeque<(NodeId, SocketAddr, Instant)>,
     next_index: u32,
 }
 
@@ -254,6 +264,7 @@ impl PathTable {
             by_direct: HashMap::new(),
             by_link: HashMap::new(),
             pass: HashSet::new(),
+            early_pings: VecDeque::new(),
             next_index: 1,
         }
     }
@@ -277,6 +288,13 @@ impl PathTable {
             }
         };
         self.by_virtual.insert(addr, peer);
+        let early: Vec<SocketAddr> = self
+            .early_pings
+            .iter()
+            .filter(|(from, _, at)| *from == peer && now.saturating_duration_since(*at) < EARLY_PING_TTL)
+            .map(|(_, source, _)| *source)
+            .collect();
+        self.early_pings.retain(|(from, _, _)| *from != peer);
         self.sessions.insert(
             peer,
             Session {
@@ -292,6 +310,13 @@ impl PathTable {
                 next_heartbeat: now,
             },
         );
+        // Pings that came before the session: their sources are where the peer reaches us
+        // from (behind a symmetric NAT, the only such address), so probe them first.
+        if self.policy.direct {
+            for source in early {
+                self.add_direct(&peer, source, now);
+            }
+        }
         addr
     }
 
@@ -513,21 +538,30 @@ impl PathTable {
         tx: [u8; TX_LEN],
         now: Instant,
     ) -> Option<Option<PingDue>> {
-        if !self.policy.direct || !self.sessions.contains_key(peer) {
+        if !self.policy.direct {
+            return None;
+        }
+        if !self.sessions.contains_key(peer) {
+            if self.early_pings.len() >= MAX_EARLY_PINGS {
+                self.early_pings.pop_front();
+            }
+            self.early_pings.push_back((*peer, canonical(source), now));
             return None;
         }
         let source = canonical(source);
         self.add_direct(peer, source, now);
         let session = self.sessions.get_mut(peer)?;
         let direct = session.direct_mut(source)?;
-        // No ping back to an address confirmed or pinged a moment ago: a flood of (replayed)
-        // pings from one address draws one pong each, and at most a ping every PING_BACK_GAP.
+        // A ping proves the way in is open now, so our own ping goes at once (even if one of
+        // ours to it was just lost in a NAT that was still closed); but not to an address
+        // confirmed a moment ago, and a flood of (replayed) pings from one address draws one
+        // pong each and at most one ping every PING_BACK_GAP.
         let fresh = direct.confirmed.is_some_and(|c| now.saturating_duration_since(c) < HEARTBEAT);
-        let pinged =
-            direct.pings.back().is_some_and(|(_, sent)| now.saturating_duration_since(*sent) < PING_BACK_GAP);
-        if fresh || pinged {
+        let recent = direct.pinged_back.is_some_and(|at| now.saturating_duration_since(at) < PING_BACK_GAP);
+        if fresh || recent {
             return Some(None);
         }
+        direct.pinged_back = Some(now);
         Some(Some(Self::note_ping(direct, *peer, tx, now)))
     }
 
@@ -755,8 +789,15 @@ mod tests {
         assert_eq!(table.on_ping(&id(4), from, [1; TX_LEN], now), None);
         assert_eq!(table.arrival(from, now), Arrival::Drop);
         table.open(id(4), now);
+        // The early ping's source is a candidate of the new session, probed at once.
+        let early = table.due_pings(now, counter());
+        assert_eq!(early.iter().map(|p| p.addr).collect::<Vec<_>>(), vec![from]);
+        let later = now + PING_BACK_GAP;
         let back = table.on_ping(&id(4), from, [1; TX_LEN], now).expect("a session");
         assert_eq!(back.map(|p| p.addr), Some(from), "we ping the new address ourselves");
+        // A flood of pings from it: pongs only, until PING_BACK_GAP has passed.
+        assert_eq!(table.on_ping(&id(4), from, [2; TX_LEN], now), Some(None));
+        assert!(matches!(table.on_ping(&id(4), from, [3; TX_LEN], later), Some(Some(_))));
         // Learned from a ping only: packets from it reach the session, but it is not a path.
         assert!(matches!(table.arrival(from, now), Arrival::Session(_)));
         assert!(table.reevaluate(now).is_empty());

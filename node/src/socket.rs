@@ -141,7 +141,12 @@ impl PathSocket {
                 continue;
             }
             match lock(&self.table).arrival(meta.addr, now) {
-                Arrival::Session(addr) => meta.addr = self.for_socket(addr),
+                Arrival::Session(addr) => {
+                    meta.addr = self.for_socket(addr);
+                    // quinn would keep the local address this arrived at as the source of
+                    // its answers; a session's paths change, so the kernel chooses instead.
+                    meta.dst_ip = None;
+                }
                 Arrival::Pass => {}
                 Arrival::Drop => data.chunks_mut(stride).for_each(neutralize),
             }
@@ -163,9 +168,14 @@ impl AsyncUdpSocket for PathSocket {
         let route = lock(&self.table).route(transmit.destination, Instant::now());
         match route {
             Route::Pass => self.inner.try_send(transmit),
-            Route::Direct(addr) => {
-                self.inner.try_send(&Transmit { destination: self.for_socket(addr), ..*transmit })
-            }
+            // The kernel picks the source address for the path's destination, as it does for
+            // probes: a source quinn remembered from an earlier packet may be gone (the node
+            // moved to another network) or belong to another path.
+            Route::Direct(addr) => self.inner.try_send(&Transmit {
+                destination: self.for_socket(addr),
+                src_ip: None,
+                ..*transmit
+            }),
             Route::Relay(link) => {
                 self.send_relayed(link, transmit);
                 Ok(())

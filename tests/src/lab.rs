@@ -10,8 +10,10 @@
 //! A test can also change a router while nodes run behind it: [`Router::rebind`] makes it
 //! forget its mappings and map from another port range, as a rebooted router does (needs
 //! `conntrack`); [`Router::block_udp_except`] cuts UDP to everyone but one address;
-//! [`Lab::shape`] slows its uplink down (`tc`). `qpeer-lab-send` ([`lab_send_bin`]) sends raw
-//! UDP datagrams from inside a namespace, and [`Lab::capture_internet`] records the internet.
+//! [`Lab::shape`] slows its uplink down (`tc`). A host can move too: [`Lab::move_host`] carries
+//! it to another router's LAN while its programs run, as a laptop taken to another network.
+//! `qpeer-lab-send` ([`lab_send_bin`]) sends raw UDP datagrams from inside a namespace, and
+//! [`Lab::capture_internet`] records the internet.
 //!
 //! Every [`Lab`] uses a unique namespace prefix; dropping it ends every process it started,
 //! then every process still inside its namespaces, then deletes the namespaces, also when a
@@ -129,15 +131,7 @@ pub struct Lab {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !output.status.success() {
-        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(())
+    run_output(program, args).map(drop)
 }
 
 /// Runs `program args`, waits for it and returns its stdout; fails with its stderr.
@@ -390,6 +384,41 @@ impl Lab {
         let args =
             ["qdisc", "add", "dev", "wan", "root", "tbf", "rate", rate, "burst", "64kb", "latency", "400ms"];
         netns_exec(&router.netns, "tc", &args).map(drop).context("cannot shape the router's wan (tc tbf)")
+    }
+
+    /// Moves `host` to `to`'s LAN while its programs keep running, as a laptop carried from one
+    /// network to another: every interface the host has but `lo` goes away (its veths are
+    /// deleted, and with them their ports on the old router's bridge), then a new one,
+    /// `eth<n>`, joins `to`'s LAN with the next address there (10.x, like every LAN) and `to` as
+    /// the default gateway. A socket bound to `0.0.0.0` stays bound, with its port, and sends
+    /// from the new address from then on (a send that names the old one as its source, with
+    /// `IP_PKTINFO`, fails with `ENETUNREACH`); for the few milliseconds in between the host has
+    /// no route. `host.addr` becomes the new address. Mappings the old router holds for the
+    /// host stay until they expire, unused. Only a host of this lab can move, and only within
+    /// it: dropping the lab removes the new link with the namespaces.
+    pub fn move_host(&mut self, host: &mut Host, to: &mut Router) -> Result<()> {
+        if !self.namespaces.contains(&host.netns) || !self.namespaces.contains(&to.netns) {
+            bail!("{} or {} is not a namespace of this lab", host.netns, to.netns);
+        }
+        // `ip -o link show` prints one line per link: `7: eth0@if8: <BROADCAST,...> ...`.
+        let links = run_output("ip", &["-n", &host.netns, "-o", "link", "show"])?;
+        let old: Vec<&str> = links
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name))
+            .filter(|name| *name != "lo")
+            .collect();
+        for link in &old {
+            self.ip(&host.netns, &["link", "del", link])
+                .with_context(|| format!("cannot take {link} away from {}", host.netns))?;
+        }
+        let ifname = self.link_name("eth");
+        let addr = to.next_addr();
+        self.join_lan(to, &host.netns, &ifname, addr)?;
+        let gateway = to.gateway().to_string();
+        self.ip(&host.netns, &["route", "add", "default", "via", &gateway])?;
+        host.addr = addr;
+        Ok(())
     }
 
     /// A host placed as `place` describes, with whatever routers that takes.

@@ -171,6 +171,7 @@ async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Resul
 
     // Hundreds of connections that complete the handshake and go silent.
     let mut silent = Vec::new();
+    let opening = Instant::now();
     for _ in 0..150 {
         silent.push(
             endpoint.connect_with(config(qpeer_tracker::proto::ALPN, Cert::Valid)?, addr, "qpeer")?.await?,
@@ -186,7 +187,15 @@ async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Resul
             _ => bail!("silent connection ended with {ended:?}"),
         }
     }
-    ensure!(too_many >= 100 && too_many + timed_out == 150, "too many: {too_many}, timed out: {timed_out}");
+    // 32 at a time (--max-connections-per-ip): each admitted one holds its slot until its
+    // 1 s register timeout, so a slow machine that took longer to open them all admits a
+    // further 32 per second it took.
+    let admitted_at_most = 32 * (1 + opening.elapsed().as_secs() as usize);
+    ensure!(
+        timed_out <= admitted_at_most && too_many + timed_out == 150,
+        "too many: {too_many}, timed out: {timed_out} (at most {admitted_at_most} admitted in {:?})",
+        opening.elapsed()
+    );
     eprintln!("silent tracker connections: {too_many} over the per-address limit, {timed_out} timed out");
 
     // A flood of introductions from a registered attacker.

@@ -48,8 +48,10 @@ fn run_pair(lab: &mut Lab, listener_place: Place, pinger_place: Place, same_lan:
     let listener_id = listener.id.clone();
 
     let start = Instant::now();
+    // A session may start relayed and upgrade: the last of three replies, 0.3 s apart, shows
+    // where it ended up.
     let ping =
-        ["ping".into(), listener_id.clone(), "--count".into(), "2".into(), "--interval".into(), "0.2".into()];
+        ["ping".into(), listener_id.clone(), "--count".into(), "3".into(), "--interval".into(), "0.3".into()];
     let mut pinger = spawn_qpeer(lab, &pinger_host, &home(lab, "b"), &tracker.addr, &ping)?;
     let pinger_exit = pinger.wait(Duration::from_secs(20))?;
     let elapsed = start.elapsed();
@@ -95,7 +97,7 @@ fn expect_direct(listener: Place, pinger: Place, same_lan: bool) {
         // A session may start relayed and upgrade: the last reply must have gone direct.
         let last = replies(&pinger_out).pop().map(|r| r.path).unwrap_or_default();
         ensure!(last.starts_with("direct "), "the last reply was not direct\n{}", describe(&run));
-        ensure!(pinger_out.contains("2 received"), "pings lost\n{}", describe(&run));
+        ensure!(pinger_out.contains("3 received"), "pings lost\n{}", describe(&run));
         let tracker_out = run.tracker.stdout.text();
         for id in [&run.listener_id, &run.pinger_id] {
             let short = &id[..8];
@@ -150,7 +152,7 @@ fn expect_relayed(listener: Place, pinger: Place) {
         ensure!(run.pinger_exit == 0, "ping failed\n{}", describe(&run));
         let path_line = format!("PING {}: relayed via tracker", run.listener_id);
         ensure!(run.pinger.stdout.text().contains(&path_line), "not relayed\n{}", describe(&run));
-        ensure!(run.pinger.stdout.text().contains("2 received"), "pings lost\n{}", describe(&run));
+        ensure!(run.pinger.stdout.text().contains("3 received"), "pings lost\n{}", describe(&run));
         let connected = format!("[PEER CONNECTED] {} relayed via tracker rtt", run.pinger_id);
         ensure!(run.listener.stdout.text().contains(&connected), "listener not relayed\n{}", describe(&run));
         for process in [&run.pinger, &run.listener] {

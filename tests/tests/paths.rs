@@ -1,7 +1,8 @@
 //! Sessions and their paths through real kernel NATs (see `qpeer_tests::lab`), with the real
 //! binaries: sessions that follow each other, a reply to a peer that just reached us, routers
-//! that rebind (before a session and in the middle of a transfer), a direct path that opens
-//! while a session runs relayed, and forged or replayed path probes from a third host.
+//! that rebind (before a session and in the middle of a transfer), a sender that moves to
+//! another network in the middle of a transfer, a direct path that opens while a session runs
+//! relayed, and forged or replayed path probes from a third host.
 //!
 //! Ignored by default (they need root, nftables, conntrack and tcpdump); `.ci/run` runs them
 //! with `--ignored`. Each test builds its own lab, checks its namespaces are gone afterwards,
@@ -287,6 +288,136 @@ fn a_send_survives_the_receivers_router_rebinding() {
 #[ignore = "needs root and nftables: see docs/TESTING.md"]
 fn a_send_survives_the_senders_router_rebinding() {
     send_across_a_rebinding(Rebinding::Sender);
+}
+
+/// The `[PATH] …` and `[OBSERVED] …` lines of a process's console.
+fn path_lines(process: &Process) -> Vec<String> {
+    let text = process.stdout.text();
+    text.lines()
+        .filter(|l| l.starts_with("[PATH] ") || l.starts_with("[OBSERVED] "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The address of a `direct <addr>` path.
+fn direct_addr(path: Option<&str>) -> Option<SocketAddr> {
+    path?.strip_prefix("direct ")?.parse().ok()
+}
+
+/// A laptop moves from one home network to another while it sends a 64 MiB file: two seconds
+/// into the send, the sender's host leaves its cone router (its interface goes away) and joins
+/// another cone router's LAN with a new address, while `qpeer send` runs on with the same
+/// socket. The send completes, the sender learns its new public address (`[OBSERVED]`), and
+/// the receiver ends direct to the sender's mapping on the new router.
+///
+/// Both routers' uplinks are shaped to 80 Mbit/s: the first one so that the move falls in the
+/// middle of the transfer, the second one so that the laptop's new network is no faster than
+/// its old one and the rest of the transfer (about 4 s at that rate) leaves time for the
+/// session to go direct again before it ends.
+#[test]
+#[ignore = "needs root and nftables: see docs/TESTING.md"]
+fn a_session_survives_a_node_moving_to_another_network() {
+    scenario("a session survives a node moving to another network", |lab| {
+        let mut world = World::start(lab)?;
+        let (receiver_host, _) = lab.home_host("r", false)?;
+        let (mut sender_host, first_router) = lab.home_host("s", false)?;
+        let mut second_router = lab.home_router("s2r", false, None)?;
+        lab.shape(&first_router, "80mbit")?;
+        lab.shape(&second_router, "80mbit")?;
+        let sender_id = node_id(&world.home("s"))?;
+        let inbox = world.dir.join("inbox");
+        let receiver = world.listen(lab, &receiver_host, "r", &receive_from(&inbox, &sender_id))?;
+        let src = world.dir.join("src/big.bin");
+        write_random(&src, 64 << 20, 51)?;
+
+        let start = Instant::now();
+        let args = strings(&["send", &receiver.id, &src.display().to_string()]);
+        let mut sender = world.qpeer(lab, &sender_host, "s", "sender", &args)?;
+        let connected =
+            sender.stdout.wait_for(Duration::from_secs(30), |l| l.starts_with("[PEER CONNECTED] "));
+        connected.with_context(|| format!("the sender never connected\n{}", world.dump()))?;
+        let connected_at = start.elapsed();
+        std::thread::sleep(Duration::from_secs(2));
+        ensure!(
+            sender.child.try_wait()?.is_none() && !sender.stdout.text().contains("[SENT]"),
+            "the transfer ended before the move: slow it down more\n{}",
+            world.dump()
+        );
+        let before = final_path(&receiver.process.stdout.text(), &sender_id);
+        ensure!(
+            direct_addr(before.as_deref()).is_some_and(|a| a.ip() == IpAddr::V4(first_router.wan)),
+            "before the move the receiver's path to the sender is {before:?}, not direct to the first \
+             router {}\n{}",
+            first_router.wan,
+            world.dump()
+        );
+
+        let old_addr = sender_host.addr;
+        lab.move_host(&mut sender_host, &mut second_router)?;
+        let moved = Instant::now();
+        let moved_at = start.elapsed();
+
+        // Until the send ends: when the sender hears of its new address, and when the
+        // receiver's path to it leaves the first router and goes direct to the second.
+        let receiver_path = || final_path(&receiver.process.stdout.text(), &sender_id);
+        let (mut observed_after, mut relayed_after, mut direct_after) = (None, None, None);
+        let deadline = moved + Duration::from_secs(120);
+        while sender.child.try_wait()?.is_none() && Instant::now() < deadline {
+            let now = moved.elapsed();
+            let observed = sender.stdout.text().lines().any(|l| l.starts_with("[OBSERVED] "));
+            observed_after = observed_after.or(observed.then_some(now));
+            let path = receiver_path();
+            relayed_after = relayed_after.or((path.as_deref() == Some(RELAYED)).then_some(now));
+            let direct =
+                direct_addr(path.as_deref()).is_some_and(|a| a.ip() == IpAddr::V4(second_router.wan));
+            direct_after = direct_after.or(direct.then_some(now));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ms = |at: Option<Duration>| {
+            at.map_or("never".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+        };
+        eprintln!(
+            "moving: the sender connected {connected_at:?} after its start and moved from {old_addr} \
+             (behind {}) to {} (behind {}) {moved_at:?} after it; after the move: [OBSERVED] after {}, the \
+             receiver's path relayed after {} and direct to the second router after {}, the send ended \
+             after {:?} ({:?} in all)\nsender: {:#?}\nreceiver: {:#?}",
+            first_router.wan,
+            sender_host.addr,
+            second_router.wan,
+            ms(observed_after),
+            ms(relayed_after),
+            ms(direct_after),
+            moved.elapsed(),
+            start.elapsed(),
+            path_lines(&sender),
+            path_lines(&receiver.process)
+        );
+        let left = deadline.saturating_duration_since(Instant::now());
+        succeeds(&world, &mut sender, left, "the send across the move")?;
+        assert_same_tree(&src, &inbox.join("big.bin"))?;
+
+        let line = sender.stdout.snapshot().into_iter().find(|l| l.starts_with("[OBSERVED] "));
+        let line = line.with_context(|| format!("the sender never printed [OBSERVED]\n{}", world.dump()))?;
+        let observed = observed_change(&line)?;
+        let was =
+            line.split(" (was ").nth(1).and_then(|w| w.trim_end_matches(')').parse::<SocketAddr>().ok());
+        ensure!(
+            observed.ip() == IpAddr::V4(second_router.wan)
+                && was.is_some_and(|w| w.ip() == IpAddr::V4(first_router.wan)),
+            "the sender's {line:?} is not a move from the first router {} to the second {}\n{}",
+            first_router.wan,
+            second_router.wan,
+            world.dump()
+        );
+        let last = final_path(&receiver.process.stdout.text(), &sender_id);
+        ensure!(
+            direct_addr(last.as_deref()).is_some_and(|a| a.ip() == IpAddr::V4(second_router.wan)),
+            "the receiver's last path to the sender is {last:?}, not direct to the second router {}\n{}",
+            second_router.wan,
+            world.dump()
+        );
+        Ok(())
+    });
 }
 
 /// The pinger's router lets UDP reach only the tracker, so the session starts relayed; once the
