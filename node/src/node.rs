@@ -192,7 +192,7 @@ impl Shared {
     }
 
     /// The running actor of `peer`'s session, started if there is none.
-    fn session(self: &Arc<Self>, peer: NodeId) -> SessionHandle {
+    pub(crate) fn session(self: &Arc<Self>, peer: NodeId) -> SessionHandle {
         lock(&self.sessions).entry(peer).or_insert_with(|| PeerActor::spawn(self.clone(), peer)).clone()
     }
 

@@ -157,17 +157,19 @@ impl PeerActor {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake) => {
-                    if self.on_timer() {
-                        // Leave the registry first, then drain what raced in.
-                        if self.shared.retire(&self.peer, &self.inbox_tx) {
-                            inbox.close();
-                            while let Ok(command) = inbox.try_recv() {
-                                self.handle(command);
-                            }
-                            if self.waiters.is_empty() {
-                                break;
+                    if self.on_timer() && self.shared.retire(&self.peer, &self.inbox_tx) {
+                        // Out of the registry and the path table first; what raced in goes to
+                        // the session that takes this one's place.
+                        inbox.close();
+                        lock(&self.shared.table).close(&self.peer);
+                        let raced: Vec<Command> = std::iter::from_fn(|| inbox.try_recv().ok()).collect();
+                        if !raced.is_empty() {
+                            let successor = self.shared.session(self.peer);
+                            for command in raced {
+                                let _ = successor.inbox.try_send(command);
                             }
                         }
+                        return;
                     }
                 }
             }
