@@ -196,13 +196,16 @@ impl Shared {
         lock(&self.sessions).entry(peer).or_insert_with(|| PeerActor::spawn(self.clone(), peer)).clone()
     }
 
-    /// Removes the actor owning `inbox` from the registry (an idle session ending). False
-    /// when another actor already took its place.
+    /// Removes the actor owning `inbox` from the registry and its session from the path
+    /// table (an idle session ending), both under the registry's lock, so that a successor
+    /// started meanwhile opens a session of its own. False when another actor already took
+    /// its place.
     pub(crate) fn retire(&self, peer: &NodeId, inbox: &mpsc::Sender<Command>) -> bool {
         let mut sessions = lock(&self.sessions);
         match sessions.get(peer) {
             Some(handle) if handle.inbox.same_channel(inbox) => {
                 sessions.remove(peer);
+                lock(&self.table).close(peer);
                 true
             }
             _ => false,
@@ -430,6 +433,9 @@ impl Node {
         let transport = Arc::new(if config.relay_only { relay_transport() } else { peer_transport() });
         let mut server_config = qpeer_certs::server_config(&identity, &[ALPN])?;
         server_config.transport_config(transport.clone());
+        // quinn sees each peer at one virtual address for good: a connection that seems to
+        // migrate would be packets of another session, never the peer moving.
+        server_config.migration(false);
         let server_config = Arc::new(server_config);
         let relay_hub = RelayHub::new();
         let table = Arc::new(Mutex::new(PathTable::new(policy)));

@@ -389,8 +389,11 @@ impl PathTable {
                 return false;
             }
             if let Some(session) = self.sessions.get_mut(&other) {
+                // In use: confirmed by a pong (which only the holder's peer can sign) lately.
+                // Mere packets from it prove nothing: they may be another node's.
                 let in_use = session.direct.iter().any(|d| {
-                    d.addr == addr && d.heard.is_some_and(|h| now.saturating_duration_since(h) < HEARD_WITHIN)
+                    d.addr == addr
+                        && d.confirmed.is_some_and(|c| now.saturating_duration_since(c) < HEARD_WITHIN)
                 });
                 if in_use {
                     return false;

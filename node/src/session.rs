@@ -161,7 +161,6 @@ impl PeerActor {
                         // Out of the registry and the path table first; what raced in goes to
                         // the session that takes this one's place.
                         inbox.close();
-                        lock(&self.shared.table).close(&self.peer);
                         let raced: Vec<Command> = std::iter::from_fn(|| inbox.try_recv().ok()).collect();
                         if !raced.is_empty() {
                             let successor = self.shared.session(self.peer);
@@ -201,10 +200,21 @@ impl PeerActor {
         let now = Instant::now();
         if self.deadline.is_some_and(|d| now >= d) {
             self.deadline = None;
-            let reason = self.unreachable_reason();
-            let timeout = self.shared.connect_timeout;
-            let peer = self.peer;
-            self.fail_waiters_with(|| NodeError::Unreachable { peer, timeout, reason: reason.clone() });
+            match self.conn.as_ref().filter(|c| c.is_open()).cloned() {
+                // The tracker did not say in time whether the peer restarted (it may be
+                // down): the connection we hold is the best there is.
+                Some(conn) => self.hand_out(&conn),
+                None => {
+                    let reason = self.unreachable_reason();
+                    let timeout = self.shared.connect_timeout;
+                    let peer = self.peer;
+                    self.fail_waiters_with(|| NodeError::Unreachable {
+                        peer,
+                        timeout,
+                        reason: reason.clone(),
+                    });
+                }
+            }
         }
         if self.redial_at.is_some_and(|t| now >= t) {
             self.redial_at = None;
@@ -307,7 +317,7 @@ impl PeerActor {
         }
         self.waiters.push(reply);
         if self.deadline.is_none() {
-            self.deadline = Some(Instant::now() + self.shared.connect_timeout);
+            self.deadline = Instant::now().checked_add(self.shared.connect_timeout);
         }
         self.last_error = None;
         self.introduce();
@@ -436,6 +446,12 @@ impl PeerActor {
 
     /// The peer's handshake to our session address: accepted if it really is the peer.
     fn accept(&mut self, incoming: quinn::Incoming) {
+        if self.we_dial() {
+            // The peer never dials us (the lower NodeId does): whatever this is, it is not
+            // the peer's handshake, and it must not disturb ours.
+            incoming.refuse();
+            return;
+        }
         let connecting = match incoming.accept_with(self.shared.server_config.clone()) {
             Ok(connecting) => connecting,
             Err(e) => {

@@ -22,7 +22,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
 use crate::lock;
-use crate::paths::{Arrival, PathTable, Route};
+use crate::paths::{is_virtual, Arrival, PathTable, Route};
 use crate::probe::{looks_like_probe, PROBE_LEN};
 use crate::relay::RelayHub;
 
@@ -123,6 +123,7 @@ impl PathSocket {
     /// from their virtual address, the rest hidden from quinn.
     fn sort_arrivals(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], count: usize) {
         let now = Instant::now();
+        let mut table = lock(&self.table);
         for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()).take(count) {
             let stride = meta.stride.max(1);
             let data = &mut buf[..meta.len];
@@ -140,7 +141,7 @@ impl PathSocket {
             if all_probes {
                 continue;
             }
-            match lock(&self.table).arrival(meta.addr, now) {
+            match table.arrival(meta.addr, now) {
                 Arrival::Session(addr) => {
                     meta.addr = self.for_socket(addr);
                     // quinn would keep the local address this arrived at as the source of
@@ -165,7 +166,20 @@ impl AsyncUdpSocket for PathSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        let route = lock(&self.table).route(transmit.destination, Instant::now());
+        if !is_virtual(transmit.destination) {
+            return self.inner.try_send(transmit);
+        }
+        let route = {
+            let mut table = lock(&self.table);
+            let route = table.route(transmit.destination, Instant::now());
+            if let Route::Wait(peer) = route {
+                // Held under the same lock that chose the route, so a flush cannot slip in
+                // between and leave the packet behind.
+                table.hold(&peer, Bytes::copy_from_slice(transmit.contents), transmit.segment_size);
+                return Ok(());
+            }
+            route
+        };
         match route {
             Route::Pass => self.inner.try_send(transmit),
             // The kernel picks the source address for the path's destination, as it does for
@@ -180,12 +194,7 @@ impl AsyncUdpSocket for PathSocket {
                 self.send_relayed(link, transmit);
                 Ok(())
             }
-            Route::Wait(peer) => {
-                let packet = Bytes::copy_from_slice(transmit.contents);
-                lock(&self.table).hold(&peer, packet, transmit.segment_size);
-                Ok(())
-            }
-            Route::Drop => Ok(()),
+            Route::Wait(_) | Route::Drop => Ok(()),
         }
     }
 
