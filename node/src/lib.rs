@@ -78,6 +78,14 @@ pub use node::{Node, NodeBuilder};
 pub use paths::Path;
 pub use peer::PeerConnection;
 
+/// Random bytes that need not be secret (a probe's tx, a process's incarnation). The system
+/// RNG does not fail on supported platforms; zeros would still be valid values.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes
+}
+
 /// Locks a mutex, taking the data back if a panic poisoned it: every lock here guards state
 /// that stays consistent between statements.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

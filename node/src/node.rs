@@ -369,14 +369,6 @@ pub fn relay_transport() -> quinn::TransportConfig {
     transport
 }
 
-/// A random number that is not secret (a process's incarnation).
-pub(crate) fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // The system RNG does not fail on supported platforms; a zero is still a valid value.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    u64::from_le_bytes(bytes)
-}
-
 /// A running qpeer node.
 pub struct Node {
     shared: Arc<Shared>,
@@ -459,7 +451,7 @@ impl Node {
         )
         .map_err(bind_err)?;
         let local_addr = endpoint.local_addr().map_err(bind_err)?;
-        let incarnation = random_u64();
+        let incarnation = u64::from_le_bytes(crate::random_bytes());
         let (changes_tx, mut changes) = mpsc::unbounded_channel();
         let prober = Arc::new(Prober {
             identity: identity.clone(),

@@ -681,6 +681,16 @@ mod tests {
         }
     }
 
+    /// A session with `public` confirmed as its direct path at `now`; its virtual address.
+    fn direct_session(table: &mut PathTable, peer: NodeId, public: SocketAddr, now: Instant) -> SocketAddr {
+        let virt = table.open(peer, now);
+        table.add_candidates(&peer, &[public], now);
+        let ping = table.due_pings(now, counter())[0];
+        assert!(table.on_pong(&peer, public, ping.tx, now));
+        table.reevaluate(now);
+        virt
+    }
+
     #[test]
     fn a_session_waits_then_relays_then_goes_direct_on_a_pong() {
         let now = Instant::now();
@@ -721,13 +731,9 @@ mod tests {
         let start = Instant::now();
         let mut table = PathTable::new(BOTH);
         let peer = id(2);
-        let virt = table.open(peer, start);
-        table.set_link(&peer, 3);
         let public = addr("198.51.100.21:5000");
-        table.add_candidates(&peer, &[public], start);
-        let ping = table.due_pings(start, counter())[0];
-        table.on_pong(&peer, public, ping.tx, start);
-        table.reevaluate(start);
+        let virt = direct_session(&mut table, peer, public, start);
+        table.set_link(&peer, 3);
         // We keep sending; nothing comes back.
         let mut now = start;
         for _ in 0..20 {
@@ -745,12 +751,8 @@ mod tests {
         let start = Instant::now();
         let mut table = PathTable::new(BOTH);
         let peer = id(7);
-        let virt = table.open(peer, start);
         let public = addr("198.51.100.25:5000");
-        table.add_candidates(&peer, &[public], start);
-        let ping = table.due_pings(start, counter())[0];
-        table.on_pong(&peer, public, ping.tx, start);
-        table.reevaluate(start);
+        let virt = direct_session(&mut table, peer, public, start);
         // Last heard 1.6 s ago (a heartbeat pong still on its way); one packet goes out now.
         let now = start + Duration::from_millis(1600);
         table.route(virt, now);

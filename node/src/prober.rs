@@ -13,10 +13,10 @@ use qpeer_certs::Identity;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::lock;
 use crate::paths::{PathChange, PathTable, PingDue};
 use crate::probe::{Probe, ProbeKind, TX_LEN};
 use crate::socket::{PathSocket, ProbeDatagram};
+use crate::{lock, random_bytes};
 
 /// How often paths are re-chosen and due probes sent.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -33,14 +33,6 @@ pub struct Prober {
     /// socket QUIC uses, so they open the same NAT mappings.
     pub udp: std::net::UdpSocket,
     pub on_change: OnChange,
-}
-
-fn random_tx() -> [u8; TX_LEN] {
-    let mut tx = [0u8; TX_LEN];
-    // The system RNG does not fail on supported platforms; a zero tx would still be unique
-    // enough per address for the few pings outstanding.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tx);
-    tx
 }
 
 impl Prober {
@@ -62,7 +54,7 @@ impl Prober {
     /// Sends due probes and re-chooses paths.
     pub fn tick(&self) {
         let now = Instant::now();
-        let due = lock(&self.table).due_pings(now, random_tx);
+        let due = lock(&self.table).due_pings(now, random_bytes::<TX_LEN>);
         for ping in due {
             self.send_ping(ping);
         }
@@ -115,7 +107,7 @@ impl Prober {
         let now = Instant::now();
         match probe.kind {
             ProbeKind::Ping => {
-                let answer = lock(&self.table).on_ping(&probe.from, source, random_tx(), now);
+                let answer = lock(&self.table).on_ping(&probe.from, source, random_bytes(), now);
                 let Some(ping_back) = answer else { return };
                 let pong = Probe {
                     kind: ProbeKind::Pong,
