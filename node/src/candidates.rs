@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use qpeer_tracker::proto::{PeerAddrs, MAX_CANDIDATES};
+use qpeer_wire::tracker::{PeerAddrs, MAX_CANDIDATES};
 
 /// The local addresses of `bound` to register with the tracker: the bound address itself when
 /// it is specific, else every non-loopback interface address of its family with its port.

@@ -88,7 +88,7 @@ pub async fn ping(
 /// `qpeer peers`: the tracker's directory, one node per line, id first.
 pub async fn peers(node: &Node, out: &dyn Output) -> CommandResult {
     for peer in node.list_peers().await.map_err(|e| e.to_string())? {
-        let name = peer.name.as_deref().map(|n| qpeer_tracker::proto::printable(n, 64)).unwrap_or("-".into());
+        let name = peer.name.as_deref().map(|n| qpeer_wire::printable(n, 64)).unwrap_or("-".into());
         out.line(&format!("{} {name} registered_at={}", peer.node_id, peer.registered_at));
     }
     Ok(())

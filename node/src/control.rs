@@ -2,18 +2,17 @@
 //! `qpeer send`/`ping`/`peers`/`status` run through it instead of starting a second node
 //! with the same identity. Frames are the shared length-prefixed bincode codec.
 //!
-//! A client sends one [`Request`]; the node answers with [`Event`]s (output lines, progress)
-//! and ends with [`Event::Done`] carrying the exit code.
+//! A client sends one [`Request`]; the node answers with [`Reply`]s (output lines, progress)
+//! and ends with [`Reply::Done`] carrying the exit code.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qpeer_certs::NodeId;
-use qpeer_tracker::codec::{decode_body, encode_frame, CodecError};
-use qpeer_tracker::proto::MAX_FRAME_LEN;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use qpeer_wire::control::{Command, Reply, Request, CONTROL_VERSION};
+use qpeer_wire::io::{write_frame, FrameReader, StreamError};
+use qpeer_wire::tracker::MAX_FRAME_LEN;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,41 +21,8 @@ use crate::commands::{self, Output};
 use crate::progress::{Progress, ProgressMode};
 use crate::Node;
 
-/// Version of the control protocol; a mismatch is refused with a message.
-pub const CONTROL_VERSION: u16 = 1;
 /// The socket's file name in the home.
 pub const SOCKET_FILE: &str = "node.sock";
-
-/// What a client asks the running node to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Command {
-    Ping { peer: NodeId, count: u32, interval_ms: u64 },
-    Peers,
-    Send { peer: NodeId, paths: Vec<PathBuf>, quiet: bool },
-    Status,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
-    pub version: u16,
-    pub command: Command,
-}
-
-/// What the node sends back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Event {
-    Line(String),
-    Progress {
-        label: String,
-        done: u64,
-        total: u64,
-    },
-    /// The command ended: exit code and, on failure, the message for stderr.
-    Done {
-        code: i32,
-        error: Option<String>,
-    },
-}
 
 /// A control-socket failure.
 #[derive(Debug, thiserror::Error)]
@@ -64,45 +30,26 @@ pub enum ControlError {
     #[error("control socket {}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("control socket: {0}")]
-    Codec(#[from] CodecError),
+    Stream(#[from] StreamError),
     #[error("the running node closed the control connection before the command finished")]
     Closed,
 }
 
-async fn write_msg<T: Serialize>(stream: &mut UnixStream, message: &T) -> std::io::Result<()> {
-    let frame = encode_frame(message, MAX_FRAME_LEN).map_err(std::io::Error::other)?;
-    stream.write_all(&frame).await
-}
+/// How long a frame may take to arrive whole once it has begun.
+const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn read_msg<T: serde::de::DeserializeOwned>(
-    stream: &mut UnixStream,
-) -> Result<Option<T>, ControlError> {
-    let mut header = [0u8; 4];
-    match stream.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(source) => return Err(ControlError::Io { path: PathBuf::from(SOCKET_FILE), source }),
-    }
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(CodecError::TooLarge { len, max: MAX_FRAME_LEN }.into());
-    }
-    let mut body = vec![0u8; len];
-    stream
-        .read_exact(&mut body)
-        .await
-        .map_err(|source| ControlError::Io { path: PathBuf::from(SOCKET_FILE), source })?;
-    Ok(Some(decode_body(&body)?))
+fn reader(read: OwnedReadHalf) -> FrameReader<OwnedReadHalf> {
+    FrameReader::new(read, MAX_FRAME_LEN, PARTIAL_FRAME_TIMEOUT)
 }
 
 /// Output that travels back to the client.
 struct Remote {
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Reply>,
 }
 
 impl Output for Remote {
     fn line(&self, text: &str) {
-        let _ = self.events.send(Event::Line(text.to_string()));
+        let _ = self.events.send(Reply::Line(text.to_string()));
     }
 
     fn progress(&self, label: &str, total: u64) -> Arc<Progress> {
@@ -112,7 +59,7 @@ impl Output for Remote {
             label,
             total,
             Box::new(move |done, total| {
-                let _ = events.send(Event::Progress { label: label_owned.clone(), done, total });
+                let _ = events.send(Reply::Progress { label: label_owned.clone(), done, total });
             }),
         ))
     }
@@ -163,8 +110,9 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_client(mut stream: UnixStream, node: &Node, tracker: &str, transfers: &TransferList) {
-    let request = match read_msg::<Request>(&mut stream).await {
+async fn serve_client(stream: UnixStream, node: &Node, tracker: &str, transfers: &TransferList) {
+    let (read, mut stream) = stream.into_split();
+    let request = match reader(read).next::<Request>().await {
         Ok(Some(request)) => request,
         _ => return,
     };
@@ -173,7 +121,7 @@ async fn serve_client(mut stream: UnixStream, node: &Node, tracker: &str, transf
             "the running node speaks control protocol {CONTROL_VERSION}, this qpeer {}; use the same qpeer version",
             request.version
         );
-        let _ = write_msg(&mut stream, &Event::Done { code: 1, error: Some(error) }).await;
+        let _ = write_frame(&mut stream, &Reply::Done { code: 1, error: Some(error) }, MAX_FRAME_LEN).await;
         return;
     }
     let (events, mut queue) = mpsc::unbounded_channel();
@@ -193,15 +141,15 @@ async fn serve_client(mut stream: UnixStream, node: &Node, tracker: &str, transf
             }
         };
         let done = match result {
-            Ok(()) => Event::Done { code: 0, error: None },
-            Err(error) => Event::Done { code: 1, error: Some(error) },
+            Ok(()) => Reply::Done { code: 0, error: None },
+            Err(error) => Reply::Done { code: 1, error: Some(error) },
         };
         let _ = out.events.send(done);
         drop(out);
     };
     let forward = async {
         while let Some(event) = queue.recv().await {
-            if write_msg(&mut stream, &event).await.is_err() {
+            if write_frame(&mut stream, &event, MAX_FRAME_LEN).await.is_err() {
                 return;
             }
         }
@@ -213,7 +161,7 @@ async fn serve_client(mut stream: UnixStream, node: &Node, tracker: &str, transf
 /// Returns the exit code. `Ok(None)`: no node answers on that socket.
 pub async fn call(home: &Path, command: Command, mode: ProgressMode) -> Result<Option<i32>, ControlError> {
     let path = home.join(SOCKET_FILE);
-    let mut stream = match UnixStream::connect(&path).await {
+    let stream = match UnixStream::connect(&path).await {
         Ok(stream) => stream,
         Err(e)
             if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
@@ -222,28 +170,28 @@ pub async fn call(home: &Path, command: Command, mode: ProgressMode) -> Result<O
         }
         Err(source) => return Err(ControlError::Io { path, source }),
     };
-    write_msg(&mut stream, &Request { version: CONTROL_VERSION, command })
-        .await
-        .map_err(|source| ControlError::Io { path: path.clone(), source })?;
+    let (read, mut write) = stream.into_split();
+    write_frame(&mut write, &Request { version: CONTROL_VERSION, command }, MAX_FRAME_LEN).await?;
+    let mut replies = reader(read);
     let progress: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
     loop {
-        let Some(event) = read_msg::<Event>(&mut stream).await? else {
+        let Some(event) = replies.next::<Reply>().await? else {
             return Err(ControlError::Closed);
         };
         match event {
-            Event::Line(line) => {
+            Reply::Line(line) => {
                 let bar = progress.lock().ok().and_then(|p| p.clone());
                 match bar {
                     Some(bar) => bar.say(&line),
                     None => crate::progress::out_line(&line),
                 }
             }
-            Event::Progress { label, done, total } => {
+            Reply::Progress { label, done, total } => {
                 let mut slot = progress.lock().unwrap_or_else(|p| p.into_inner());
                 let bar = slot.get_or_insert_with(|| Arc::new(Progress::new(mode, label, total)));
                 bar.set_done(done);
             }
-            Event::Done { code, error } => {
+            Reply::Done { code, error } => {
                 if let Some(bar) = progress.lock().ok().and_then(|p| p.clone()) {
                     bar.finish();
                 }

@@ -10,7 +10,6 @@
 //! - [`paths`]: the path table: each session's virtual address and current best path.
 //! - [`socket`]: [`socket::PathSocket`], the one UDP socket with the path layer inside.
 //! - [`prober`]: sends and answers path probes, re-chooses paths.
-//! - [`probe`]: the signed probe datagrams (wire format, no I/O).
 //! - [`relay`]: queues to and from the tracker's relay.
 //! - [`peer`]: [`PeerConnection`], the node-to-node stream protocol (stream kinds, ping, close codes).
 //! - [`transfer`]: sending and receiving files and directories (BLAKE3-verified, resumable).
@@ -61,11 +60,11 @@ pub mod candidates;
 pub mod commands;
 pub mod control;
 pub mod error;
+pub mod events;
 pub mod known_trackers;
 pub mod node;
 pub mod paths;
 pub mod peer;
-pub mod probe;
 pub mod prober;
 pub mod progress;
 pub mod relay;
@@ -74,8 +73,9 @@ pub mod socket;
 pub mod transfer;
 
 pub use error::NodeError;
+pub use events::{Events, NodeEvent};
 pub use node::{Node, NodeBuilder};
-pub use paths::Path;
+pub use paths::PeerPath;
 pub use peer::PeerConnection;
 
 /// Random bytes that need not be secret (a probe's tx, a process's incarnation). The system

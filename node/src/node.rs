@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use qpeer_certs::{Identity, NodeId, ServerTrust};
 use qpeer_tracker::client::RegisterInfo;
-use qpeer_tracker::proto::PeerInfo;
 use qpeer_tracker::{ClientError, TrackerAddr, TrackerClient, TrackerEvent};
+use qpeer_wire::tracker::PeerInfo;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,8 +24,12 @@ use crate::candidates::local_candidates;
 use crate::error::{NodeError, TrackerMismatch};
 use crate::known_trackers::KnownTrackers;
 use crate::lock;
-use crate::paths::{Path, PathChange, PathPolicy, PathTable};
-use crate::peer::{answer_pings, close_code, describe_close, PeerConnection, StreamKind, ALPN};
+use crate::paths::{PathChange, PathPolicy, PathTable, PeerPath};
+use qpeer_wire::close_code;
+use qpeer_wire::io::describe_close;
+use qpeer_wire::peer::{StreamKind, ALPN};
+
+use crate::peer::{answer_pings, PeerConnection};
 use crate::prober::Prober;
 use crate::relay::{self, RelayHub};
 use crate::session::{Command, PeerActor, SessionHandle};
@@ -270,7 +274,7 @@ impl Shared {
                     }
                 }
                 _ => {
-                    connection.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown stream kind");
+                    connection.close(close_code::PEER_PROTOCOL_VIOLATION.into(), b"unknown stream kind");
                 }
             }
         }
@@ -303,7 +307,7 @@ impl Shared {
     /// Prints a path change of a session that has a connection.
     fn on_path_change(&self, change: PathChange) {
         tracing::debug!(peer = %change.peer.short(), "path {} (was {})", change.path, change.was);
-        if change.was == Path::Waiting || self.live_peer(&change.peer).is_none() {
+        if change.was == PeerPath::Waiting || self.live_peer(&change.peer).is_none() {
             return;
         }
         self.say(format_args!("[PATH] {} {} (was {})", change.peer, change.path, change.was));
@@ -643,7 +647,7 @@ impl Node {
         // Peers first, while their paths (the relay among them) still carry the close.
         let peers = self.peers();
         for peer in &peers {
-            peer.close(close_code::SHUTDOWN, "node shutting down");
+            peer.close(close_code::PEER_SHUTDOWN, "node shutting down");
         }
         if !peers.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -652,7 +656,7 @@ impl Node {
         shared.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.tasks.wait()).await;
         lock(&shared.sessions).clear();
-        shared.endpoint.close(close_code::SHUTDOWN.into(), b"node shutting down");
+        shared.endpoint.close(close_code::PEER_SHUTDOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
         lock(&shared.home_lock).take();
     }
@@ -762,14 +766,11 @@ impl TrackerLink {
                     lock(&shared.table).clear_links();
                     shared.prober.tick();
                     if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
-                        if close.error_code == qpeer_tracker::proto::close_code::REPLACED.into() {
+                        if close.error_code == close_code::REPLACED.into() {
                             // Another process registered our NodeId; registering again would
                             // push it off in turn, forever. Stop instead.
                             let fatal = NodeError::Replaced {
-                                detail: qpeer_tracker::proto::printable(
-                                    &String::from_utf8_lossy(&close.reason),
-                                    200,
-                                ),
+                                detail: qpeer_wire::printable(&String::from_utf8_lossy(&close.reason), 200),
                             };
                             tracing::error!("{fatal}");
                             shared.say(format_args!("[REPLACED] {fatal}"));

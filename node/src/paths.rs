@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use qpeer_certs::NodeId;
 
-use crate::probe::TX_LEN;
+use qpeer_wire::probe::TX_LEN;
 
 /// First octet of virtual addresses.
 const VIRTUAL_OCTET: u8 = 240;
@@ -72,7 +72,7 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// How a session's packets travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
+pub enum PeerPath {
     /// Straight to the peer's address.
     Direct(SocketAddr),
     /// Through the tracker's relay (still end-to-end encrypted between the nodes).
@@ -81,12 +81,12 @@ pub enum Path {
     Waiting,
 }
 
-impl std::fmt::Display for Path {
+impl std::fmt::Display for PeerPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Path::Direct(addr) => write!(f, "direct {addr}"),
-            Path::Relayed => f.write_str("relayed via tracker"),
-            Path::Waiting => f.write_str("no path yet"),
+            PeerPath::Direct(addr) => write!(f, "direct {addr}"),
+            PeerPath::Relayed => f.write_str("relayed via tracker"),
+            PeerPath::Waiting => f.write_str("no path yet"),
         }
     }
 }
@@ -135,8 +135,8 @@ pub struct PingDue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathChange {
     pub peer: NodeId,
-    pub path: Path,
-    pub was: Path,
+    pub path: PeerPath,
+    pub was: PeerPath,
 }
 
 #[derive(Debug)]
@@ -197,7 +197,7 @@ struct Session {
     virtual_addr: SocketAddr,
     relay_link: Option<u32>,
     direct: Vec<Direct>,
-    path: Path,
+    path: PeerPath,
     changed: Instant,
     waiting: VecDeque<(Bytes, Option<usize>)>,
     /// Last packet from the peer, on any path.
@@ -214,10 +214,10 @@ impl Session {
     }
 
     /// The best path now, given the policy.
-    fn choose(&self, policy: PathPolicy, now: Instant) -> Path {
+    fn choose(&self, policy: PathPolicy, now: Instant) -> PeerPath {
         if policy.direct {
             let current = match self.path {
-                Path::Direct(addr) => self.direct.iter().find(|d| d.addr == addr && d.usable(now)),
+                PeerPath::Direct(addr) => self.direct.iter().find(|d| d.addr == addr && d.usable(now)),
                 _ => None,
             };
             let fastest =
@@ -226,16 +226,16 @@ impl Session {
                 (Some(current), Some(fastest)) => {
                     let (c, f) = (current.rtt.unwrap_or_default(), fastest.rtt.unwrap_or_default());
                     let better = f.as_secs_f64() < c.as_secs_f64() * SWITCH_RTT_RATIO;
-                    return Path::Direct(if better { fastest.addr } else { current.addr });
+                    return PeerPath::Direct(if better { fastest.addr } else { current.addr });
                 }
-                (None, Some(fastest)) => return Path::Direct(fastest.addr),
+                (None, Some(fastest)) => return PeerPath::Direct(fastest.addr),
                 _ => {}
             }
         }
         if policy.relay && self.relay_link.is_some() {
-            Path::Relayed
+            PeerPath::Relayed
         } else {
-            Path::Waiting
+            PeerPath::Waiting
         }
     }
 }
@@ -301,7 +301,7 @@ impl PathTable {
                 virtual_addr: addr,
                 relay_link: None,
                 direct: Vec::new(),
-                path: Path::Waiting,
+                path: PeerPath::Waiting,
                 changed: now,
                 waiting: VecDeque::new(),
                 heard: None,
@@ -348,7 +348,7 @@ impl PathTable {
     }
 
     /// The session's path, and since when.
-    pub fn path_of(&self, peer: &NodeId) -> Option<(Path, Instant)> {
+    pub fn path_of(&self, peer: &NodeId) -> Option<(PeerPath, Instant)> {
         self.sessions.get(peer).map(|s| (s.path, s.changed))
     }
 
@@ -368,7 +368,7 @@ impl PathTable {
             added |= self.add_direct(peer, canonical(*addr), now);
         }
         if let Some(session) = self.sessions.get_mut(peer) {
-            if added || session.path == Path::Relayed || session.path == Path::Waiting {
+            if added || session.path == PeerPath::Relayed || session.path == PeerPath::Waiting {
                 session.next_round = now;
                 session.round_gap = ROUND_START;
             }
@@ -404,7 +404,7 @@ impl PathTable {
         let Some(session) = self.sessions.get_mut(peer) else { return false };
         if session.direct.len() >= MAX_DIRECT {
             let current = match session.path {
-                Path::Direct(a) => Some(a),
+                PeerPath::Direct(a) => Some(a),
                 _ => None,
             };
             let evict = session
@@ -461,17 +461,17 @@ impl PathTable {
         let Some(peer) = self.by_virtual.get(&canonical(destination)).copied() else { return Route::Drop };
         let Some(session) = self.sessions.get_mut(&peer) else { return Route::Drop };
         match session.path {
-            Path::Direct(addr) => {
+            PeerPath::Direct(addr) => {
                 if let Some(direct) = session.direct_mut(addr) {
                     direct.note_send(now);
                 }
                 Route::Direct(addr)
             }
-            Path::Relayed => match session.relay_link {
+            PeerPath::Relayed => match session.relay_link {
                 Some(link) => Route::Relay(link),
                 None => Route::Wait(peer),
             },
-            Path::Waiting => Route::Wait(peer),
+            PeerPath::Waiting => Route::Wait(peer),
         }
     }
 
@@ -489,7 +489,7 @@ impl PathTable {
     /// Packets kept for `peer`, once it has a path.
     pub fn take_waiting(&mut self, peer: &NodeId) -> Vec<(Bytes, Option<usize>)> {
         match self.sessions.get_mut(peer) {
-            Some(session) if session.path != Path::Waiting => session.waiting.drain(..).collect(),
+            Some(session) if session.path != PeerPath::Waiting => session.waiting.drain(..).collect(),
             _ => Vec::new(),
         }
     }
@@ -604,7 +604,7 @@ impl PathTable {
         }
         for (peer, session) in &mut self.sessions {
             match session.path {
-                Path::Direct(addr) => {
+                PeerPath::Direct(addr) => {
                     if now >= session.next_heartbeat {
                         session.next_heartbeat = now + HEARTBEAT;
                         if let Some(direct) = session.direct_mut(addr) {
@@ -612,7 +612,7 @@ impl PathTable {
                         }
                     }
                 }
-                Path::Relayed | Path::Waiting => {
+                PeerPath::Relayed | PeerPath::Waiting => {
                     if now >= session.next_round && !session.direct.is_empty() {
                         session.next_round = now + session.round_gap;
                         session.round_gap = (session.round_gap * 2).min(ROUND_CAP);
@@ -634,12 +634,12 @@ impl PathTable {
             let path = session.choose(policy, now);
             if path != session.path {
                 changes.push(PathChange { peer: *peer, path, was: session.path });
-                if matches!(session.path, Path::Direct(_)) && !matches!(path, Path::Direct(_)) {
+                if matches!(session.path, PeerPath::Direct(_)) && !matches!(path, PeerPath::Direct(_)) {
                     // Lost the direct path: probe fast again.
                     session.next_round = now;
                     session.round_gap = ROUND_START;
                 }
-                if matches!(path, Path::Direct(_)) {
+                if matches!(path, PeerPath::Direct(_)) {
                     session.next_heartbeat = now + HEARTBEAT;
                 }
                 session.path = path;
@@ -653,7 +653,7 @@ impl PathTable {
     pub fn direct_rtt(&self, peer: &NodeId) -> Option<Duration> {
         let session = self.sessions.get(peer)?;
         match session.path {
-            Path::Direct(addr) => session.direct.iter().find(|d| d.addr == addr)?.rtt,
+            PeerPath::Direct(addr) => session.direct.iter().find(|d| d.addr == addr)?.rtt,
             _ => None,
         }
     }
@@ -702,7 +702,10 @@ mod tests {
         assert!(table.hold(&peer, Bytes::from_static(b"initial"), None));
 
         table.set_link(&peer, 7);
-        assert_eq!(table.reevaluate(now), vec![PathChange { peer, path: Path::Relayed, was: Path::Waiting }]);
+        assert_eq!(
+            table.reevaluate(now),
+            vec![PathChange { peer, path: PeerPath::Relayed, was: PeerPath::Waiting }]
+        );
         assert_eq!(table.route(virt, now), Route::Relay(7));
         assert_eq!(table.take_waiting(&peer).len(), 1);
         assert_eq!(table.link_arrival(7, now), Some(virt));
@@ -720,7 +723,10 @@ mod tests {
         let later = now + Duration::from_millis(30);
         assert!(table.on_pong(&peer, public, pings[0].tx, later));
         let changes = table.reevaluate(later);
-        assert_eq!(changes, vec![PathChange { peer, path: Path::Direct(public), was: Path::Relayed }]);
+        assert_eq!(
+            changes,
+            vec![PathChange { peer, path: PeerPath::Direct(public), was: PeerPath::Relayed }]
+        );
         assert_eq!(table.route(virt, later), Route::Direct(public));
         assert_eq!(table.arrival(public, later), Arrival::Session(virt));
         assert_eq!(table.direct_rtt(&peer), Some(Duration::from_millis(30)));
@@ -741,7 +747,10 @@ mod tests {
             assert_eq!(table.route(virt, now), Route::Direct(public));
         }
         let changes = table.reevaluate(now);
-        assert_eq!(changes, vec![PathChange { peer, path: Path::Relayed, was: Path::Direct(public) }]);
+        assert_eq!(
+            changes,
+            vec![PathChange { peer, path: PeerPath::Relayed, was: PeerPath::Direct(public) }]
+        );
         // Probe rounds start again at once.
         assert_eq!(table.due_pings(now, counter()).len(), 1);
     }
@@ -783,7 +792,7 @@ mod tests {
             assert!(table.reevaluate(now).is_empty());
         }
         now += HEARD_WITHIN + Duration::from_millis(1);
-        assert_eq!(table.reevaluate(now)[0].path, Path::Waiting, "no relay link: nothing left");
+        assert_eq!(table.reevaluate(now)[0].path, PeerPath::Waiting, "no relay link: nothing left");
     }
 
     #[test]
@@ -819,7 +828,7 @@ mod tests {
         table.add_candidates(&peer, &[public], now);
         let ping = table.due_pings(now, counter())[0];
         table.on_pong(&peer, public, ping.tx, ms(20));
-        assert_eq!(table.reevaluate(ms(20))[0].path, Path::Direct(public));
+        assert_eq!(table.reevaluate(ms(20))[0].path, PeerPath::Direct(public));
         // A LAN address learned later answers in 2 ms: clearly faster, so it takes over.
         table.add_direct(&peer, lan, ms(30));
         let ping = table
@@ -830,8 +839,8 @@ mod tests {
             .expect("lan");
         table.on_pong(&peer, lan, ping.tx, ms(32));
         let changes = table.reevaluate(ms(32));
-        assert_eq!(changes[0].path, Path::Direct(lan));
-        assert_eq!(changes[0].was, Path::Direct(public));
+        assert_eq!(changes[0].path, PeerPath::Direct(lan));
+        assert_eq!(changes[0].was, PeerPath::Direct(public));
 
         let mut relay_only = PathTable::new(PathPolicy { direct: false, relay: true });
         relay_only.open(peer, now);

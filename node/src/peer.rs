@@ -7,57 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qpeer_certs::NodeId;
+use qpeer_wire::peer::StreamKind;
 use tokio::sync::mpsc;
 
 use crate::error::NodeError;
 use crate::lock;
-use crate::paths::{Path, PathTable};
-
-/// ALPN of node-to-node connections.
-pub const ALPN: &[u8] = b"qpeer/1";
-
-/// The first byte of every node-to-node stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum StreamKind {
-    /// Retired (protocol 1 raced one connection per candidate address and marked the winner
-    /// with it); never sent now, and refused like an unknown kind.
-    Select = 1,
-    /// Bi: 8-byte probes echoed back.
-    Ping = 2,
-    /// Bi: a file transfer's control stream (offer, decision, summary).
-    Transfer = 3,
-    /// Bi: one file's data and its verification.
-    FileData = 4,
-}
-
-impl StreamKind {
-    pub fn from_byte(byte: u8) -> Option<Self> {
-        match byte {
-            1 => Some(Self::Select),
-            2 => Some(Self::Ping),
-            3 => Some(Self::Transfer),
-            4 => Some(Self::FileData),
-            _ => None,
-        }
-    }
-}
-
-/// QUIC application close codes between nodes (docs/PROTOCOL.md).
-pub mod close_code {
-    /// Normal close.
-    pub const NORMAL: u32 = 0;
-    /// Retired with the candidate race of protocol 1 (kept so the value is not reused).
-    pub const NOT_SELECTED: u32 = 0x10;
-    /// A newer connection to the same peer replaced this one.
-    pub const REPLACED: u32 = 0x11;
-    /// The peer broke the node protocol (unknown stream kind, bad ping).
-    pub const PROTOCOL_VIOLATION: u32 = 0x12;
-    /// The node is shutting down.
-    pub const SHUTDOWN: u32 = 0x13;
-    /// Retired with the candidate race of protocol 1 (kept so the value is not reused).
-    pub const SELECT_TIMEOUT: u32 = 0x14;
-}
+use crate::paths::{PathTable, PeerPath};
 
 /// A stream the peer opened for the application: its kind and both halves.
 pub type AppStream = (StreamKind, quinn::SendStream, quinn::RecvStream);
@@ -107,15 +62,15 @@ impl PeerConnection {
     }
 
     /// The path the session's packets take right now.
-    pub fn path(&self) -> Path {
+    pub fn path(&self) -> PeerPath {
         self.path_since().0
     }
 
     /// The current path and when the session moved to it.
-    pub fn path_since(&self) -> (Path, Instant) {
+    pub fn path_since(&self) -> (PeerPath, Instant) {
         lock(&self.inner.paths)
             .path_of(&self.inner.node_id)
-            .unwrap_or((Path::Waiting, self.inner.established))
+            .unwrap_or((PeerPath::Waiting, self.inner.established))
     }
 
     /// quinn's current RTT estimate.
@@ -199,21 +154,4 @@ pub(crate) async fn answer_pings(mut send: quinn::SendStream, mut recv: quinn::R
         }
     }
     let _ = send.finish();
-}
-
-/// Why a connection ended, in words.
-pub fn describe_close(error: &quinn::ConnectionError) -> String {
-    match error {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            let reason = qpeer_tracker::proto::printable(&String::from_utf8_lossy(&close.reason), 200);
-            if reason.is_empty() {
-                format!("closed by peer (code {})", close.error_code)
-            } else {
-                format!("closed by peer: {reason} (code {})", close.error_code)
-            }
-        }
-        quinn::ConnectionError::LocallyClosed => "closed locally".into(),
-        quinn::ConnectionError::TimedOut => "timed out".into(),
-        other => other.to_string(),
-    }
 }

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::paths::{PathChange, PathTable, PingDue};
-use crate::probe::{Probe, ProbeKind, TX_LEN};
 use crate::socket::{PathSocket, ProbeDatagram};
 use crate::{lock, random_bytes};
+use qpeer_wire::probe::{Probe, ProbeKind, TX_LEN};
 
 /// How often paths are re-chosen and due probes sent.
 pub const TICK: Duration = Duration::from_millis(100);

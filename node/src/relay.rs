@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use qpeer_tracker::relay::{gather_frames, RelayDecoder, RelayFrame};
+use qpeer_wire::io::{read_relay_stream, write_relay_stream};
+use qpeer_wire::relay_frame::RelayFrame;
 use tokio::sync::mpsc;
 
 use crate::lock;
@@ -71,29 +72,15 @@ impl RelayHub {
 pub async fn pump(hub: Arc<RelayHub>, tracker: quinn::Connection) {
     let outbound = async {
         let mut queue = hub.outbound_rx.lock().await;
-        let mut send: Option<quinn::SendStream> = None;
-        while let Some(first) = queue.recv().await {
-            if send.is_none() {
-                send = tracker.open_uni().await.ok();
-            }
-            let Some(stream) = send.as_mut() else { return };
-            if stream.write_chunk(gather_frames(first, &mut queue)).await.is_err() {
-                return;
+        write_relay_stream(&tracker, &mut queue).await;
+    };
+    let inbound = read_relay_stream(&tracker, |decoder| {
+        while let Some(frame) = decoder.next_frame() {
+            if !hub.deliver(frame) {
+                tracing::trace!("dropping a relayed packet: the queue to the socket is full");
             }
         }
-    };
-    let inbound = async {
-        let Ok(mut recv) = tracker.accept_uni().await else { return };
-        let mut decoder = RelayDecoder::default();
-        while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
-            decoder.extend(&chunk.bytes);
-            while let Some(frame) = decoder.next_frame() {
-                if !hub.deliver(frame) {
-                    tracing::trace!("dropping a relayed packet: the queue to the socket is full");
-                }
-            }
-        }
-    };
+    });
     // Ends with the tracker connection, releasing the outbound queue for the next one.
     tokio::select! {
         _ = async { tokio::join!(outbound, inbound) } => {}

@@ -22,8 +22,11 @@ use crate::candidates::dial_targets;
 use crate::error::NodeError;
 use crate::lock;
 use crate::node::Shared;
-use crate::paths::Path;
-use crate::peer::{close_code, describe_close, PeerConnection};
+use crate::paths::PeerPath;
+use qpeer_wire::close_code;
+use qpeer_wire::io::describe_close;
+
+use crate::peer::PeerConnection;
 
 /// Inbox depth of a peer actor.
 const INBOX: usize = 64;
@@ -260,7 +263,7 @@ impl PeerActor {
     }
 
     fn is_direct(&self) -> bool {
-        matches!(lock(&self.shared.table).path_of(&self.peer), Some((Path::Direct(_), _)))
+        matches!(lock(&self.shared.table).path_of(&self.peer), Some((PeerPath::Direct(_), _)))
     }
 
     fn handle(&mut self, command: Command) {
@@ -371,7 +374,7 @@ impl PeerActor {
         if restarted {
             if let Some(old) = &live {
                 // The peer is a new process: the old connection is half-open at best.
-                old.close(close_code::REPLACED, "the peer restarted");
+                old.close(close_code::PEER_REPLACED, "the peer restarted");
             }
         }
         if let Some(conn) = live.as_ref().filter(|_| !restarted && intro.requested) {
@@ -466,8 +469,10 @@ impl PeerActor {
                 Ok(Ok(connection)) => match qpeer_certs::peer_node_id(&connection) {
                     Ok(id) if id == peer => Command::Established(connection),
                     Ok(other) => {
-                        connection
-                            .close(close_code::PROTOCOL_VIOLATION.into(), b"not the node of this session");
+                        connection.close(
+                            close_code::PEER_PROTOCOL_VIOLATION.into(),
+                            b"not the node of this session",
+                        );
                         Command::HandshakeFailed(format!(
                             "{} answered in place of {}",
                             other.short(),
@@ -475,7 +480,8 @@ impl PeerActor {
                         ))
                     }
                     Err(e) => {
-                        connection.close(close_code::PROTOCOL_VIOLATION.into(), e.to_string().as_bytes());
+                        connection
+                            .close(close_code::PEER_PROTOCOL_VIOLATION.into(), e.to_string().as_bytes());
                         Command::HandshakeFailed(e.to_string())
                     }
                 },
@@ -492,7 +498,7 @@ impl PeerActor {
         let conn = PeerConnection::new(self.peer, connection.clone(), self.shared.table.clone());
         if let Some(old) = self.conn.replace(conn.clone()) {
             if old.connection().stable_id() != connection.stable_id() {
-                old.close(close_code::REPLACED, "replaced by a newer connection");
+                old.close(close_code::PEER_REPLACED, "replaced by a newer connection");
             }
         }
         *lock(&self.state.connection) = Some(conn.clone());

@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::lock;
 use crate::paths::{is_virtual, Arrival, PathTable, Route};
-use crate::probe::{looks_like_probe, PROBE_LEN};
 use crate::relay::RelayHub;
+use qpeer_wire::probe::{looks_like_probe, PROBE_LEN};
 
 /// A probe datagram and where it came from, for the prober.
 pub type ProbeDatagram = (SocketAddr, [u8; PROBE_LEN]);

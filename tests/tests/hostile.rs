@@ -18,8 +18,9 @@ use qpeer_node::Node;
 use qpeer_tests::lab::bin_dir;
 use qpeer_tests::procs::{Proc, TrackerProc};
 use qpeer_tracker::client::RegisterInfo;
-use qpeer_tracker::proto::{close_code, ErrorKind};
 use qpeer_tracker::{ClientError, TrackerClient};
+use qpeer_wire::close_code;
+use qpeer_wire::tracker::ErrorKind;
 use quinn::{ConnectionError, TransportErrorCode};
 
 /// Attackers come from another loopback address, so per-address limits apply to them alone.
@@ -126,8 +127,7 @@ async fn tracker_stream(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
 ) -> Result<(quinn::Connection, quinn::SendStream)> {
-    let conn =
-        endpoint.connect_with(config(qpeer_tracker::proto::ALPN, Cert::Valid)?, addr, "qpeer")?.await?;
+    let conn = endpoint.connect_with(config(qpeer_wire::tracker::ALPN, Cert::Valid)?, addr, "qpeer")?.await?;
     let (send, _recv) = conn.open_bi().await?;
     Ok((conn, send))
 }
@@ -137,7 +137,7 @@ async fn closed_with(conn: &quinn::Connection) -> Option<u64> {
 }
 
 async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Result<()> {
-    tls_attacks(addr, qpeer_tracker::proto::ALPN).await?;
+    tls_attacks(addr, qpeer_wire::tracker::ALPN).await?;
     let endpoint = attacker_endpoint()?;
 
     let (conn, mut send) = tracker_stream(&endpoint, addr).await?;
@@ -174,7 +174,7 @@ async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Resul
     let opening = Instant::now();
     for _ in 0..150 {
         silent.push(
-            endpoint.connect_with(config(qpeer_tracker::proto::ALPN, Cert::Valid)?, addr, "qpeer")?.await?,
+            endpoint.connect_with(config(qpeer_wire::tracker::ALPN, Cert::Valid)?, addr, "qpeer")?.await?,
         );
     }
     let mut too_many = 0;
@@ -224,7 +224,7 @@ async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Resul
     let mut relay = client.connection().open_uni().await?;
     let mut frames = Vec::new();
     for link in 0..1000u32 {
-        qpeer_tracker::relay::encode_relay_frame(link, b"let me in", &mut frames)?;
+        qpeer_wire::relay_frame::encode_relay_frame(link, b"let me in", &mut frames)?;
     }
     relay.write_all(&frames).await?;
     client.close().await;
@@ -244,7 +244,7 @@ async fn node_attacks(
     let quick = Arc::new(quick);
     let mut silent = 0;
     for cert in [Cert::Valid, Cert::None, Cert::P256] {
-        let mut client = config(qpeer_node::peer::ALPN, cert)?;
+        let mut client = config(qpeer_wire::peer::ALPN, cert)?;
         client.transport_config(quick.clone());
         endpoint.set_default_client_config(client.clone());
         let result = endpoint.connect_with(client, addr, "qpeer")?.await;
@@ -255,8 +255,8 @@ async fn node_attacks(
         silent += 1;
     }
     let garbage = tokio::net::UdpSocket::bind((ATTACKER_IP, 0)).await?;
-    let mut forged = qpeer_node::probe::MAGIC.to_vec();
-    forged.resize(qpeer_node::probe::PROBE_LEN, 0xab);
+    let mut forged = qpeer_wire::probe::MAGIC.to_vec();
+    forged.resize(qpeer_wire::probe::PROBE_LEN, 0xab);
     for i in 0..500u32 {
         garbage.send_to(&i.to_be_bytes().repeat(300), addr).await?;
         garbage.send_to(&forged, addr).await?;
@@ -279,7 +279,7 @@ async fn node_attacks(
     let (mut send, _recv) = conn.connection().open_bi().await?;
     send.write_all(&[0xee, 1, 2, 3]).await?;
     ensure!(
-        closed_with(conn.connection()).await == Some(qpeer_node::peer::close_code::PROTOCOL_VIOLATION.into()),
+        closed_with(conn.connection()).await == Some(qpeer_wire::close_code::PEER_PROTOCOL_VIOLATION.into()),
         "unknown stream kind"
     );
 

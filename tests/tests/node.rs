@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use qpeer_node::{NodeError, Path};
+use qpeer_node::{NodeError, PeerPath as Path};
 use qpeer_tests::{connection_fingerprint, init_tracing, node, TestTracker};
 use qpeer_tracker::Limits;
 

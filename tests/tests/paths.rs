@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use qpeer_certs::{Identity, NodeId};
-use qpeer_node::probe::{Probe, ProbeKind, MAGIC, PROBE_LEN};
 use qpeer_tests::lab::{lab_send_bin, Host, Lab, Process, Router};
 use qpeer_tests::lab_run::{
     final_path, node_id, path_changes, registration, replies, scenario, upgrades_to_direct, Reply, World,
 };
 use qpeer_tests::{assert_same_tree, write_random};
+use qpeer_wire::probe::{Probe, ProbeKind, MAGIC, PROBE_LEN};
 
 const RELAYED: &str = "relayed via tracker";
 

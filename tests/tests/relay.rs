@@ -9,7 +9,7 @@ use qpeer_node::progress::{Progress, ProgressMode};
 use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
 use qpeer_node::transfer::scan::scan;
 use qpeer_node::transfer::send::send;
-use qpeer_node::{Node, Path};
+use qpeer_node::{Node, PeerPath as Path};
 use qpeer_tests::{connection_fingerprint, node, TestTracker};
 
 async fn relay_only_node(tracker: &TestTracker, home: &std::path::Path) -> Result<Node> {

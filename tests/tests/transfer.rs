@@ -5,16 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use qpeer_node::peer::StreamKind;
 use qpeer_node::progress::{Progress, ProgressMode};
 use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
 use qpeer_node::transfer::scan::scan;
 use qpeer_node::transfer::send::{send, SendReport};
-use qpeer_node::transfer::wire::{ControlFrame, EntryKind, OfferEntry, TRANSFER_VERSION};
 use qpeer_node::transfer::TransferError;
 use qpeer_tests::{node, TestNode, TestTracker};
-use qpeer_tracker::proto::MAX_FRAME_LEN;
-use qpeer_tracker::stream::{write_frame, FrameReader};
+use qpeer_wire::io::{write_frame, FrameReader};
+use qpeer_wire::peer::StreamKind;
+use qpeer_wire::tracker::MAX_FRAME_LEN;
+use qpeer_wire::transfer::{ControlFrame, EntryKind, OfferEntry, TRANSFER_VERSION};
 
 /// A node that receives into `out` under `policy`, serving every connection it accepts.
 async fn receiver(

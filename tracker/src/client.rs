@@ -12,11 +12,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::proto::{
-    close_code, ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN,
-    MAX_PEERS_PAGE, PROTOCOL_VERSION,
+use qpeer_wire::close_code;
+use qpeer_wire::io::{write_frame, FrameReader, StreamError};
+use qpeer_wire::tracker::{
+    ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
+    PROTOCOL_VERSION,
 };
-use crate::stream::{write_frame, FrameReader, StreamError};
 
 /// How long a request waits for the tracker's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -272,7 +273,7 @@ impl TrackerClient {
         lock(&self.pending).insert(request_id, tx);
         let sent = {
             let mut send = self.send.lock().await;
-            write_frame(&mut send, &build(request_id), MAX_FRAME_LEN).await
+            write_frame(&mut *send, &build(request_id), MAX_FRAME_LEN).await
         };
         if let Err(e) = sent {
             lock(&self.pending).remove(&request_id);
@@ -331,7 +332,7 @@ impl TrackerClient {
     /// Replaces the candidate addresses we registered (after a move to another network).
     pub async fn announce_candidates(&self, candidates: Vec<SocketAddr>) -> Result<(), ClientError> {
         let mut send = self.send.lock().await;
-        write_frame(&mut send, &ClientFrame::Candidates { candidates }, MAX_FRAME_LEN).await?;
+        write_frame(&mut *send, &ClientFrame::Candidates { candidates }, MAX_FRAME_LEN).await?;
         Ok(())
     }
 
@@ -357,7 +358,7 @@ struct Routes {
 
 /// Routes the tracker's frames: answers to their waiting requests, introductions to the node.
 async fn read_frames(
-    mut reader: FrameReader,
+    mut reader: FrameReader<quinn::RecvStream>,
     routes: Routes,
     cancel: CancellationToken,
     connection: quinn::Connection,

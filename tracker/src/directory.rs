@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use qpeer_certs::NodeId;
 use tokio::sync::mpsc;
 
-use crate::proto::{PeerAddrs, PeerInfo, ServerFrame};
+use qpeer_wire::tracker::{PeerAddrs, PeerInfo, ServerFrame};
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone)]

@@ -13,15 +13,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::codec::CodecError;
 use crate::directory::{canonical, pair, unix_now, Directory, Entry, RegisterOutcome, TokenBucket};
-use crate::proto::{
-    close_code, ClientFrame, ErrorKind, PeerAddrs, ServerFrame, ALPN, MAX_CANDIDATES, MAX_FRAME_LEN,
-    MAX_NAME_LEN, MAX_PEERS_PAGE, PROTOCOL_VERSION, RELAY_REQUEST_WINDOW_SECS,
-};
-use crate::relay::{gather_frames, RelayDecoder, RelayFrame};
-use crate::stream::{write_frame, FrameReader, StreamError};
 use bytes::Bytes;
+use qpeer_wire::close_code;
+use qpeer_wire::codec::CodecError;
+use qpeer_wire::io::{describe_close, write_frame, FrameReader, StreamError};
+use qpeer_wire::io::{read_relay_stream, write_relay_stream};
+use qpeer_wire::relay_frame::RelayFrame;
+use qpeer_wire::tracker::{
+    ClientFrame, ErrorKind, PeerAddrs, ServerFrame, ALPN, MAX_CANDIDATES, MAX_FRAME_LEN, MAX_NAME_LEN,
+    MAX_PEERS_PAGE, PROTOCOL_VERSION, RELAY_REQUEST_WINDOW_SECS,
+};
 
 /// Limits that keep one client from hurting the others. Defaults suit a public tracker.
 #[derive(Debug, Clone)]
@@ -333,25 +335,6 @@ impl TrackerStats {
     }
 }
 
-/// Why a connection ended, for the `[DISCONNECTED]` line.
-fn describe_close(conn: &quinn::Connection) -> String {
-    match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-            let code = close.error_code.into_inner();
-            let reason = crate::proto::printable(&String::from_utf8_lossy(&close.reason), 200);
-            if reason.is_empty() {
-                format!("closed: {}", close_code::name(code))
-            } else {
-                format!("closed: {} ({reason})", close_code::name(code))
-            }
-        }
-        Some(quinn::ConnectionError::LocallyClosed) => "closed by tracker".into(),
-        Some(quinn::ConnectionError::TimedOut) => "idle timeout".into(),
-        Some(other) => other.to_string(),
-        None => "closed".into(),
-    }
-}
-
 fn close(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
@@ -522,7 +505,7 @@ impl Session {
             "[DISCONNECTED] {} node {} ({})",
             self.remote,
             self.node_id.short(),
-            describe_close(&self.conn)
+            self.conn.close_reason().map_or_else(|| "closed".into(), |reason| describe_close(&reason))
         ));
         if removed {
             console.line(format_args!("[ACTIVE CONNECTIONS] {active}"));
@@ -533,7 +516,7 @@ impl Session {
     /// Ok(false): the session ended without registering (already closed).
     async fn register(
         &self,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<quinn::RecvStream>,
         outbox: &mpsc::Sender<Box<ServerFrame>>,
         cancel: &CancellationToken,
     ) -> Result<bool, Fatal> {
@@ -627,7 +610,7 @@ impl Session {
     /// Answers requests until the node finishes its stream or breaks the protocol.
     async fn serve(
         &self,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<quinn::RecvStream>,
         outbox: &mpsc::Sender<Box<ServerFrame>>,
     ) -> Result<(), Fatal> {
         loop {
@@ -791,19 +774,11 @@ impl Session {
 
     /// Reads this node's relay stream and forwards each packet to the other end of its link.
     async fn relay_in(shared: Arc<Shared>, conn: quinn::Connection, node_id: NodeId) {
-        let Ok(mut recv) = conn.accept_uni().await else { return };
-        let mut decoder = RelayDecoder::default();
-        loop {
-            let chunk = match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => chunk,
-                _ => return,
-            };
-            decoder.extend(&chunk.bytes);
+        read_relay_stream(&conn, |decoder| {
             let now = Instant::now();
             let mut directory = shared.directory();
             while let Some(frame) = decoder.next_frame() {
-                let forwarded = forward(&mut directory, node_id, frame, now);
-                match forwarded {
+                match forward(&mut directory, node_id, frame, now) {
                     Some(bytes) => {
                         shared.relayed_bytes.fetch_add(bytes, Ordering::Relaxed);
                     }
@@ -812,7 +787,8 @@ impl Session {
                     }
                 }
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -848,12 +824,7 @@ fn forward(directory: &mut Directory, from: NodeId, frame: RelayFrame, now: Inst
 
 /// Writes relay frames to a node on a uni stream the tracker opens.
 async fn write_relay(conn: quinn::Connection, mut queue: mpsc::Receiver<Bytes>) {
-    let Ok(mut send) = conn.open_uni().await else { return };
-    while let Some(first) = queue.recv().await {
-        if send.write_chunk(gather_frames(first, &mut queue)).await.is_err() {
-            return;
-        }
-    }
+    write_relay_stream(&conn, &mut queue).await;
 }
 
 /// The candidates worth passing to peers, canonical.

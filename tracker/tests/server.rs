@@ -7,9 +7,10 @@ use std::time::Duration;
 use qpeer_certs::config::PINNED_SERVER_NAME;
 use qpeer_certs::{Identity, ServerTrust};
 use qpeer_tracker::client::{Introduction, RegisterInfo};
-use qpeer_tracker::proto::{close_code, ErrorKind, ALPN};
 use qpeer_tracker::TrackerEvent;
 use qpeer_tracker::{ClientError, Limits, Tracker, TrackerClient, TrackerConfig};
+use qpeer_wire::close_code;
+use qpeer_wire::tracker::{ErrorKind, ALPN};
 use tokio::sync::{mpsc, oneshot};
 
 struct RunningTracker {
@@ -272,14 +273,14 @@ async fn bad_frames_close_only_the_offender() {
 
     // A valid Register of an unknown version.
     let (conn, mut send, _recv) = raw_control_stream(&tracker).await;
-    let frame = qpeer_tracker::codec::encode_frame(
-        &qpeer_tracker::proto::ClientFrame::Register {
+    let frame = qpeer_wire::codec::encode_frame(
+        &qpeer_wire::tracker::ClientFrame::Register {
             version: 99,
             candidates: vec![],
             name: None,
             incarnation: 0,
         },
-        qpeer_tracker::proto::MAX_FRAME_LEN,
+        qpeer_wire::tracker::MAX_FRAME_LEN,
     )
     .expect("encode");
     send.write_all(&frame).await.expect("write");
@@ -369,7 +370,7 @@ async fn send_relay_frames(node: &TestNode, frames: &[(u32, &[u8])]) -> quinn::S
     let mut send = node.client.connection().open_uni().await.expect("relay stream");
     let mut bytes = Vec::new();
     for (link, packet) in frames {
-        qpeer_tracker::relay::encode_relay_frame(*link, packet, &mut bytes).expect("frame");
+        qpeer_wire::relay_frame::encode_relay_frame(*link, packet, &mut bytes).expect("frame");
     }
     send.write_all(&bytes).await.expect("write");
     send
@@ -403,7 +404,7 @@ async fn relay_opens_when_both_ask_and_carries_packets_between_them() {
         .expect("stream");
     let mut got = [0u8; 6 + 13];
     from_tracker.read_exact(&mut got).await.expect("frame");
-    let mut decoder = qpeer_tracker::relay::RelayDecoder::default();
+    let mut decoder = qpeer_wire::relay_frame::RelayDecoder::default();
     decoder.extend(&got);
     let frame = decoder.next_frame().expect("a whole frame");
     assert_eq!((frame.link(), frame.packet()), (link, &b"opaque packet"[..]));

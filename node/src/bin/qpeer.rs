@@ -206,21 +206,21 @@ async fn one_shot(
     opts: &NodeOpts,
     console: bool,
     mode: ProgressMode,
-    command: control::Command,
+    command: qpeer_wire::control::Command,
 ) -> Result<ExitCode> {
     match builder(opts, console).bind().await {
         Ok(node) => {
             let node = register(node, opts).await?;
             let out = Stdout { mode };
             let result = match command {
-                control::Command::Ping { peer, count, interval_ms } => {
+                qpeer_wire::control::Command::Ping { peer, count, interval_ms } => {
                     commands::ping(&node, peer, count, Duration::from_millis(interval_ms), &out).await
                 }
-                control::Command::Peers => commands::peers(&node, &out).await,
-                control::Command::Send { peer, paths, quiet } => {
+                qpeer_wire::control::Command::Peers => commands::peers(&node, &out).await,
+                qpeer_wire::control::Command::Send { peer, paths, quiet } => {
                     commands::send_files(&node, peer, paths, quiet, &out).await
                 }
-                control::Command::Status => Ok(()),
+                qpeer_wire::control::Command::Status => Ok(()),
             };
             node.shutdown().await;
             result.map_err(anyhow::Error::msg)?;
@@ -308,11 +308,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 None => Ok(ExitCode::SUCCESS),
             }
         }
-        Command::Peers { node } => one_shot(&node, false, ProgressMode::Quiet, control::Command::Peers).await,
+        Command::Peers { node } => {
+            one_shot(&node, false, ProgressMode::Quiet, qpeer_wire::control::Command::Peers).await
+        }
         Command::Ping { node, peer, count, interval } => {
             let interval_ms = (interval.max(0.0) * 1000.0) as u64;
-            one_shot(&node, true, ProgressMode::Quiet, control::Command::Ping { peer, count, interval_ms })
-                .await
+            one_shot(
+                &node,
+                true,
+                ProgressMode::Quiet,
+                qpeer_wire::control::Command::Ping { peer, count, interval_ms },
+            )
+            .await
         }
         Command::Send { node, peer, paths, quiet } => {
             let mode = ProgressMode::detect(quiet);
@@ -321,12 +328,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .iter()
                 .map(|p| std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display())))
                 .collect::<Result<Vec<_>>>()?;
-            one_shot(&node, mode != ProgressMode::Quiet, mode, control::Command::Send { peer, paths, quiet })
-                .await
+            one_shot(
+                &node,
+                mode != ProgressMode::Quiet,
+                mode,
+                qpeer_wire::control::Command::Send { peer, paths, quiet },
+            )
+            .await
         }
         Command::Status { home } => {
             let home = resolve_home(home.as_deref())?;
-            match control::call(&home, control::Command::Status, ProgressMode::Quiet).await? {
+            match control::call(&home, qpeer_wire::control::Command::Status, ProgressMode::Quiet).await? {
                 Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
                 None => {
                     println!("node:     not running on {}", home.display());

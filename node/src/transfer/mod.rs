@@ -1,6 +1,5 @@
 //! Sending and receiving files and directories between nodes, verified by BLAKE3, resumable.
 //!
-//! - [`wire`]: the frames (pure data, proptested).
 //! - [`sanitize`]: checks on offered paths before anything touches the disk.
 //! - [`scan`]: the sender walks what the user named; file hashing.
 //! - [`send`]: [`send::send`] over a [`PeerConnection`](crate::PeerConnection).
@@ -15,14 +14,16 @@
 //! send of the same file; if the whole file then does not match, the `.part` is discarded and
 //! the file is sent again from the start.
 
+pub mod event;
 pub mod part;
 pub mod receive;
 pub mod sanitize;
 pub mod scan;
 pub mod send;
-pub mod wire;
 
 use std::path::PathBuf;
+
+pub use event::TransferEvent;
 
 use qpeer_certs::NodeId;
 

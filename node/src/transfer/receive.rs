@@ -9,17 +9,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use qpeer_certs::NodeId;
-use qpeer_tracker::proto::MAX_FRAME_LEN;
-use qpeer_tracker::stream::{write_frame, FrameReader};
+use qpeer_wire::io::{write_frame, FrameReader};
+use qpeer_wire::tracker::MAX_FRAME_LEN;
 
 use super::part::{AlignedBuf, PartWriter};
 use super::sanitize::{check_offer, part_path};
-use super::wire::{
+use super::CHUNK;
+use crate::PeerConnection;
+use qpeer_wire::peer::StreamKind;
+use qpeer_wire::transfer::{
     ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, TransferId, MAX_ENTRIES, TRANSFER_VERSION,
 };
-use super::CHUNK;
-use crate::peer::StreamKind;
-use crate::PeerConnection;
 
 /// Who may send files to this listener.
 #[derive(Debug, Clone)]
@@ -194,7 +194,7 @@ impl Receiver {
     async fn read_offer(
         &self,
         peer: NodeId,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<quinn::RecvStream>,
     ) -> Result<(TransferId, Result<Arc<Session>, String>), String> {
         let (transfer_id, count, total_bytes) = match reader.next::<ControlFrame>().await {
             Ok(Some(ControlFrame::Offer { version, transfer_id, entries, total_bytes })) => {
@@ -300,7 +300,7 @@ impl Receiver {
         peer: NodeId,
         header: FileHeader,
         send: &mut quinn::SendStream,
-        reader: FrameReader,
+        reader: FrameReader<quinn::RecvStream>,
     ) -> FileReply {
         let refuse = |reason: String| FileReply::Refused { reason };
         let session = lock(&self.sessions).get(&header.transfer_id).cloned();
@@ -384,7 +384,7 @@ impl Receiver {
         rel: &Path,
         size: u64,
         send: &mut quinn::SendStream,
-        mut reader: FrameReader,
+        mut reader: FrameReader<quinn::RecvStream>,
     ) -> FileReply {
         if write_frame(send, &FileReply::Exists, MAX_FRAME_LEN).await.is_err() {
             return FileReply::Failed { reason: "the stream closed".into() };
@@ -533,7 +533,7 @@ enum WriteOutcome {
 /// Appends the file's `size - offset` bytes to `<final>.part` on a blocking writer thread
 /// (a bounded queue of reused buffers), hashing as it goes, then reads the sender's hash.
 async fn write_part(
-    reader: FrameReader,
+    reader: FrameReader<quinn::RecvStream>,
     final_path: &Path,
     offset: u64,
     size: u64,

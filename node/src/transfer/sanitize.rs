@@ -2,7 +2,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::wire::{EntryKind, OfferEntry, MAX_PATH_LEN};
+use qpeer_wire::transfer::{EntryKind, OfferEntry, MAX_PATH_LEN};
 
 /// Why an offered path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,8 +3,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::wire::{EntryKind, OfferEntry, MAX_ENTRIES};
 use super::TransferError;
+use qpeer_wire::transfer::{EntryKind, OfferEntry, MAX_ENTRIES};
 
 /// A file to send: where it is here and what the offer says about it.
 #[derive(Debug, Clone)]

@@ -5,18 +5,18 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qpeer_tracker::proto::MAX_FRAME_LEN;
-use qpeer_tracker::stream::{write_frame, FrameReader, StreamError};
+use qpeer_wire::io::{write_frame, FrameReader, StreamError};
+use qpeer_wire::tracker::MAX_FRAME_LEN;
 use tokio::sync::Semaphore;
 
 use super::scan::{hash_file, hash_into, LocalFile, Plan};
-use super::wire::{
-    ControlFrame, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
-};
 use super::{TransferError, CHUNK};
-use crate::peer::StreamKind;
 use crate::progress::Progress;
 use crate::PeerConnection;
+use qpeer_wire::peer::StreamKind;
+use qpeer_wire::transfer::{
+    ControlFrame, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
+};
 
 /// Files streamed at the same time.
 pub const DEFAULT_CONCURRENCY: usize = 4;
@@ -52,7 +52,7 @@ fn new_transfer_id() -> TransferId {
 
 /// The receiver's words, safe to print.
 fn remote_text(text: &str) -> String {
-    qpeer_tracker::proto::printable(text, super::wire::MAX_REASON_LEN)
+    qpeer_wire::printable(text, qpeer_wire::transfer::MAX_REASON_LEN)
 }
 
 fn lost(conn: &PeerConnection, e: impl std::fmt::Display) -> TransferError {
@@ -65,7 +65,7 @@ fn protocol(conn: &PeerConnection, message: impl Into<String>) -> TransferError 
 
 async fn next<T: serde::de::DeserializeOwned>(
     conn: &PeerConnection,
-    reader: &mut FrameReader,
+    reader: &mut FrameReader<quinn::RecvStream>,
     timeout: Duration,
 ) -> Result<T, TransferError> {
     match tokio::time::timeout(timeout, reader.next::<T>()).await {
@@ -350,11 +350,11 @@ fn changed(file: &LocalFile, how: &str) -> TransferError {
 
 #[cfg(test)]
 mod tests {
-    use qpeer_tracker::codec::encode_frame;
-    use qpeer_tracker::proto::MAX_FRAME_LEN;
+    use qpeer_wire::codec::encode_frame;
+    use qpeer_wire::tracker::MAX_FRAME_LEN;
 
     use super::*;
-    use crate::transfer::wire::{EntryKind, MAX_PATH_LEN};
+    use qpeer_wire::transfer::{EntryKind, MAX_PATH_LEN};
 
     #[test]
     fn batches_of_long_paths_fit_in_frames() {

@@ -1,6 +1,7 @@
 //! Tracker wire types: what travels on a node's control stream (see docs/PROTOCOL.md).
 //!
 //! These types are pure data. Encoding lives in [`crate::codec`]; nothing here touches a socket.
+//! Close codes are in [`crate::close_code`].
 
 use std::net::SocketAddr;
 
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const ALPN: &[u8] = b"qpeer-tracker/1";
 
 /// Protocol version carried in `Register` and `Registered`. A tracker closes a connection whose
-/// version it does not speak with [`close_code::UNSUPPORTED_VERSION`].
+/// version it does not speak with [`crate::close_code::UNSUPPORTED_VERSION`].
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard upper bound of a frame body in bytes. A tracker may be configured lower, never higher.
@@ -107,61 +108,4 @@ pub enum ServerFrame {
     /// The node's connection now arrives from another address (its NAT rebound, or it moved):
     /// the tracker gives this address to peers from now on.
     Observed { observed: SocketAddr },
-}
-
-/// QUIC application close codes used by the tracker (and documented in docs/PROTOCOL.md).
-pub mod close_code {
-    /// Normal close (a node leaving).
-    pub const NORMAL: u32 = 0;
-    /// The peer broke the protocol: undecodable frame, unexpected frame, bad field.
-    pub const PROTOCOL_VIOLATION: u32 = 1;
-    /// A frame's length prefix exceeded the maximum frame size.
-    pub const FRAME_TOO_LARGE: u32 = 2;
-    /// `Register.version` is not one the tracker speaks.
-    pub const UNSUPPORTED_VERSION: u32 = 3;
-    /// The same NodeId registered again over another connection; this one was replaced.
-    pub const REPLACED: u32 = 4;
-    /// The tracker holds its maximum number of registered nodes.
-    pub const TRACKER_FULL: u32 = 5;
-    /// Too many connections from this source IP.
-    pub const TOO_MANY_CONNECTIONS: u32 = 6;
-    /// No `Register` arrived in time, or a frame was left incomplete for too long.
-    pub const TIMEOUT: u32 = 7;
-    /// The tracker is shutting down.
-    pub const SHUTDOWN: u32 = 8;
-
-    /// A short name for a close code, for logs.
-    pub fn name(code: u64) -> &'static str {
-        match code {
-            0 => "normal",
-            1 => "protocol violation",
-            2 => "frame too large",
-            3 => "unsupported version",
-            4 => "replaced by a newer registration",
-            5 => "tracker full",
-            6 => "too many connections from this address",
-            7 => "timeout",
-            8 => "tracker shutting down",
-            _ => "unknown",
-        }
-    }
-}
-
-/// Remote-supplied text made safe to print: control characters (terminal escapes) become
-/// `?`, and it is cut to `max` characters.
-pub fn printable(text: &str, max: usize) -> String {
-    let mut out: String = text.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect();
-    if text.chars().count() > max {
-        out.push('…');
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn printable_strips_escapes_and_cuts() {
-        assert_eq!(super::printable("a\x1b[2Jb\n", 100), "a?[2Jb?");
-        assert_eq!(super::printable("abcdef", 3), "abc…");
-    }
 }

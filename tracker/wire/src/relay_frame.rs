@@ -53,26 +53,6 @@ impl RelayFrame {
     }
 }
 
-/// Bytes gathered into one relay-stream write.
-pub const RELAY_WRITE: usize = 60 * 1024;
-
-/// `first` and whatever else is queued, up to about [`RELAY_WRITE`] bytes, as one buffer:
-/// quinn then holds one chunk per write instead of one per packet, which costs it less than
-/// this copy. A lone frame is returned as it is.
-pub fn gather_frames(first: Bytes, queue: &mut tokio::sync::mpsc::Receiver<Bytes>) -> Bytes {
-    let Ok(second) = queue.try_recv() else { return first };
-    let mut out = Vec::with_capacity(RELAY_WRITE + RELAY_HEADER_LEN + MAX_RELAY_PACKET);
-    out.extend_from_slice(&first);
-    out.extend_from_slice(&second);
-    while out.len() < RELAY_WRITE {
-        match queue.try_recv() {
-            Ok(frame) => out.extend_from_slice(&frame),
-            Err(_) => break,
-        }
-    }
-    out.into()
-}
-
 /// Splits a relay byte stream into frames. Holds at most one partial frame plus one read (the
 /// length field caps a frame at 64 KiB); the frames it returns share its buffer.
 #[derive(Debug, Default)]

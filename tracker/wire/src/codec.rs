@@ -5,7 +5,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::proto::MAX_FRAME_LEN;
+use crate::tracker::MAX_FRAME_LEN;
 
 /// Length of the frame length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -117,7 +117,7 @@ mod tests {
     use qpeer_certs::NodeId;
 
     use super::*;
-    use crate::proto::*;
+    use crate::tracker::*;
 
     fn node_id() -> impl Strategy<Value = NodeId> {
         any::<[u8; 32]>().prop_map(NodeId::from_bytes)

@@ -1,5 +1,5 @@
 //! File-transfer wire types (docs/PROTOCOL.md, "File transfer"). Pure data; encoded with the
-//! shared length-prefixed bincode codec (`qpeer_tracker::codec`).
+//! shared length-prefixed bincode codec ([`crate::codec`]).
 //!
 //! A transfer uses one control stream (kind [`StreamKind::Transfer`]) and one stream per
 //! file (kind [`StreamKind::FileData`]):
@@ -112,9 +112,9 @@ pub enum FileReply {
 
 #[cfg(test)]
 mod tests {
+    use crate::codec::{decode_body, encode_frame, FrameDecoder};
+    use crate::tracker::MAX_FRAME_LEN;
     use proptest::prelude::*;
-    use qpeer_tracker::codec::{decode_body, encode_frame, FrameDecoder};
-    use qpeer_tracker::proto::MAX_FRAME_LEN;
 
     use super::*;
 
