@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -90,6 +91,26 @@ pub fn server_config_with_cert(
     let quic =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// Endpoint settings that survive a restart: the stateless-reset key and the key that
+/// validates connection IDs both derive from the identity. A restarted process then
+/// recognizes its predecessor's connection IDs and answers their packets with resets the
+/// peers accept, so they notice at once that the old connection is gone.
+pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let secret = identity.derive_secret(b"qpeer stateless reset key");
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)));
+    let cid_secret = identity.derive_secret(b"qpeer connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid_secret[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // After a restart every node's next packet draws a reset; quinn's default of one per 20 ms
+    // would make most of them wait for the idle timeout. A reset is smaller than the packet
+    // that caused it, so a faster rate amplifies nothing.
+    config.min_reset_interval(Duration::from_millis(1));
+    config
 }
 
 /// Reads every certificate of a PEM file.

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qpeer_certs::NodeId;
@@ -34,22 +35,31 @@ pub enum NodeError {
     NoTracker,
     #[error(transparent)]
     TrackerAddr(#[from] qpeer_tracker::addr::TrackerAddrError),
+    /// Connecting or registering with the tracker at `tracker` (its host and port) failed.
     #[error("tracker {tracker}: {source}")]
     Tracker { tracker: String, source: qpeer_tracker::ClientError },
+    /// A request on the registered tracker connection failed.
+    #[error("tracker {request}: {source}")]
+    TrackerRequest { request: TrackerRequest, source: qpeer_tracker::ClientError },
+    #[error("tracker connection lost ({})", qpeer_wire::io::describe_close(.0))]
+    TrackerLost(quinn::ConnectionError),
     #[error(transparent)]
     TrackerIdMismatch(Box<TrackerMismatch>),
     #[error("cannot use {}: {source}", path.display())]
     HomeFile { path: PathBuf, source: std::io::Error },
-    #[error("not registered with the tracker after {timeout:?} (last attempt: {last_error})")]
-    RegistrationTimeout { timeout: Duration, last_error: String },
+    #[error(
+        "not registered with the tracker after {timeout:?} (last attempt: {})",
+        last_error.as_ref().map_or_else(|| "no answer yet".to_string(), ToString::to_string)
+    )]
+    RegistrationTimeout { timeout: Duration, last_error: Option<Arc<NodeError>> },
     #[error("node {0} is not registered with the tracker")]
     PeerNotFound(NodeId),
     #[error("cannot reach {peer} within {timeout:?}: {reason}")]
-    Unreachable { peer: NodeId, timeout: Duration, reason: String },
+    Unreachable { peer: NodeId, timeout: Duration, reason: Unreachable },
     #[error("connection to {peer} failed: {source}")]
     Connection { peer: NodeId, source: quinn::ConnectionError },
-    #[error("peer {peer}: {message}")]
-    Peer { peer: NodeId, message: String },
+    #[error("peer {peer}: {source}")]
+    Stream { peer: NodeId, source: StreamFailure },
     #[error(
         "this NodeId was registered again by another process (the tracker says: {detail}); \
          this node stops instead of pushing it off in turn. Run one node per identity, and use \
@@ -67,4 +77,88 @@ pub enum NodeError {
     Conflict(&'static str),
     #[error("the node is shut down")]
     Shutdown,
+    /// The same failure, handed to each of several callers.
+    #[error(transparent)]
+    Shared(Arc<NodeError>),
+}
+
+/// What a request on the tracker connection was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerRequest {
+    List,
+    Introduce,
+    Relay,
+}
+
+impl std::fmt::Display for TrackerRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrackerRequest::List => "list",
+            TrackerRequest::Introduce => "introduce",
+            TrackerRequest::Relay => "relay",
+        })
+    }
+}
+
+/// Why no connection to a peer came about in time.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unreachable {
+    #[error("no direct path answered a probe, and the relay is off (--no-relay)")]
+    NoDirectPathNoRelay,
+    #[error("no path answered (neither a probe nor the relay)")]
+    NoPath,
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// We wait for the peer to dial (the lower NodeId dials), and it never did.
+    #[error("the peer's handshake never arrived ({0})")]
+    PeerNeverDialed(Box<Unreachable>),
+}
+
+/// How a handshake with a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("cannot start a handshake: {0}")]
+    Start(#[from] quinn::ConnectError),
+    #[error("cannot configure the handshake: {0}")]
+    Config(Arc<qpeer_certs::TlsError>),
+    #[error("handshake failed: {0}")]
+    Failed(quinn::ConnectionError),
+    #[error("the handshake did not finish within {0:?}")]
+    TimedOut(Duration),
+    #[error("{} answered in place of {}", answered.short(), expected.short())]
+    WrongPeer { answered: NodeId, expected: NodeId },
+    #[error("{0}")]
+    PeerIdentity(#[from] qpeer_certs::PeerCertError),
+    #[error("incoming handshake failed: {0}")]
+    IncomingFailed(quinn::ConnectionError),
+    #[error("incoming handshake timed out")]
+    IncomingTimedOut,
+}
+
+/// A stream to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamFailure {
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Read(#[from] quinn::ReadExactError),
+    #[error("ping echo does not match")]
+    PingMismatch,
+}
+
+/// A fatal tracker error: the node stops working (see [`crate::Node::failed`]). Cloned to
+/// every caller that asks.
+#[derive(Debug, Clone)]
+pub(crate) enum Fatal {
+    TrackerIdMismatch(Box<TrackerMismatch>),
+    Replaced { detail: String },
+}
+
+impl From<Fatal> for NodeError {
+    fn from(fatal: Fatal) -> Self {
+        match fatal {
+            Fatal::TrackerIdMismatch(mismatch) => NodeError::TrackerIdMismatch(mismatch),
+            Fatal::Replaced { detail } => NodeError::Replaced { detail },
+        }
+    }
 }

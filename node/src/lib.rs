@@ -3,20 +3,31 @@
 //! QUIC.
 //!
 //! # Layout
-//! - [`node`]: [`Node`] and [`NodeBuilder`]: the public handle; the endpoint, tracker
-//!   registration (with re-registration), and routing of introductions and handshakes to
-//!   sessions.
-//! - [`session`]: one actor per peer: its connection, the handshake in progress, who waits.
-//! - [`paths`]: the path table: each session's virtual address and current best path.
-//! - [`socket`]: [`socket::PathSocket`], the one UDP socket with the path layer inside.
-//! - [`prober`]: sends and answers path probes, re-chooses paths.
-//! - [`relay`]: queues to and from the tracker's relay.
-//! - [`peer`]: [`PeerConnection`], the node-to-node stream protocol (stream kinds, ping, close codes).
+//! Public:
+//! - [`node`]: [`Node`] and [`NodeBuilder`], the handle: starts the endpoint and the node's
+//!   tasks, and asks sessions for connections.
+//! - [`events`]: [`NodeEvent`]s, what the node tells its user (the library never prints).
+//! - [`peer`]: [`PeerConnection`]: streams to a verified peer, ping.
 //! - [`transfer`]: sending and receiving files and directories (BLAKE3-verified, resumable).
-//! - [`progress`]: progress bars / lines for transfers.
-//! - [`candidates`]: which local addresses to register and which peer addresses to try.
-//! - [`known_trackers`]: tracker ids trusted on first use.
-//! - [`error`]: typed errors ([`NodeError`]).
+//! - [`error`]: typed errors ([`NodeError`] and its parts).
+//!
+//! Inside (a newcomer's reading order):
+//! - `shared`: what the node's tasks share, grouped by owner.
+//! - `tracker_link`: keeps the node registered with its tracker; routes what it says.
+//! - `registry` and `session`: one actor per peer (its connection, the handshake in
+//!   progress, who waits), by NodeId.
+//! - `streams`: handshakes to their session, a connection's streams by kind.
+//! - `paths`: the path table: each session's virtual address and current best path.
+//! - `socket`: `PathSocket`, the one UDP socket with the path layer inside.
+//! - `prober`: sends and answers path probes, re-chooses paths.
+//! - `relay_link`: queues to and from the tracker's relay.
+//! - `transport`: QUIC settings of the endpoint and of peer connections.
+//! - `candidates`: which local addresses to register and which peer addresses to try.
+//! - `known_trackers`: tracker ids trusted on first use.
+//! - `home`: the lock that keeps one node per home.
+//!
+//! Wire formats are in the `qpeer-wire` crate; the `qpeer` binary (feature `cli`, on by
+//! default) renders events as console lines. `examples/embed.rs` embeds a node.
 //!
 //! # Example
 //! A tracker and two nodes in one process on loopback; `a` connects to `b` and pings it.
@@ -56,25 +67,29 @@
 //! # Ok(()) }
 //! ```
 
-pub mod candidates;
-pub mod commands;
-pub mod control;
+mod candidates;
 pub mod error;
 pub mod events;
-pub mod known_trackers;
+mod home;
+mod known_trackers;
 pub mod node;
-pub mod paths;
+mod paths;
 pub mod peer;
-pub mod prober;
-pub mod progress;
-pub mod relay;
-pub mod session;
-pub mod socket;
+mod prober;
+mod registry;
+mod relay_link;
+mod session;
+mod shared;
+mod socket;
+mod streams;
+mod tracker_link;
 pub mod transfer;
+mod transport;
 
 pub use error::NodeError;
 pub use events::{Events, NodeEvent};
-pub use node::{Node, NodeBuilder};
+pub use home::LOCK_FILE;
+pub use node::{AcceptHandle, Node, NodeBuilder, DEFAULT_CONNECT_TIMEOUT};
 pub use paths::PeerPath;
 pub use peer::PeerConnection;
 
@@ -84,10 +99,4 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
     bytes
-}
-
-/// Locks a mutex, taking the data back if a panic poisoned it: every lock here guards state
-/// that stays consistent between statements.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

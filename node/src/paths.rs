@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use qpeer_certs::NodeId;
-
+use qpeer_wire::canonical;
 use qpeer_wire::probe::TX_LEN;
 
 /// First octet of virtual addresses.
@@ -64,10 +64,6 @@ fn virtual_addr(index: u32) -> SocketAddr {
 pub fn is_virtual(addr: SocketAddr) -> bool {
     matches!(addr.ip().to_canonical(), IpAddr::V4(v4) if v4.octets()[0] == VIRTUAL_OCTET)
         && addr.port() == VIRTUAL_PORT
-}
-
-pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// How a session's packets travel.
@@ -334,6 +330,7 @@ impl PathTable {
         }
     }
 
+    #[cfg(test)]
     pub fn sessions(&self) -> usize {
         self.sessions.len()
     }
@@ -650,6 +647,7 @@ impl PathTable {
     }
 
     /// The smoothed probe RTT of the session's current direct path.
+    #[cfg(test)]
     pub fn direct_rtt(&self, peer: &NodeId) -> Option<Duration> {
         let session = self.sessions.get(peer)?;
         match session.path {

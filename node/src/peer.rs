@@ -3,15 +3,15 @@
 //! Every stream starts with one byte naming its kind. Ping streams are answered by the node
 //! itself; other kinds are handed to the application through [`PeerConnection::accept_stream`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use qpeer_certs::NodeId;
 use qpeer_wire::peer::StreamKind;
 use tokio::sync::mpsc;
 
-use crate::error::NodeError;
-use crate::lock;
+use crate::error::{NodeError, StreamFailure};
 use crate::paths::{PathTable, PeerPath};
 
 /// A stream the peer opened for the application: its kind and both halves.
@@ -68,7 +68,9 @@ impl PeerConnection {
 
     /// The current path and when the session moved to it.
     pub fn path_since(&self) -> (PeerPath, Instant) {
-        lock(&self.inner.paths)
+        self.inner
+            .paths
+            .lock()
             .path_of(&self.inner.node_id)
             .unwrap_or((PeerPath::Waiting, self.inner.established))
     }
@@ -97,7 +99,7 @@ impl PeerConnection {
         kind: StreamKind,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), NodeError> {
         let (mut send, recv) = self.inner.connection.open_bi().await.map_err(|e| self.conn_err(e))?;
-        send.write_all(&[kind as u8]).await.map_err(|e| self.peer_err(e))?;
+        send.write_all(&[kind as u8]).await.map_err(|e| self.stream_err(e))?;
         Ok((send, recv))
     }
 
@@ -120,13 +122,13 @@ impl PeerConnection {
     pub async fn ping(&self, seq: u64) -> Result<Duration, NodeError> {
         let (mut send, mut recv) = self.open_stream(StreamKind::Ping).await?;
         let start = Instant::now();
-        send.write_all(&seq.to_be_bytes()).await.map_err(|e| self.peer_err(e))?;
+        send.write_all(&seq.to_be_bytes()).await.map_err(|e| self.stream_err(e))?;
         let mut echo = [0u8; 8];
-        recv.read_exact(&mut echo).await.map_err(|e| self.peer_err(e))?;
+        recv.read_exact(&mut echo).await.map_err(|e| self.stream_err(e))?;
         let rtt = start.elapsed();
         let _ = send.finish();
         if u64::from_be_bytes(echo) != seq {
-            return Err(self.peer_err("ping echo does not match"));
+            return Err(self.stream_err(StreamFailure::PingMismatch));
         }
         Ok(rtt)
     }
@@ -140,8 +142,8 @@ impl PeerConnection {
         NodeError::Connection { peer: self.inner.node_id, source }
     }
 
-    fn peer_err(&self, message: impl std::fmt::Display) -> NodeError {
-        NodeError::Peer { peer: self.inner.node_id, message: message.to_string() }
+    fn stream_err(&self, source: impl Into<StreamFailure>) -> NodeError {
+        NodeError::Stream { peer: self.inner.node_id, source: source.into() }
     }
 }
 

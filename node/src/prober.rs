@@ -6,17 +6,18 @@
 //! what waited for a session's first path.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use qpeer_certs::Identity;
+use qpeer_wire::probe::{Probe, ProbeKind, TX_LEN};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::paths::{PathChange, PathTable, PingDue};
+use crate::random_bytes;
 use crate::socket::{PathSocket, ProbeDatagram};
-use crate::{lock, random_bytes};
-use qpeer_wire::probe::{Probe, ProbeKind, TX_LEN};
 
 /// How often paths are re-chosen and due probes sent.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -54,7 +55,7 @@ impl Prober {
     /// Sends due probes and re-chooses paths.
     pub fn tick(&self) {
         let now = Instant::now();
-        let due = lock(&self.table).due_pings(now, random_bytes::<TX_LEN>);
+        let due = self.table.lock().due_pings(now, random_bytes::<TX_LEN>);
         for ping in due {
             self.send_ping(ping);
         }
@@ -62,7 +63,7 @@ impl Prober {
     }
 
     fn reevaluate(&self, now: Instant) {
-        let changes = lock(&self.table).reevaluate(now);
+        let changes = self.table.lock().reevaluate(now);
         for change in changes {
             self.socket.flush(&change.peer);
             (self.on_change)(change);
@@ -107,7 +108,7 @@ impl Prober {
         let now = Instant::now();
         match probe.kind {
             ProbeKind::Ping => {
-                let answer = lock(&self.table).on_ping(&probe.from, source, random_bytes(), now);
+                let answer = self.table.lock().on_ping(&probe.from, source, random_bytes(), now);
                 let Some(ping_back) = answer else { return };
                 let pong = Probe {
                     kind: ProbeKind::Pong,
@@ -123,7 +124,7 @@ impl Prober {
                 }
             }
             ProbeKind::Pong => {
-                if lock(&self.table).on_pong(&probe.from, source, probe.tx, now) {
+                if self.table.lock().on_pong(&probe.from, source, probe.tx, now) {
                     self.reevaluate(now);
                 }
             }

@@ -9,24 +9,24 @@
 //! at once over whichever path is ready first (see [`crate::paths`]).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use qpeer_certs::NodeId;
 use qpeer_tracker::client::Introduction;
 use qpeer_tracker::ClientError;
+use qpeer_wire::close_code;
+use qpeer_wire::io::describe_close;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::candidates::dial_targets;
-use crate::error::NodeError;
-use crate::lock;
-use crate::node::Shared;
+use crate::error::{HandshakeError, NodeError, TrackerRequest, Unreachable};
+use crate::events::NodeEvent;
 use crate::paths::PeerPath;
-use qpeer_wire::close_code;
-use qpeer_wire::io::describe_close;
-
 use crate::peer::PeerConnection;
+use crate::shared::Shared;
 
 /// Inbox depth of a peer actor.
 const INBOX: usize = 64;
@@ -58,7 +58,7 @@ pub(crate) enum Command {
     Incoming(Box<quinn::Incoming>),
     /// A handshake finished.
     Established(quinn::Connection),
-    HandshakeFailed(String),
+    HandshakeFailed(HandshakeError),
     /// The connection with this stable id closed.
     Closed(usize, quinn::ConnectionError),
     /// The result of checking a live connection.
@@ -82,7 +82,7 @@ pub(crate) struct SessionHandle {
 
 impl SessionHandle {
     pub(crate) fn live_connection(&self) -> Option<PeerConnection> {
-        lock(&self.state.connection).clone().filter(PeerConnection::is_open)
+        self.state.connection.lock().clone().filter(PeerConnection::is_open)
     }
 }
 
@@ -98,7 +98,7 @@ pub(crate) struct PeerActor {
     deadline: Option<Instant>,
     introducing: bool,
     handshaking: bool,
-    last_error: Option<String>,
+    last_error: Option<HandshakeError>,
     peer_incarnation: Option<u64>,
     /// Next time to ask the tracker for fresh candidates while relayed, and the gap after it.
     next_refresh: Option<Instant>,
@@ -116,7 +116,7 @@ impl PeerActor {
     pub(crate) fn spawn(shared: Arc<Shared>, peer: NodeId) -> SessionHandle {
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
         let state = Arc::new(SessionState::default());
-        let virtual_addr = lock(&shared.table).open(peer, std::time::Instant::now());
+        let virtual_addr = shared.table.lock().open(peer, std::time::Instant::now());
         let actor = PeerActor {
             shared: shared.clone(),
             peer,
@@ -160,13 +160,13 @@ impl PeerActor {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake) => {
-                    if self.on_timer() && self.shared.retire(&self.peer, &self.inbox_tx) {
+                    if self.on_timer() && self.shared.sessions.retire(&self.shared, &self.peer, &self.inbox_tx) {
                         // Out of the registry and the path table first; what raced in goes to
                         // the session that takes this one's place.
                         inbox.close();
                         let raced: Vec<Command> = std::iter::from_fn(|| inbox.try_recv().ok()).collect();
                         if !raced.is_empty() {
-                            let successor = self.shared.session(self.peer);
+                            let successor = self.shared.sessions.session(&self.shared, self.peer);
                             for command in raced {
                                 let _ = successor.inbox.try_send(command);
                             }
@@ -180,7 +180,7 @@ impl PeerActor {
         // On shutdown the session stays in the table: the node closes its connections after
         // its tasks end, and those close packets still need their path.
         if !cancel.is_cancelled() {
-            lock(&self.shared.table).close(&self.peer);
+            self.shared.table.lock().close(&self.peer);
         }
     }
 
@@ -232,7 +232,7 @@ impl PeerActor {
                 if self.is_direct() {
                     self.next_refresh = None;
                     self.refresh_gap = REFRESH_START;
-                } else if self.next_refresh.is_none() && lock(&self.shared.table).policy().direct {
+                } else if self.next_refresh.is_none() && self.shared.table.lock().policy().direct {
                     // Relayed (from the start, or since the direct path went quiet).
                     self.next_refresh = Some(now);
                 }
@@ -249,21 +249,22 @@ impl PeerActor {
         self.is_idle() && now >= self.idle_since + LINGER
     }
 
-    fn unreachable_reason(&self) -> String {
-        let policy = lock(&self.shared.table).policy();
-        let detail = self.last_error.clone().unwrap_or_else(|| match (policy.direct, policy.relay) {
-            (true, false) => "no direct path answered a probe, and the relay is off (--no-relay)".into(),
-            _ => "no path answered (neither a probe nor the relay)".into(),
-        });
+    fn unreachable_reason(&self) -> Unreachable {
+        let policy = self.shared.table.lock().policy();
+        let detail = match (&self.last_error, policy.direct, policy.relay) {
+            (Some(error), _, _) => Unreachable::Handshake(error.clone()),
+            (None, true, false) => Unreachable::NoDirectPathNoRelay,
+            (None, _, _) => Unreachable::NoPath,
+        };
         if self.we_dial() {
             detail
         } else {
-            format!("the peer's handshake never arrived ({detail})")
+            Unreachable::PeerNeverDialed(Box::new(detail))
         }
     }
 
     fn is_direct(&self) -> bool {
-        matches!(lock(&self.shared.table).path_of(&self.peer), Some((PeerPath::Direct(_), _)))
+        matches!(self.shared.table.lock().path_of(&self.peer), Some((PeerPath::Direct(_), _)))
     }
 
     fn handle(&mut self, command: Command) {
@@ -310,7 +311,7 @@ impl PeerActor {
 
     fn on_connect(&mut self, reply: oneshot::Sender<Result<PeerConnection, NodeError>>) {
         if let Some(conn) = self.conn.as_ref().filter(|c| c.is_open()) {
-            let heard = lock(&self.shared.table).heard_within(&self.peer, FRESH, std::time::Instant::now());
+            let heard = self.shared.table.lock().heard_within(&self.peer, FRESH, std::time::Instant::now());
             if heard {
                 let _ = reply.send(Ok(conn.clone()));
                 return;
@@ -338,7 +339,7 @@ impl PeerActor {
                 let client = shared.tracker_client().await?;
                 client.introduce(peer).await.map_err(|source| match source {
                     ClientError::NotFound(id) => NodeError::PeerNotFound(id),
-                    source => NodeError::Tracker { tracker: "introduce".into(), source },
+                    source => NodeError::TrackerRequest { request: TrackerRequest::Introduce, source },
                 })
             };
             let command = tokio::select! {
@@ -358,7 +359,7 @@ impl PeerActor {
         }
         let restarted = self.peer_incarnation.is_some_and(|known| known != intro.incarnation);
         {
-            let mut table = lock(&self.shared.table);
+            let mut table = self.shared.table.lock();
             if restarted {
                 // The old process's paths are dead: waiting for them to go quiet would hold
                 // up the new connection's handshake.
@@ -417,7 +418,7 @@ impl PeerActor {
         let config = match self.shared.peer_client_config(self.peer) {
             Ok(config) => config,
             Err(e) => {
-                self.last_error = Some(e.to_string());
+                self.last_error = Some(HandshakeError::Config(Arc::new(e)));
                 return;
             }
         };
@@ -429,7 +430,7 @@ impl PeerActor {
         let connecting = match connecting {
             Ok(connecting) => connecting,
             Err(e) => {
-                self.last_error = Some(format!("cannot start a handshake: {e}"));
+                self.last_error = Some(HandshakeError::Start(e));
                 return;
             }
         };
@@ -438,10 +439,8 @@ impl PeerActor {
         self.shared.tasks.spawn(async move {
             let command = match tokio::time::timeout(timeout, connecting).await {
                 Ok(Ok(connection)) => Command::Established(connection),
-                Ok(Err(e)) => Command::HandshakeFailed(format!("handshake failed: {e}")),
-                Err(_) => {
-                    Command::HandshakeFailed(format!("the handshake did not finish within {timeout:?}"))
-                }
+                Ok(Err(e)) => Command::HandshakeFailed(HandshakeError::Failed(e)),
+                Err(_) => Command::HandshakeFailed(HandshakeError::TimedOut(timeout)),
             };
             let _ = inbox.send(command).await;
         });
@@ -455,7 +454,7 @@ impl PeerActor {
             incoming.refuse();
             return;
         }
-        let connecting = match incoming.accept_with(self.shared.server_config.clone()) {
+        let connecting = match incoming.accept_with(self.shared.transport.server.clone()) {
             Ok(connecting) => connecting,
             Err(e) => {
                 tracing::debug!(peer = %self.peer.short(), "incoming handshake refused: {e}");
@@ -473,20 +472,19 @@ impl PeerActor {
                             close_code::PEER_PROTOCOL_VIOLATION.into(),
                             b"not the node of this session",
                         );
-                        Command::HandshakeFailed(format!(
-                            "{} answered in place of {}",
-                            other.short(),
-                            peer.short()
-                        ))
+                        Command::HandshakeFailed(HandshakeError::WrongPeer {
+                            answered: other,
+                            expected: peer,
+                        })
                     }
                     Err(e) => {
                         connection
                             .close(close_code::PEER_PROTOCOL_VIOLATION.into(), e.to_string().as_bytes());
-                        Command::HandshakeFailed(e.to_string())
+                        Command::HandshakeFailed(HandshakeError::PeerIdentity(e))
                     }
                 },
-                Ok(Err(e)) => Command::HandshakeFailed(format!("incoming handshake failed: {e}")),
-                Err(_) => Command::HandshakeFailed("incoming handshake timed out".into()),
+                Ok(Err(e)) => Command::HandshakeFailed(HandshakeError::IncomingFailed(e)),
+                Err(_) => Command::HandshakeFailed(HandshakeError::IncomingTimedOut),
             };
             let _ = inbox.send(command).await;
         });
@@ -501,17 +499,16 @@ impl PeerActor {
                 old.close(close_code::PEER_REPLACED, "replaced by a newer connection");
             }
         }
-        *lock(&self.state.connection) = Some(conn.clone());
+        *self.state.connection.lock() = Some(conn.clone());
         self.deadline = None;
         self.last_error = None;
         self.redial_at = None;
         self.next_check = Some(Instant::now() + REFRESH_START);
-        self.shared.say(format_args!(
-            "[PEER CONNECTED] {} {} rtt {:.1} ms",
-            self.peer,
-            conn.path(),
-            conn.rtt().as_secs_f64() * 1000.0
-        ));
+        self.shared.events.emit(NodeEvent::PeerConnected {
+            peer: self.peer,
+            path: conn.path(),
+            rtt: conn.rtt(),
+        });
         self.hand_out(&conn);
         // Every connection is offered to `accept` (a listener serves transfers on it), also
         // when we asked for it: replying to someone who just reached you is ordinary.
@@ -521,7 +518,7 @@ impl PeerActor {
         self.shared.tasks.spawn(async move {
             let id = conn.connection().stable_id();
             let reason = tokio::select! {
-                reason = shared.clone().serve_streams(conn) => reason,
+                reason = crate::streams::serve_streams(shared.clone(), conn) => reason,
                 _ = shared.cancel.cancelled() => return,
             };
             let _ = inbox.send(Command::Closed(id, reason)).await;
@@ -534,11 +531,13 @@ impl PeerActor {
             return;
         }
         self.conn = None;
-        *lock(&self.state.connection) = None;
+        *self.state.connection.lock() = None;
         self.next_refresh = None;
         self.next_check = None;
         self.idle_since = Instant::now();
-        self.shared.say(format_args!("[PEER DISCONNECTED] {} ({})", self.peer, describe_close(reason)));
+        self.shared
+            .events
+            .emit(NodeEvent::PeerDisconnected { peer: self.peer, reason: describe_close(reason) });
     }
 
     /// Gives `conn` to every waiting caller.
@@ -549,13 +548,15 @@ impl PeerActor {
         }
     }
 
-    /// Fails every waiting caller: the first with `error`, the others with its text.
+    /// Fails every waiting caller with `error` (shared when there are several).
     fn fail_waiters(&mut self, error: NodeError) {
-        let (peer, message) = (self.peer, error.to_string());
-        let mut error = Some(error);
-        self.fail_waiters_with(|| {
-            error.take().unwrap_or_else(|| NodeError::Peer { peer, message: message.clone() })
-        });
+        if self.waiters.len() <= 1 {
+            let mut error = Some(error);
+            self.fail_waiters_with(|| error.take().unwrap_or(NodeError::Shutdown));
+        } else {
+            let error = Arc::new(error);
+            self.fail_waiters_with(|| NodeError::Shared(error.clone()));
+        }
     }
 
     fn fail_waiters_with(&mut self, mut error: impl FnMut() -> NodeError) {

@@ -11,20 +11,20 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use qpeer_certs::NodeId;
+use qpeer_wire::probe::{looks_like_probe, PROBE_LEN};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
-use crate::lock;
 use crate::paths::{is_virtual, Arrival, PathTable, Route};
-use crate::relay::RelayHub;
-use qpeer_wire::probe::{looks_like_probe, PROBE_LEN};
+use crate::relay_link::RelayHub;
 
 /// A probe datagram and where it came from, for the prober.
 pub type ProbeDatagram = (SocketAddr, [u8; PROBE_LEN]);
@@ -71,7 +71,7 @@ impl PathSocket {
     /// Sends what waited for `peer`'s first path, now that it has one.
     pub fn flush(&self, peer: &NodeId) {
         let (virtual_addr, waiting) = {
-            let mut table = lock(&self.table);
+            let mut table = self.table.lock();
             (table.virtual_of(peer), table.take_waiting(peer))
         };
         let Some(destination) = virtual_addr else { return };
@@ -103,7 +103,7 @@ impl PathSocket {
                 if filled == 0 { self.hub.poll_inbound(cx) } else { Poll::Ready(self.hub.try_inbound()) };
             let Poll::Ready(Some(frame)) = next else { break };
             // A link of no session (one that closed) has nobody to deliver to.
-            let Some(addr) = lock(&self.table).link_arrival(frame.link(), Instant::now()) else { continue };
+            let Some(addr) = self.table.lock().link_arrival(frame.link(), Instant::now()) else { continue };
             let packet = frame.packet();
             let buf = &mut bufs[filled];
             let len = packet.len().min(buf.len());
@@ -123,7 +123,7 @@ impl PathSocket {
     /// from their virtual address, the rest hidden from quinn.
     fn sort_arrivals(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], count: usize) {
         let now = Instant::now();
-        let mut table = lock(&self.table);
+        let mut table = self.table.lock();
         for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()).take(count) {
             let stride = meta.stride.max(1);
             let data = &mut buf[..meta.len];
@@ -170,7 +170,7 @@ impl AsyncUdpSocket for PathSocket {
             return self.inner.try_send(transmit);
         }
         let route = {
-            let mut table = lock(&self.table);
+            let mut table = self.table.lock();
             let route = table.route(transmit.destination, Instant::now());
             if let Route::Wait(peer) = route {
                 // Held under the same lock that chose the route, so a flush cannot slip in

@@ -148,20 +148,30 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Writes `len` pseudo-random bytes (xorshift from `seed`) to `path`, creating parents.
+/// Writes `len` pseudo-random bytes (xorshift from `seed`) to `path`, creating parents, in
+/// 1 MiB blocks (so a file of gigabytes costs no more memory), and syncs it to disk.
 pub fn write_random(path: &std::path::Path, len: usize, seed: u64) -> anyhow::Result<()> {
-    let mut state = seed | 1;
-    let mut data = vec![0u8; len];
-    for chunk in data.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
+    use std::io::Write;
+    const BLOCK: usize = 1 << 20;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(path, data)?;
+    let mut file = std::fs::File::create(path)?;
+    let mut state = seed | 1;
+    let mut block = vec![0u8; BLOCK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        for chunk in block[..n].chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        file.write_all(&block[..n])?;
+        left -= n;
+    }
+    file.sync_all()?;
     Ok(())
 }
 

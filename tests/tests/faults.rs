@@ -193,12 +193,11 @@ impl Drop for Tmpfs {
 #[tokio::test]
 #[ignore = "needs root (mounts a small tmpfs): run with --ignored, as .ci/run does"]
 async fn a_full_disk_keeps_the_part_file_and_the_send_resumes_once_space_is_freed() -> Result<()> {
-    use qpeer_node::progress::{Progress, ProgressMode};
     use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
     use qpeer_node::transfer::scan::scan;
     use qpeer_node::transfer::send::send;
     use qpeer_node::transfer::TransferError;
-    use std::sync::Arc;
+    use qpeer_node::Events;
 
     let dir = tempfile::tempdir()?;
     let disk = Tmpfs::mount(&dir.path().join("disk"), "8m")?;
@@ -208,7 +207,7 @@ async fn a_full_disk_keeps_the_part_file_and_the_send_resumes_once_space_is_free
     let receiver = Receiver::new(ReceiveConfig {
         out: Some(disk.0.clone()),
         policy: AcceptPolicy::Only([sender.id()].into_iter().collect()),
-        console: false,
+        events: Events::new(),
     });
     let accepting = receiver_node.accept_handle();
     tokio::spawn(async move {
@@ -223,7 +222,7 @@ async fn a_full_disk_keeps_the_part_file_and_the_send_resumes_once_space_is_free
         let paths = vec![file.clone()];
         let plan = tokio::task::spawn_blocking(move || scan(&paths)).await.expect("scan")?;
         let conn = sender.connect(receiver_node.id()).await?;
-        send(&conn, plan, Arc::new(Progress::new(ProgressMode::Quiet, "t", size as u64))).await
+        send(&conn, plan, &Events::new()).await
     };
 
     match send_once().await {

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use qpeer_certs::{Identity, ServerTrust};
-use qpeer_node::progress::{Progress, ProgressMode};
 use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
 use qpeer_node::transfer::scan::scan;
 use qpeer_node::transfer::send::send;
+use qpeer_node::Events;
 use qpeer_node::Node;
 use qpeer_tests::lab::bin_dir;
 use qpeer_tests::procs::{Proc, TrackerProc};
@@ -169,19 +169,29 @@ async fn tracker_attacks(addr: SocketAddr, victim: qpeer_certs::NodeId) -> Resul
     );
     conn.close(0u32.into(), b"done");
 
-    // Hundreds of connections that complete the handshake and go silent.
+    // Hundreds of connections that try to complete the handshake and go silent. Those over
+    // the per-address limit are refused before TLS (a transport CONNECTION_REFUSED).
     let mut silent = Vec::new();
     let opening = Instant::now();
     for _ in 0..150 {
         silent.push(
-            endpoint.connect_with(config(qpeer_wire::tracker::ALPN, Cert::Valid)?, addr, "qpeer")?.await?,
+            endpoint.connect_with(config(qpeer_wire::tracker::ALPN, Cert::Valid)?, addr, "qpeer")?.await,
         );
     }
     let mut too_many = 0;
     let mut timed_out = 0;
-    for conn in &silent {
-        let ended = tokio::time::timeout(Duration::from_secs(15), conn.closed()).await;
+    for handshake in &silent {
+        let ended = match handshake {
+            Ok(conn) => tokio::time::timeout(Duration::from_secs(15), conn.closed()).await,
+            Err(refused) => Ok(refused.clone()),
+        };
+        let refused_before_tls = matches!(
+            &ended,
+            Ok(ConnectionError::ConnectionClosed(close))
+                if close.error_code == TransportErrorCode::CONNECTION_REFUSED
+        );
         match ended.as_ref().ok().and_then(app_code).map(|c| c as u32) {
+            _ if refused_before_tls => too_many += 1,
             Some(close_code::TOO_MANY_CONNECTIONS) => too_many += 1,
             Some(close_code::TIMEOUT) => timed_out += 1,
             _ => bail!("silent connection ended with {ended:?}"),
@@ -334,9 +344,7 @@ async fn honest_loop(
             .context("ping the attacked node")?;
         let paths = vec![file.clone()];
         let plan = tokio::task::spawn_blocking(move || scan(&paths)).await??;
-        send(&conn, plan, Arc::new(Progress::new(ProgressMode::Quiet, "h", 0)))
-            .await
-            .context("honest transfer")?;
+        send(&conn, plan, &Events::new()).await.context("honest transfer")?;
         rounds.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -374,7 +382,7 @@ async fn hostile_clients_are_refused_and_honest_nodes_carry_on() -> Result<()> {
     b.registered(Duration::from_secs(10)).await?;
     let inbox = dir.path().join("inbox");
     let receiver =
-        Receiver::new(ReceiveConfig { out: Some(inbox), policy: AcceptPolicy::Any, console: false });
+        Receiver::new(ReceiveConfig { out: Some(inbox), policy: AcceptPolicy::Any, events: Events::new() });
     let accepting = b.accept_handle();
     tokio::spawn(async move {
         while let Some(conn) = accepting.accept().await {

@@ -1,14 +1,13 @@
 //! The relay path between two in-process nodes: one node is relay-only, so the nodes' own
 //! QUIC connection must travel through the tracker.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use qpeer_node::progress::{Progress, ProgressMode};
 use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
 use qpeer_node::transfer::scan::scan;
 use qpeer_node::transfer::send::send;
+use qpeer_node::Events;
 use qpeer_node::{Node, PeerPath as Path};
 use qpeer_tests::{connection_fingerprint, node, TestTracker};
 
@@ -45,7 +44,7 @@ async fn relayed_connection_pings_and_transfers_end_to_end() -> Result<()> {
     let receiver = Receiver::new(ReceiveConfig {
         out: Some(out.path().to_path_buf()),
         policy: AcceptPolicy::Only([relayed.id()].into_iter().collect()),
-        console: false,
+        events: Events::new(),
     });
     tokio::spawn(receiver.serve(accepted));
     let src = tempfile::tempdir()?;
@@ -54,8 +53,7 @@ async fn relayed_connection_pings_and_transfers_end_to_end() -> Result<()> {
     std::fs::write(&file, &data)?;
     let paths = vec![file.clone()];
     let plan = tokio::task::spawn_blocking(move || scan(&paths)).await??;
-    let report =
-        send(&conn, plan, Arc::new(Progress::new(ProgressMode::Quiet, "t", data.len() as u64))).await?;
+    let report = send(&conn, plan, &Events::new()).await?;
     assert_eq!(report.total_bytes, data.len() as u64);
     assert_eq!(std::fs::read(out.path().join("relayed.bin"))?, data);
     assert!(stats.relayed_bytes() > data.len() as u64, "the bytes went through the tracker");
@@ -99,6 +97,7 @@ async fn a_relay_only_node_and_a_no_relay_node_have_no_path_and_say_why() -> Res
     let started = std::time::Instant::now();
     match direct_only.connect(relayed.id()).await {
         Err(qpeer_node::NodeError::Unreachable { peer, reason, .. }) => {
+            let reason = reason.to_string();
             assert_eq!(peer, relayed.id());
             assert!(reason.contains("--no-relay"), "{reason}");
         }

@@ -1,15 +1,14 @@
 //! File transfer between two in-process nodes on loopback.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use qpeer_node::progress::{Progress, ProgressMode};
 use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver};
 use qpeer_node::transfer::scan::scan;
 use qpeer_node::transfer::send::{send, SendReport};
 use qpeer_node::transfer::TransferError;
+use qpeer_node::Events;
 use qpeer_tests::{node, TestNode, TestTracker};
 use qpeer_wire::io::{write_frame, FrameReader};
 use qpeer_wire::peer::StreamKind;
@@ -23,7 +22,8 @@ async fn receiver(
     policy: AcceptPolicy,
 ) -> Result<(TestNode, tokio::task::JoinHandle<()>)> {
     let node = node(tracker).await?;
-    let receiver = Receiver::new(ReceiveConfig { out: Some(out.to_path_buf()), policy, console: false });
+    let receiver =
+        Receiver::new(ReceiveConfig { out: Some(out.to_path_buf()), policy, events: Events::new() });
     let accepting = node.node.accept_handle();
     let task = tokio::spawn(async move {
         while let Some(conn) = accepting.accept().await {
@@ -40,8 +40,7 @@ async fn send_paths(
 ) -> Result<SendReport, TransferError> {
     let plan = tokio::task::spawn_blocking(move || scan(&paths)).await.expect("scan task")?;
     let conn = from.connect(to).await?;
-    let progress = Arc::new(Progress::new(ProgressMode::Quiet, "test", plan.total_bytes));
-    send(&conn, plan, progress).await
+    send(&conn, plan, &Events::new()).await
 }
 
 fn allow(id: qpeer_certs::NodeId) -> AcceptPolicy {
@@ -113,7 +112,7 @@ async fn a_transfer_killed_halfway_resumes_and_completes() -> Result<()> {
         async move {
             let paths = vec![file];
             let plan = tokio::task::spawn_blocking(move || scan(&paths)).await.expect("scan")?;
-            send(&conn, plan, Arc::new(Progress::new(ProgressMode::Quiet, "t", size))).await
+            send(&conn, plan, &Events::new()).await
         }
     });
     // Kill the sender when the receiver holds about half.
@@ -257,8 +256,7 @@ async fn a_file_that_changes_while_it_is_sent_is_reported_not_delivered() -> Res
         f.write_all(b"one more line\n")?;
     }
     let conn = sender.connect(recv.id()).await?;
-    let progress = Arc::new(Progress::new(ProgressMode::Quiet, "test", plan.total_bytes));
-    match send(&conn, plan, progress).await {
+    match send(&conn, plan, &Events::new()).await {
         Err(TransferError::FilesFailed { failures, .. }) => {
             assert!(failures[0].1.contains("changed while it was sent"), "{failures:?}")
         }

@@ -17,7 +17,7 @@ pub struct TrackerAddr {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum TrackerAddrError {
     #[error("tracker address {0:?} has no port: expected [NODEID@]HOST:PORT")]
     MissingPort(String),
@@ -27,8 +27,10 @@ pub enum TrackerAddrError {
     EmptyHost(String),
     #[error("tracker id in {text:?} is invalid: {source}")]
     BadNodeId { text: String, source: NodeIdParseError },
-    #[error("cannot resolve tracker host {host:?}: {reason}")]
-    Resolve { host: String, reason: String },
+    #[error("cannot resolve tracker host {host:?}: {source}")]
+    Resolve { host: String, source: std::io::Error },
+    #[error("tracker host {host:?} has no addresses")]
+    NoAddresses { host: String },
 }
 
 impl FromStr for TrackerAddr {
@@ -76,17 +78,16 @@ impl TrackerAddr {
 
     /// Resolves the host to socket addresses, preferring IPv4 (IPv6 only when nothing else).
     pub async fn resolve(&self) -> Result<SocketAddr, TrackerAddrError> {
-        let resolve_err = |reason: String| TrackerAddrError::Resolve { host: self.host.clone(), reason };
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| resolve_err(e.to_string()))?
+            .map_err(|source| TrackerAddrError::Resolve { host: self.host.clone(), source })?
             .collect();
         addrs
             .iter()
             .find(|a| a.is_ipv4())
             .or_else(|| addrs.first())
             .copied()
-            .ok_or_else(|| resolve_err("no addresses".into()))
+            .ok_or_else(|| TrackerAddrError::NoAddresses { host: self.host.clone() })
     }
 }
 

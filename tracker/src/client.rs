@@ -4,20 +4,20 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use qpeer_certs::{peer_node_id, Identity, NodeId, ServerTrust};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::{CancellationToken, DropGuard};
-use tokio_util::task::TaskTracker;
-
 use qpeer_wire::close_code;
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::tracker::{
     ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
     PROTOCOL_VERSION,
 };
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 /// How long a request waits for the tracker's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,8 +38,10 @@ pub enum ClientError {
     Stream(#[from] StreamError),
     #[error("the tracker's certificate is not a qpeer identity: {0}")]
     TrackerIdentity(#[from] qpeer_certs::PeerCertError),
-    #[error("the tracker broke the protocol: {0}")]
-    Protocol(String),
+    #[error("the tracker broke the protocol: expected {expected}, got {got:?}")]
+    UnexpectedFrame { expected: &'static str, got: Box<ServerFrame> },
+    #[error("the tracker speaks protocol version {tracker}; this node speaks {PROTOCOL_VERSION}")]
+    UnsupportedVersion { tracker: u16 },
     #[error("node {0} is not registered with the tracker")]
     NotFound(NodeId),
     #[error("the tracker refused the request ({kind:?}): {message}")]
@@ -123,10 +125,6 @@ impl std::fmt::Debug for TrackerClient {
     }
 }
 
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ServerFrame>>> {
-    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl TrackerClient {
     /// Connects from `endpoint` to the tracker at `addr`, registers, and returns the client with
     /// the stream of introductions the tracker sends us.
@@ -205,12 +203,10 @@ impl TrackerClient {
             }
             Ok(Some(ServerFrame::Registered { version, .. })) => {
                 connection.close(close_code::UNSUPPORTED_VERSION.into(), b"unsupported protocol version");
-                return Err(ClientError::Protocol(format!(
-                    "the tracker speaks protocol version {version}; this node speaks {PROTOCOL_VERSION}"
-                )));
+                return Err(ClientError::UnsupportedVersion { tracker: version });
             }
             Ok(Some(other)) => {
-                return Err(ClientError::Protocol(format!("expected Registered, got {other:?}")))
+                return Err(ClientError::UnexpectedFrame { expected: "Registered", got: Box::new(other) })
             }
             Ok(None) | Err(StreamError::Read(_)) => {
                 // The tracker closed us; report its reason.
@@ -244,7 +240,7 @@ impl TrackerClient {
 
     /// The address the tracker sees us at (our public NAT mapping).
     pub fn observed_addr(&self) -> SocketAddr {
-        *self.observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self.observed.lock()
     }
 
     /// The tracker's NodeId (`None` when it was verified by a CA instead).
@@ -270,17 +266,17 @@ impl TrackerClient {
     async fn request(&self, build: impl FnOnce(u64) -> ClientFrame) -> Result<ServerFrame, ClientError> {
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(request_id, tx);
+        self.pending.lock().insert(request_id, tx);
         let sent = {
             let mut send = self.send.lock().await;
             write_frame(&mut *send, &build(request_id), MAX_FRAME_LEN).await
         };
         if let Err(e) = sent {
-            lock(&self.pending).remove(&request_id);
+            self.pending.lock().remove(&request_id);
             return Err(e.into());
         }
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, rx).await;
-        lock(&self.pending).remove(&request_id);
+        self.pending.lock().remove(&request_id);
         match answer {
             Err(_) => Err(ClientError::Timeout(REQUEST_TIMEOUT)),
             Ok(Err(_)) => Err(self
@@ -301,7 +297,7 @@ impl TrackerClient {
     ) -> Result<(Vec<PeerInfo>, Option<NodeId>), ClientError> {
         match self.request(|request_id| ClientFrame::ListPeers { request_id, after, limit }).await? {
             ServerFrame::Peers { peers, next, .. } => Ok((peers, next)),
-            other => Err(ClientError::Protocol(format!("expected Peers, got {other:?}"))),
+            other => Err(ClientError::UnexpectedFrame { expected: "Peers", got: Box::new(other) }),
         }
     }
 
@@ -325,7 +321,7 @@ impl TrackerClient {
         match self.request(|request_id| ClientFrame::RelayRequest { request_id, peer }).await? {
             ServerFrame::RelayAccepted { .. } => Ok(()),
             ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
-            other => Err(ClientError::Protocol(format!("expected RelayAccepted, got {other:?}"))),
+            other => Err(ClientError::UnexpectedFrame { expected: "RelayAccepted", got: Box::new(other) }),
         }
     }
 
@@ -344,7 +340,7 @@ impl TrackerClient {
                 Ok(Introduction { peer, addrs, incarnation, requested: true })
             }
             ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
-            other => Err(ClientError::Protocol(format!("expected Introduction, got {other:?}"))),
+            other => Err(ClientError::UnexpectedFrame { expected: "Introduction", got: Box::new(other) }),
         }
     }
 }
@@ -405,10 +401,7 @@ async fn read_frames(
             | ServerFrame::Error { request_id, .. }
             | ServerFrame::RelayAccepted { request_id } => *request_id,
             ServerFrame::Observed { observed: now } => {
-                let was = std::mem::replace(
-                    &mut *observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
-                    *now,
-                );
+                let was = std::mem::replace(&mut *observed.lock(), *now);
                 if events.try_send(TrackerEvent::Observed { observed: *now, was }).is_err() {
                     tracing::warn!("dropping an address change notice: the node is not keeping up");
                 }
@@ -419,7 +412,7 @@ async fn read_frames(
                 return;
             }
         };
-        if let Some(waiter) = lock(&pending).remove(&request_id) {
+        if let Some(waiter) = pending.lock().remove(&request_id) {
             let _ = waiter.send(frame);
         }
     }

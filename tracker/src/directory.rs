@@ -1,132 +1,58 @@
-//! The directory of registered nodes and the per-node / per-address limits. Pure state; the
-//! server holds it behind a mutex and never awaits while holding it.
+//! The directory of registered nodes: their addresses, names and registration times. Pure
+//! state (no connections, no channels, the time passed in), so it is tested without a network.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Bound;
-use std::time::{Duration, Instant};
 
 use qpeer_certs::NodeId;
-use tokio::sync::mpsc;
+use qpeer_wire::canonical;
+use qpeer_wire::tracker::{PeerAddrs, PeerInfo};
 
-use qpeer_wire::tracker::{PeerAddrs, PeerInfo, ServerFrame};
-
-/// A token bucket: `rate` tokens per second, holding at most `burst`.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
-        Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
-            refilled: now,
-        }
-    }
-
-    /// Takes one token if available.
-    pub fn try_take(&mut self, now: Instant) -> bool {
-        self.try_take_n(1, now)
-    }
-
-    /// Takes `n` tokens if available.
-    pub fn try_take_n(&mut self, n: u64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.refilled = now;
-        let n = n as f64;
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// One registered node.
-#[derive(Debug)]
-pub struct Entry {
+/// What the directory knows of one registered node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
     /// Which connection registered it (a newer registration replaces an older one).
     pub connection_id: u64,
-    pub connection: quinn::Connection,
     pub addrs: PeerAddrs,
     /// The node process's incarnation, passed to peers in introductions.
     pub incarnation: u64,
     pub name: Option<String>,
+    /// Seconds since the Unix epoch.
     pub registered_at: u64,
-    /// Frames for this node's control stream. Boxed: a channel allocates its first block of
-    /// 32 slots up front, and 32 boxes cost far less per idle node than 32 frames.
-    pub outbox: mpsc::Sender<Box<ServerFrame>>,
-    pub introductions: TokenBucket,
-    /// Relay: the queue of frames for this node's relay stream, once a link needs it.
-    pub relay_out: Option<mpsc::Sender<bytes::Bytes>>,
-    /// Relay limits on what this node sends.
-    pub relay_bytes: TokenBucket,
-    pub relay_packets: TokenBucket,
 }
 
-/// A relay link between two nodes that both asked for it.
-#[derive(Debug, Clone)]
-pub struct Link {
-    pub a: NodeId,
-    pub b: NodeId,
-    /// Bytes forwarded from a to b, and from b to a.
-    pub bytes_ab: u64,
-    pub bytes_ba: u64,
-}
-
-impl Link {
-    /// The other end, if `from` is an end.
-    pub fn other(&self, from: &NodeId) -> Option<NodeId> {
-        if *from == self.a {
-            Some(self.b)
-        } else if *from == self.b {
-            Some(self.a)
-        } else {
-            None
-        }
-    }
-}
-
-/// An unordered pair of nodes.
-pub fn pair(x: NodeId, y: NodeId) -> (NodeId, NodeId) {
-    if x < y {
-        (x, y)
-    } else {
-        (y, x)
+impl Listing {
+    /// A listing for a node seen at `observed`: its candidates are kept only where
+    /// [`plausible_candidate`] allows, in canonical form.
+    pub fn new(
+        connection_id: u64,
+        observed: SocketAddr,
+        candidates: Vec<SocketAddr>,
+        incarnation: u64,
+        name: Option<String>,
+        registered_at: u64,
+    ) -> Self {
+        let observed = canonical(observed);
+        let candidates = plausible_candidates(candidates, observed);
+        Self { connection_id, addrs: PeerAddrs { observed, candidates }, incarnation, name, registered_at }
     }
 }
 
 /// Result of [`Directory::register`].
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum RegisterOutcome {
     Registered,
     /// The node was registered over another connection, which the caller must close.
-    Replaced(Box<Entry>),
+    Replaced(Box<Listing>),
     /// The directory is full.
     Full,
 }
 
-/// Registered nodes by NodeId, and open connections by source IP.
+/// Registered nodes by NodeId, ordered so that listing pages through them.
 #[derive(Debug, Default)]
 pub struct Directory {
-    nodes: BTreeMap<NodeId, Entry>,
-    connections_per_ip: HashMap<IpAddr, usize>,
-    /// When each pair was last introduced (relays need a recent introduction).
-    pub introduced: HashMap<(NodeId, NodeId), Instant>,
-    /// Relay requests: (from, to) → when.
-    pub relay_requests: HashMap<(NodeId, NodeId), Instant>,
-    /// Open relay links by id, and by pair.
-    pub links: HashMap<u32, Link>,
-    pub pair_links: HashMap<(NodeId, NodeId), u32>,
-    next_link: u32,
+    nodes: BTreeMap<NodeId, Listing>,
 }
 
 impl Directory {
@@ -138,68 +64,49 @@ impl Directory {
         self.nodes.is_empty()
     }
 
-    pub fn register(&mut self, node_id: NodeId, entry: Entry, max_nodes: usize) -> RegisterOutcome {
+    pub fn get(&self, node_id: &NodeId) -> Option<&Listing> {
+        self.nodes.get(node_id)
+    }
+
+    /// Enters `node_id`, replacing an older registration of it; a new node is refused once
+    /// `max_nodes` are registered.
+    pub fn register(&mut self, node_id: NodeId, listing: Listing, max_nodes: usize) -> RegisterOutcome {
         if !self.nodes.contains_key(&node_id) && self.nodes.len() >= max_nodes {
             return RegisterOutcome::Full;
         }
-        match self.nodes.insert(node_id, entry) {
+        match self.nodes.insert(node_id, listing) {
             Some(old) => RegisterOutcome::Replaced(Box::new(old)),
             None => RegisterOutcome::Registered,
         }
     }
 
-    /// Removes `node_id` (and its relay links, returned) if it is still registered by
-    /// `connection_id`.
-    pub fn remove(&mut self, node_id: &NodeId, connection_id: u64) -> Option<Vec<(u32, Link)>> {
-        if self.nodes.get(node_id).is_none_or(|e| e.connection_id != connection_id) {
-            return None;
+    /// Removes `node_id` if it is still registered by `connection_id`; true when it was.
+    pub fn remove(&mut self, node_id: &NodeId, connection_id: u64) -> bool {
+        if self.registered_by(node_id, connection_id).is_none() {
+            return false;
         }
         self.nodes.remove(node_id);
-        self.relay_requests.retain(|(from, to), _| from != node_id && to != node_id);
-        self.introduced.retain(|(x, y), _| x != node_id && y != node_id);
-        let ids: Vec<u32> =
-            self.links.iter().filter(|(_, l)| l.other(node_id).is_some()).map(|(id, _)| *id).collect();
-        let mut closed = Vec::new();
-        for id in ids {
-            if let Some(link) = self.links.remove(&id) {
-                self.pair_links.remove(&pair(link.a, link.b));
-                closed.push((id, link));
-            }
+        true
+    }
+
+    /// Replaces the candidates of `node_id` (it moved to another network), if it is still
+    /// registered by `connection_id`.
+    pub fn update_candidates(&mut self, node_id: &NodeId, connection_id: u64, candidates: Vec<SocketAddr>) {
+        if let Some(listing) = self.registered_by(node_id, connection_id) {
+            listing.addrs.candidates = plausible_candidates(candidates, listing.addrs.observed);
         }
-        Some(closed)
     }
 
-    /// Opens (or returns the existing) link between `x` and `y`. Returns (id, newly opened).
-    pub fn open_link(&mut self, x: NodeId, y: NodeId) -> (u32, bool) {
-        let key = pair(x, y);
-        if let Some(id) = self.pair_links.get(&key) {
-            return (*id, false);
-        }
-        // Link ids stay below 2^24 (nodes map them into 240.0.0.0/8) and are never 0.
-        loop {
-            self.next_link = (self.next_link % 0x00ff_ffff) + 1;
-            if !self.links.contains_key(&self.next_link) {
-                break;
-            }
-        }
-        let id = self.next_link;
-        self.links.insert(id, Link { a: key.0, b: key.1, bytes_ab: 0, bytes_ba: 0 });
-        self.pair_links.insert(key, id);
-        (id, true)
-    }
-
-    /// Forgets introductions and relay requests older than `window`.
-    pub fn expire(&mut self, now: Instant, window: Duration) {
-        self.introduced.retain(|_, at| now.saturating_duration_since(*at) < window);
-        self.relay_requests.retain(|_, at| now.saturating_duration_since(*at) < window);
-    }
-
-    pub fn get(&self, node_id: &NodeId) -> Option<&Entry> {
-        self.nodes.get(node_id)
-    }
-
-    pub fn get_mut(&mut self, node_id: &NodeId) -> Option<&mut Entry> {
-        self.nodes.get_mut(node_id)
+    /// Records that the connection of `node_id` now arrives from `observed` (its NAT rebound,
+    /// or it moved), if it is still registered by `connection_id`; true when it is. Candidates
+    /// that were plausible only for the old address are dropped.
+    pub fn migrate(&mut self, node_id: &NodeId, connection_id: u64, observed: SocketAddr) -> bool {
+        let Some(listing) = self.registered_by(node_id, connection_id) else { return false };
+        let observed = canonical(observed);
+        listing.addrs.observed = observed;
+        let candidates = std::mem::take(&mut listing.addrs.candidates);
+        listing.addrs.candidates = plausible_candidates(candidates, observed);
+        true
     }
 
     /// A page of up to `limit` nodes after `after`, and the cursor of the next page.
@@ -212,64 +119,141 @@ impl Directory {
         let peers: Vec<PeerInfo> = iter
             .by_ref()
             .take(limit)
-            .map(|(id, e)| PeerInfo { node_id: *id, name: e.name.clone(), registered_at: e.registered_at })
+            .map(|(id, l)| PeerInfo { node_id: *id, name: l.name.clone(), registered_at: l.registered_at })
             .collect();
         let next = if iter.next().is_some() { peers.last().map(|p| p.node_id) } else { None };
         (peers, next)
     }
 
-    /// Counts a new connection from `ip`; false (and nothing counted) past `max`.
-    pub fn open_connection(&mut self, ip: IpAddr, max: usize) -> bool {
-        let count = self.connections_per_ip.entry(ip).or_insert(0);
-        if *count >= max {
-            return false;
-        }
-        *count += 1;
-        true
-    }
-
-    pub fn close_connection(&mut self, ip: IpAddr) {
-        if let Some(count) = self.connections_per_ip.get_mut(&ip) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.connections_per_ip.remove(&ip);
-            }
-        }
+    fn registered_by(&mut self, node_id: &NodeId, connection_id: u64) -> Option<&mut Listing> {
+        self.nodes.get_mut(node_id).filter(|l| l.connection_id == connection_id)
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+/// The candidates worth passing to peers, canonical. Only addresses a peer could
+/// legitimately reach the node at pass: anything else would let a node aim other nodes'
+/// punch packets and handshakes at a third party.
+pub fn plausible_candidates(candidates: Vec<SocketAddr>, observed: SocketAddr) -> Vec<SocketAddr> {
+    candidates.into_iter().map(canonical).filter(|c| plausible_candidate(*c, observed)).collect()
 }
 
-/// Strips the IPv4-mapped IPv6 form so addresses read as users expect.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+/// True for a candidate address worth passing to peers: the observed IP, or a private,
+/// carrier-NAT, loopback, link-local or unique-local address, with a real port.
+pub fn plausible_candidate(candidate: SocketAddr, observed: SocketAddr) -> bool {
+    if candidate.port() == 0 {
+        return false;
+    }
+    match candidate.ip() {
+        ip if ip == observed.ip() => true,
+        IpAddr::V4(v4) => {
+            let carrier_nat = v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64;
+            v4.is_private() || v4.is_loopback() || v4.is_link_local() || carrier_nat
+        }
+        IpAddr::V6(v6) => {
+            let unique_local = (v6.segments()[0] & 0xfe00) == 0xfc00;
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            v6.is_loopback() || unique_local || link_local
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn token_bucket_allows_burst_then_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(2, 3, start);
-        assert!((0..3).all(|_| bucket.try_take(start)));
-        assert!(!bucket.try_take(start));
-        assert!(bucket.try_take(start + Duration::from_millis(500)));
-        assert!(!bucket.try_take(start + Duration::from_millis(500)));
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("addr")
+    }
+
+    fn node(byte: u8) -> NodeId {
+        NodeId::from_bytes([byte; 32])
+    }
+
+    fn listing(connection_id: u64, observed: &str, candidates: &[&str]) -> Listing {
+        Listing::new(
+            connection_id,
+            addr(observed),
+            candidates.iter().map(|c| addr(c)).collect(),
+            7,
+            None,
+            100,
+        )
     }
 
     #[test]
-    fn per_ip_counter_caps_and_releases() {
+    fn only_local_or_own_public_candidates_pass() {
+        let observed = addr("198.51.100.7:4000");
+        for ok in [
+            "10.1.1.2:4000",
+            "192.168.0.9:1",
+            "172.16.3.3:9",
+            "100.64.1.2:5",
+            "127.0.0.1:7",
+            "198.51.100.7:4001",
+            "[fd00::1]:3",
+            "[fe80::1]:3",
+        ] {
+            assert!(plausible_candidate(addr(ok), observed), "{ok}");
+        }
+        for bad in ["203.0.113.9:4000", "8.8.8.8:53", "10.0.0.1:0", "[2001:db8::1]:3", "100.128.0.1:5"] {
+            assert!(!plausible_candidate(addr(bad), observed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listings_are_canonical_and_filtered() {
+        let l = listing(1, "[::ffff:198.51.100.7]:4000", &["[::ffff:10.0.0.2]:5", "8.8.8.8:53"]);
+        assert_eq!(l.addrs.observed, addr("198.51.100.7:4000"));
+        assert_eq!(l.addrs.candidates, vec![addr("10.0.0.2:5")]);
+    }
+
+    #[test]
+    fn a_newer_registration_replaces_and_only_it_removes() {
         let mut dir = Directory::default();
-        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
-        assert!(dir.open_connection(ip, 2));
-        assert!(dir.open_connection(ip, 2));
-        assert!(!dir.open_connection(ip, 2));
-        dir.close_connection(ip);
-        assert!(dir.open_connection(ip, 2));
+        assert_eq!(dir.register(node(1), listing(1, "198.51.100.7:1", &[]), 10), RegisterOutcome::Registered);
+        let outcome = dir.register(node(1), listing(2, "198.51.100.8:1", &[]), 10);
+        assert!(matches!(outcome, RegisterOutcome::Replaced(old) if old.connection_id == 1));
+        assert!(!dir.remove(&node(1), 1), "the replaced connection leaves its successor registered");
+        assert_eq!(dir.len(), 1);
+        assert!(dir.remove(&node(1), 2));
+        assert!(dir.is_empty());
+    }
+
+    #[test]
+    fn a_full_directory_refuses_newcomers_but_not_re_registrations() {
+        let mut dir = Directory::default();
+        dir.register(node(1), listing(1, "198.51.100.7:1", &[]), 1);
+        assert_eq!(dir.register(node(2), listing(2, "198.51.100.7:2", &[]), 1), RegisterOutcome::Full);
+        assert!(matches!(
+            dir.register(node(1), listing(3, "198.51.100.7:3", &[]), 1),
+            RegisterOutcome::Replaced(_)
+        ));
+    }
+
+    #[test]
+    fn migration_moves_the_observed_address_and_drops_stale_candidates() {
+        let mut dir = Directory::default();
+        dir.register(node(1), listing(1, "198.51.100.7:1", &["198.51.100.7:2", "10.0.0.1:2"]), 10);
+        assert!(!dir.migrate(&node(1), 9, addr("203.0.113.1:1")), "another connection cannot move it");
+        assert!(dir.migrate(&node(1), 1, addr("203.0.113.1:1")));
+        let moved = dir.get(&node(1)).expect("listed");
+        assert_eq!(moved.addrs.observed, addr("203.0.113.1:1"));
+        assert_eq!(moved.addrs.candidates, vec![addr("10.0.0.1:2")]);
+        dir.update_candidates(&node(1), 1, vec![addr("203.0.113.1:9"), addr("8.8.8.8:1")]);
+        assert_eq!(dir.get(&node(1)).expect("listed").addrs.candidates, vec![addr("203.0.113.1:9")]);
+    }
+
+    #[test]
+    fn pages_are_ordered_and_end_with_no_cursor() {
+        let mut dir = Directory::default();
+        for byte in 1..=5 {
+            dir.register(node(byte), listing(u64::from(byte), "198.51.100.7:1", &[]), 10);
+        }
+        let (first, next) = dir.page(None, 2);
+        assert_eq!(first.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![node(1), node(2)]);
+        assert_eq!(next, Some(node(2)));
+        let (last, next) = dir.page(Some(node(4)), 2);
+        assert_eq!(last.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![node(5)]);
+        assert_eq!(next, None);
     }
 }

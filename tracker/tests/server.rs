@@ -7,8 +7,8 @@ use std::time::Duration;
 use qpeer_certs::config::PINNED_SERVER_NAME;
 use qpeer_certs::{Identity, ServerTrust};
 use qpeer_tracker::client::{Introduction, RegisterInfo};
-use qpeer_tracker::TrackerEvent;
 use qpeer_tracker::{ClientError, Limits, Tracker, TrackerClient, TrackerConfig};
+use qpeer_tracker::{ServerEvents, TrackerEvent};
 use qpeer_wire::close_code;
 use qpeer_wire::tracker::{ErrorKind, ALPN};
 use tokio::sync::{mpsc, oneshot};
@@ -339,22 +339,131 @@ async fn introduction_rate_limit_returns_a_typed_error() {
     tracker.stop().await;
 }
 
+/// True when the handshake was refused before TLS (`Incoming::refuse`).
+fn refused_before_tls(err: &ClientError) -> bool {
+    matches!(
+        err,
+        ClientError::Connection(quinn::ConnectionError::ConnectionClosed(close))
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    )
+}
+
 #[tokio::test]
-async fn connections_per_ip_limit_closes_the_extra_connection() {
+async fn connections_per_ip_limit_refuses_the_extra_connection_before_tls() {
     let limits = Limits { max_connections_per_ip: 2, ..Limits::default() };
     let tracker = RunningTracker::start(limits).await;
     let a = node(&tracker).await;
-    let _b = node(&tracker).await;
+    let b = node(&tracker).await;
     let err = register(&tracker, Identity::generate().expect("identity"))
         .await
         .expect_err("third connection from 127.0.0.1 must be refused");
-    let closed = match err {
-        ClientError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => close.error_code,
-        other => panic!("unexpected {other:?}"),
-    };
-    assert_eq!(closed, close_code::TOO_MANY_CONNECTIONS.into());
+    assert!(refused_before_tls(&err), "unexpected {err:?}");
     assert_eq!(a.client.list_all().await.expect("list").len(), 2);
+    // A slot frees when its connection ends.
+    b.client.close().await;
+    let _c = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match register(&tracker, Identity::generate().expect("identity")).await {
+                Ok(node) => return node,
+                Err(e) if refused_before_tls(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a freed slot admits a new connection");
     tracker.stop().await;
+}
+
+/// Sends a real QUIC Initial from `socket` to the tracker and never answers what comes
+/// back: the connection stays in its handshake on the tracker's side.
+async fn start_a_handshake_and_go_silent(socket: &tokio::net::UdpSocket, tracker: &RunningTracker) {
+    let config = qpeer_certs::client_config(
+        &Identity::generate().expect("identity"),
+        &ServerTrust::Pinned(tracker.id),
+        &[ALPN],
+    )
+    .expect("config");
+    let mut endpoint =
+        quinn_proto::Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), None, false, None);
+    let now = std::time::Instant::now();
+    let (_, mut conn) = endpoint.connect(now, config, tracker.addr, PINNED_SERVER_NAME).expect("connect");
+    let mut datagram = Vec::new();
+    let transmit = conn.poll_transmit(now, 1, &mut datagram).expect("an Initial to send");
+    socket.send_to(&datagram[..transmit.size], tracker.addr).await.expect("send the Initial");
+}
+
+#[tokio::test]
+async fn a_connection_in_its_handshake_counts_against_its_address() {
+    let limits = Limits { max_connections_per_ip: 1, ..Limits::default() };
+    let tracker = RunningTracker::start(limits).await;
+    let silent = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("socket");
+    start_a_handshake_and_go_silent(&silent, &tracker).await;
+    // The tracker answers the Initial and waits for the rest of the handshake.
+    let mut answer = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(5), silent.recv(&mut answer))
+        .await
+        .expect("the tracker answers the Initial")
+        .expect("recv");
+    let err = register(&tracker, Identity::generate().expect("identity"))
+        .await
+        .expect_err("the address already has a connection (in its handshake)");
+    assert!(refused_before_tls(&err), "unexpected {err:?}");
+    tracker.stop().await;
+}
+
+async fn next_line(events: &mut ServerEvents) -> String {
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event within 5 s")
+        .expect("events flow while the tracker runs");
+    event.to_string()
+}
+
+#[tokio::test]
+async fn console_events_arrive_in_order_only_when_asked_for() {
+    let identity = Arc::new(Identity::generate().expect("identity"));
+    let mut quiet =
+        Tracker::bind(TrackerConfig::new((Ipv4Addr::LOCALHOST, 0).into(), identity.clone())).expect("bind");
+    assert!(quiet.events().is_none(), "no console, no events");
+    drop(quiet);
+
+    let mut config = TrackerConfig::new((Ipv4Addr::LOCALHOST, 0).into(), identity);
+    config.console = true;
+    let mut tracker = Tracker::bind(config).expect("bind");
+    let mut events = tracker.events().expect("console events");
+    assert!(tracker.events().is_none(), "taken once");
+    let (addr, id, tracker_string) = (tracker.local_addr(), tracker.node_id(), tracker.tracker_string());
+    let stats = tracker.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(tracker.run(async {
+        let _ = stopped.await;
+    }));
+    let running = RunningTracker { stats, addr, id, stop: Some(stop), task };
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        lines.push(next_line(&mut events).await);
+    }
+    assert_eq!(
+        lines,
+        [
+            "[STARTING] tracker server is starting...".to_string(),
+            format!("[LISTENING] Server is listening on {addr}"),
+            format!("[TRACKER] {tracker_string}"),
+        ]
+    );
+    let a = node(&running).await;
+    let short = a.identity.node_id().short();
+    let local = a.endpoint.local_addr().expect("addr");
+    assert_eq!(
+        next_line(&mut events).await,
+        format!("[NEW CONNECTION] {local} connected. node {short}\n[ACTIVE CONNECTIONS] 1")
+    );
+    a.client.close().await;
+    let gone = next_line(&mut events).await;
+    assert!(gone.starts_with(&format!("[DISCONNECTED] {local} node {short} (")), "{gone}");
+    assert!(gone.ends_with(")\n[ACTIVE CONNECTIONS] 0"), "{gone}");
+    running.stop().await;
 }
 
 #[tokio::test]

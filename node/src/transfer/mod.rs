@@ -5,6 +5,8 @@
 //! - [`send`]: [`send::send`] over a [`PeerConnection`](crate::PeerConnection).
 //! - [`receive`]: [`receive::Receiver`], serving a listener's connections.
 //! - [`part`]: writing a `.part` file, with direct I/O where the filesystem allows it.
+//! - [`event`]: [`TransferEvent`]s, what both sides report on the node's
+//!   [`Events`](crate::Events) (offers, files, progress, results); the library prints nothing.
 //!
 //! Rules (docs/PROTOCOL.md): a file is written to `<name>.part`, checked against the BLAKE3
 //! hash the sender sends after the data (it hashes the bytes as it reads them, so each file is
@@ -22,10 +24,13 @@ pub mod scan;
 pub mod send;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-pub use event::TransferEvent;
+pub use event::{Direction, TransferEvent, TransferProgress};
 
 use qpeer_certs::NodeId;
+use qpeer_wire::io::StreamError;
+use qpeer_wire::transfer::{ControlFrame, FileReply, MAX_ENTRIES};
 
 /// Bytes per read from a file or stream.
 pub(crate) const CHUNK: usize = 256 * 1024;
@@ -35,20 +40,87 @@ pub(crate) const CHUNK: usize = 256 * 1024;
 pub enum TransferError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("cannot send {}: {reason}", path.display())]
-    BadSource { path: PathBuf, reason: String },
+    #[error("cannot send {}: {problem}", path.display())]
+    BadSource { path: PathBuf, problem: SourceProblem },
     #[error(transparent)]
     Node(#[from] crate::NodeError),
+    /// The receiver refused the offer or a file, in its words.
     #[error("the receiver refused the transfer: {0}")]
     Rejected(String),
+    /// The receiver could not write a file, in its words.
     #[error("the receiver could not store the file: {0}")]
     ReceiverFailed(String),
+    /// Some files were not verified: (offered path, why) for each.
     #[error("{} of {} files failed:\n{}", failures.len(), total, failures.iter().map(|(p, r)| format!("  {p}: {r}")).collect::<Vec<_>>().join("\n"))]
     FilesFailed { total: usize, failures: Vec<(String, String)> },
-    #[error("peer {peer} broke the transfer protocol: {message}")]
-    Protocol { peer: NodeId, message: String },
-    #[error("the connection to {peer} was lost: {message}")]
-    Lost { peer: NodeId, message: String },
+    #[error("peer {peer} broke the transfer protocol: {violation}")]
+    Protocol { peer: NodeId, violation: ProtocolViolation },
+    #[error("the connection to {peer} was lost: {cause}")]
+    Lost { peer: NodeId, cause: LinkLoss },
+    #[error("no answer from {peer} within {after:?}")]
+    Timeout { peer: NodeId, after: Duration },
+}
+
+/// Why a local file or directory cannot be (or was not) sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceProblem {
+    #[error("the name is not UTF-8")]
+    NameNotUtf8,
+    #[error("another argument is also named {0:?}; they would collide")]
+    NameCollision(String),
+    #[error("not a regular file or directory")]
+    NotFileOrDirectory,
+    #[error("{0} entries; at most {MAX_ENTRIES} per send")]
+    TooManyEntries(usize),
+    #[error("it is shorter than when it was offered; send it again")]
+    Shrank,
+    #[error("it changed while it was sent; send it again")]
+    Changed,
+    #[error("the reader thread failed: {0}")]
+    ReaderFailed(tokio::task::JoinError),
+    #[error("the receiver's copy did not verify twice (is the file changing while it is sent?)")]
+    VerifiedWrongTwice,
+}
+
+/// How the receiver broke the transfer protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolViolation {
+    #[error("expected {expected}, got {got:?}")]
+    UnexpectedFrame { expected: &'static str, got: UnexpectedFrame },
+    #[error("resume offset {offset} is past the end ({size})")]
+    ResumePastEnd { offset: u64, size: u64 },
+    #[error("confirmed a different hash")]
+    DifferentHash,
+    #[error(transparent)]
+    Frame(StreamError),
+}
+
+/// A frame that came where another was due.
+pub enum UnexpectedFrame {
+    Control(Box<ControlFrame>),
+    File(FileReply),
+}
+
+impl std::fmt::Debug for UnexpectedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Control(frame) => frame.fmt(f),
+            Self::File(reply) => reply.fmt(f),
+        }
+    }
+}
+
+/// Why the connection (or the stream on it) to the receiver stopped carrying the transfer.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkLoss {
+    #[error("the receiver closed the stream")]
+    StreamClosed,
     #[error("{0}")]
-    Timeout(String),
+    Read(std::io::Error),
+    #[error(transparent)]
+    Frame(StreamError),
+    #[error(transparent)]
+    Write(quinn::WriteError),
+    #[error(transparent)]
+    Permits(tokio::sync::AcquireError),
 }

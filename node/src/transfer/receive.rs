@@ -5,21 +5,24 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use qpeer_certs::NodeId;
-use qpeer_wire::io::{write_frame, FrameReader};
-use qpeer_wire::tracker::MAX_FRAME_LEN;
-
-use super::part::{AlignedBuf, PartWriter};
-use super::sanitize::{check_offer, part_path};
-use super::CHUNK;
-use crate::PeerConnection;
+use parking_lot::Mutex;
+use qpeer_certs::{NodeId, NodeIdParseError};
+use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::peer::StreamKind;
+use qpeer_wire::tracker::MAX_FRAME_LEN;
 use qpeer_wire::transfer::{
     ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, TransferId, MAX_ENTRIES, TRANSFER_VERSION,
 };
+
+use super::event::{Direction, ProgressCounter, TransferEvent};
+use super::part::{AlignedBuf, PartWriter};
+use super::sanitize::{check_offer, part_path, PathError};
+use super::{TransferError, CHUNK};
+use crate::events::Events;
+use crate::PeerConnection;
 
 /// Who may send files to this listener.
 #[derive(Debug, Clone)]
@@ -39,12 +42,21 @@ impl AcceptPolicy {
     }
 }
 
+/// An allowlist file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AllowlistError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}: {source}", path.display())]
+    BadId { path: PathBuf, line: usize, source: NodeIdParseError },
+}
+
 /// Reads an allowlist file: one NodeId per line, `#` comments. A missing file is empty.
-pub fn read_allowlist(path: &Path) -> Result<HashSet<NodeId>, String> {
+pub fn read_allowlist(path: &Path) -> Result<HashSet<NodeId>, AllowlistError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => return Err(AllowlistError::Read { path: path.to_path_buf(), source }),
     };
     let mut ids = HashSet::new();
     for (n, line) in text.lines().enumerate() {
@@ -52,43 +64,161 @@ pub fn read_allowlist(path: &Path) -> Result<HashSet<NodeId>, String> {
         if line.is_empty() {
             continue;
         }
-        let id = line.parse().map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let id = line.parse().map_err(|source| AllowlistError::BadId {
+            path: path.to_path_buf(),
+            line: n + 1,
+            source,
+        })?;
         ids.insert(id);
     }
     Ok(ids)
 }
 
-/// Where received files go and who may send them.
+/// Why an offer was refused. The sender is told its Display (in [`ControlFrame::Reject`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OfferRefusal {
+    #[error("transfer version {0} is not supported (this node: {TRANSFER_VERSION})")]
+    Version(u16),
+    #[error("{0} entries; at most {MAX_ENTRIES}")]
+    TooManyEntries(u32),
+    #[error("expected {expected}, got {got:?}")]
+    UnexpectedFrame { expected: &'static str, got: Box<ControlFrame> },
+    #[error("the stream ended before the offer")]
+    EndedBeforeOffer,
+    #[error("the stream ended inside the offer")]
+    EndedInsideOffer,
+    #[error("unreadable offer: {0}")]
+    Unreadable(StreamError),
+    #[error("the offer's entries exceed {MAX_OFFER_BYTES} bytes")]
+    TooLarge,
+    #[error("more entries than announced")]
+    MoreEntriesThanAnnounced,
+    #[error("{announced} entries announced, {sent} sent")]
+    CountMismatch { announced: usize, sent: usize },
+    #[error("the offer's total does not match its files")]
+    TotalMismatch,
+    #[error("this node is not receiving files (it runs without --out)")]
+    NotReceiving,
+    #[error(
+        "node {0} is not allowed to send files here; the receiver must add it with \
+         --accept-from {0} (or its allowlist file) or run with --accept-any"
+    )]
+    NotAllowed(NodeId),
+    #[error("unsafe offer: {0}")]
+    Unsafe(PathError),
+    #[error("cannot create {}: {source}", path.display())]
+    CreateDirectory { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a file was not taken or not stored. The sender is told its Display (in
+/// [`FileReply::Refused`] or [`FileReply::Failed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("unknown transfer")]
+    UnknownTransfer,
+    #[error("no file number {0} in this transfer")]
+    NoSuchFile(u32),
+    #[error("{} is being received by another transfer", .0.display())]
+    Busy(PathBuf),
+    #[error("receiver failure: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("cannot create the directory for {}: {source}", path.display())]
+    CreateDirectory { path: PathBuf, source: std::io::Error },
+    #[error("{} already exists with other content; it is not overwritten", .0.display())]
+    OtherContent(PathBuf),
+    #[error("{} already exists and is not a regular file", .0.display())]
+    NotRegular(PathBuf),
+    #[error("cannot check {}: {source}", path.display())]
+    Check { path: PathBuf, source: std::io::Error },
+    #[error("cannot check {}: {source}", path.display())]
+    Hash { path: PathBuf, source: Box<TransferError> },
+    #[error("{} exists and is not a regular file", .0.display())]
+    PartNotRegular(PathBuf),
+    #[error("cannot reset {}: {source}", part.display())]
+    ResetPart { part: PathBuf, source: std::io::Error },
+    #[error("cannot read {}: {source}", part.display())]
+    ReadPart { part: PathBuf, source: std::io::Error },
+    #[error("the stream closed")]
+    StreamClosed,
+    #[error("no hash for a file that exists here")]
+    NoHashForExisting,
+    #[error("the stream ended after {received} of {size} bytes; what arrived is kept for resume")]
+    StreamEnded { received: u64, size: u64 },
+    #[error("the transfer was interrupted ({0}); what arrived is kept for resume")]
+    Interrupted(quinn::ReadError),
+    #[error("the receiver's disk is full writing {}; the partial file is kept for resume", .0.display())]
+    DiskFull(PathBuf),
+    #[error("cannot write {}: {source}; the partial file is kept for resume", part.display())]
+    Write { part: PathBuf, source: std::io::Error },
+    #[error("the sender's hash did not follow the data in time")]
+    HashTimeout,
+    #[error("the stream did not end with the file's hash after its data; what arrived is kept for resume")]
+    NoHash,
+    #[error(
+        "{} appeared while receiving; it is not overwritten (the data stays in {})",
+        path.display(),
+        part.display()
+    )]
+    Appeared { path: PathBuf, part: PathBuf },
+    #[error("cannot move {} into place: {source}", part.display())]
+    MoveIntoPlace { part: PathBuf, source: std::io::Error },
+    #[error("cannot remove {}: {source}", part.display())]
+    RemovePart { part: PathBuf, source: std::io::Error },
+}
+
+impl FileError {
+    /// This file is not taken (the sender should not try it again as it is).
+    fn refused(self) -> FileReply {
+        FileReply::Refused { reason: self.to_string() }
+    }
+
+    /// Storing this file failed; what arrived is kept for a resume.
+    fn failed(self) -> FileReply {
+        FileReply::Failed { reason: self.to_string() }
+    }
+}
+
+/// Where received files go, who may send them, and where to report.
 #[derive(Debug, Clone)]
 pub struct ReceiveConfig {
     /// `None`: this node takes no files (offers are refused with a reason).
     pub out: Option<PathBuf>,
     pub policy: AcceptPolicy,
-    /// Print `[OFFER]`, `[RECEIVED]`, `[REJECTED]` lines.
-    pub console: bool,
+    /// Where offers, received files and progress are reported ([`TransferEvent`]s).
+    pub events: Events,
+}
+
+/// A transfer being received, as `qpeer status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveReceive {
+    pub transfer: TransferId,
+    pub peer: NodeId,
+    pub into: PathBuf,
+    pub files: usize,
+    pub bytes: u64,
+    pub verified_files: u32,
+    pub verified_bytes: u64,
 }
 
 /// One accepted offer.
-struct Session {
+struct AcceptedOffer {
     peer: NodeId,
     out: PathBuf,
     /// (relative path, size) per File entry, by file index.
     files: Vec<(PathBuf, u64)>,
+    /// Files and bytes verified so far.
     verified: Mutex<(u32, u64)>,
+    progress: ProgressCounter,
 }
 
 /// Serves transfers on a listener's peer connections.
 pub struct Receiver {
     config: ReceiveConfig,
-    sessions: Mutex<HashMap<TransferId, Arc<Session>>>,
+    offers: Mutex<HashMap<TransferId, Arc<AcceptedOffer>>>,
     /// Final paths being written right now (one writer per path).
     busy: Mutex<HashSet<PathBuf>>,
     /// Signalled when a path stops being busy.
     released: tokio::sync::Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,33 +234,34 @@ impl Receiver {
     pub fn new(config: ReceiveConfig) -> Arc<Self> {
         Arc::new(Self {
             config,
-            sessions: Mutex::default(),
+            offers: Mutex::default(),
             busy: Mutex::default(),
             released: tokio::sync::Notify::new(),
         })
     }
 
-    /// One line per transfer being received, for `qpeer status`.
-    pub fn active(&self) -> Vec<String> {
-        lock(&self.sessions)
-            .values()
-            .map(|s| {
-                let (files, bytes) = *lock(&s.verified);
-                let total: u64 = s.files.iter().map(|f| f.1).sum();
-                format!(
-                    "receiving from {}: {files}/{} files verified, {bytes}/{total} bytes, into {}",
-                    s.peer,
-                    s.files.len(),
-                    s.out.display()
-                )
+    /// The transfers being received right now.
+    pub fn active(&self) -> Vec<ActiveReceive> {
+        self.offers
+            .lock()
+            .iter()
+            .map(|(transfer, offer)| {
+                let (verified_files, verified_bytes) = *offer.verified.lock();
+                ActiveReceive {
+                    transfer: *transfer,
+                    peer: offer.peer,
+                    into: offer.out.clone(),
+                    files: offer.files.len(),
+                    bytes: offer.files.iter().map(|f| f.1).sum(),
+                    verified_files,
+                    verified_bytes,
+                }
             })
             .collect()
     }
 
-    fn say(&self, line: String) {
-        if self.config.console {
-            crate::progress::out_line(&line);
-        }
+    fn report(&self, event: TransferEvent) {
+        self.config.events.transfer(event);
     }
 
     /// Serves every transfer stream the peer opens until the connection closes.
@@ -157,73 +288,67 @@ impl Receiver {
     /// The control stream: offer → decision → … → Finish → Summary.
     async fn control(self: Arc<Self>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
         let mut reader = FrameReader::new(recv, MAX_FRAME_LEN, OFFER_TIMEOUT);
-        let (transfer_id, decision) = match self.read_offer(peer, &mut reader).await {
-            Ok(offer) => offer,
-            Err(reason) => {
-                self.say(format!("[REJECTED] transfer from {peer}: {reason}"));
+        let (transfer_id, offer) = match self.read_offer(peer, &mut reader).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                self.report(TransferEvent::Rejected { peer, reason: reason.clone() });
                 let _ = write_frame(&mut send, &ControlFrame::Reject { reason }, MAX_FRAME_LEN).await;
                 let _ = send.finish();
                 return;
             }
         };
-        let session = match decision {
-            Ok(session) => session,
-            Err(reason) => {
-                self.say(format!("[REJECTED] transfer from {peer}: {reason}"));
-                let _ = write_frame(&mut send, &ControlFrame::Reject { reason }, MAX_FRAME_LEN).await;
-                let _ = send.finish();
-                return;
-            }
-        };
-        lock(&self.sessions).insert(transfer_id, session.clone());
+        self.offers.lock().insert(transfer_id, offer.clone());
         if write_frame(&mut send, &ControlFrame::Accept, MAX_FRAME_LEN).await.is_err() {
-            lock(&self.sessions).remove(&transfer_id);
+            self.offers.lock().remove(&transfer_id);
+            self.report_end(transfer_id, &offer, false);
             return;
         }
         // Wait for Finish (or the stream / connection ending), then report.
         let finished = matches!(reader.next::<ControlFrame>().await, Ok(Some(ControlFrame::Finish)));
-        let (files, bytes) = *lock(&session.verified);
+        let (files, bytes) = *offer.verified.lock();
         if finished {
             let _ = write_frame(&mut send, &ControlFrame::Summary { files, bytes }, MAX_FRAME_LEN).await;
             let _ = send.finish();
         }
-        lock(&self.sessions).remove(&transfer_id);
+        self.offers.lock().remove(&transfer_id);
+        self.report_end(transfer_id, &offer, finished);
     }
 
-    /// Reads and judges an offer. Outer error: unreadable offer; inner: a refusal with reason.
+    fn report_end(&self, transfer: TransferId, offer: &AcceptedOffer, finished: bool) {
+        offer.progress.report();
+        let (files, bytes) = *offer.verified.lock();
+        self.report(TransferEvent::ReceiveEnded { transfer, peer: offer.peer, files, bytes, finished });
+    }
+
+    /// Reads and judges an offer.
     async fn read_offer(
         &self,
         peer: NodeId,
         reader: &mut FrameReader<quinn::RecvStream>,
-    ) -> Result<(TransferId, Result<Arc<Session>, String>), String> {
+    ) -> Result<(TransferId, Arc<AcceptedOffer>), OfferRefusal> {
         let (transfer_id, count, total_bytes) = match reader.next::<ControlFrame>().await {
             Ok(Some(ControlFrame::Offer { version, transfer_id, entries, total_bytes })) => {
                 if version != TRANSFER_VERSION {
-                    return Err(format!(
-                        "transfer version {version} is not supported (this node: {TRANSFER_VERSION})"
-                    ));
+                    return Err(OfferRefusal::Version(version));
                 }
                 if entries > MAX_ENTRIES {
-                    return Err(format!("{entries} entries; at most {MAX_ENTRIES}"));
+                    return Err(OfferRefusal::TooManyEntries(entries));
                 }
                 (transfer_id, entries as usize, total_bytes)
             }
-            Ok(Some(other)) => return Err(format!("expected an offer, got {other:?}")),
-            Ok(None) => return Err("the stream ended before the offer".into()),
-            Err(e) => return Err(format!("unreadable offer: {e}")),
+            Ok(Some(other)) => {
+                return Err(OfferRefusal::UnexpectedFrame { expected: "an offer", got: Box::new(other) })
+            }
+            Ok(None) => return Err(OfferRefusal::EndedBeforeOffer),
+            Err(e) => return Err(OfferRefusal::Unreadable(e)),
         };
         // Decide on consent before reading (and buffering) a possibly huge list of entries.
         let Some(out) = self.config.out.clone() else {
-            return Ok((transfer_id, Err("this node is not receiving files (it runs without --out)".into())));
+            return Err(OfferRefusal::NotReceiving);
         };
         if !self.config.policy.allows(&peer) {
-            return Ok((
-                transfer_id,
-                Err(format!(
-                    "node {peer} is not allowed to send files here; the receiver must add it with \
-                     --accept-from {peer} (or its allowlist file) or run with --accept-any"
-                )),
-            ));
+            return Err(OfferRefusal::NotAllowed(peer));
         }
         let mut offer_bytes = 0usize;
         let mut entries = Vec::with_capacity(count.min(4096));
@@ -232,21 +357,23 @@ impl Receiver {
                 Ok(Some(ControlFrame::Entries(batch))) => {
                     offer_bytes += batch.iter().map(|e| e.path.len() + 64).sum::<usize>();
                     if offer_bytes > MAX_OFFER_BYTES {
-                        return Err(format!("the offer's entries exceed {MAX_OFFER_BYTES} bytes"));
+                        return Err(OfferRefusal::TooLarge);
                     }
                     entries.extend(batch);
                     if entries.len() > count {
-                        return Err("more entries than announced".into());
+                        return Err(OfferRefusal::MoreEntriesThanAnnounced);
                     }
                 }
                 Ok(Some(ControlFrame::OfferEnd)) => break,
-                Ok(Some(other)) => return Err(format!("expected entries, got {other:?}")),
-                Ok(None) => return Err("the stream ended inside the offer".into()),
-                Err(e) => return Err(format!("unreadable offer: {e}")),
+                Ok(Some(other)) => {
+                    return Err(OfferRefusal::UnexpectedFrame { expected: "entries", got: Box::new(other) })
+                }
+                Ok(None) => return Err(OfferRefusal::EndedInsideOffer),
+                Err(e) => return Err(OfferRefusal::Unreadable(e)),
             }
         }
         if entries.len() != count {
-            return Err(format!("{} entries announced, {} sent", count, entries.len()));
+            return Err(OfferRefusal::CountMismatch { announced: count, sent: entries.len() });
         }
         let files_bytes: u64 = entries
             .iter()
@@ -256,31 +383,41 @@ impl Receiver {
             })
             .fold(0u64, |acc, size| acc.saturating_add(size));
         if files_bytes != total_bytes {
-            return Err("the offer's total does not match its files".into());
+            return Err(OfferRefusal::TotalMismatch);
         }
 
-        let paths = match check_offer(&entries) {
-            Ok(paths) => paths,
-            Err(e) => return Ok((transfer_id, Err(format!("unsafe offer: {e}")))),
-        };
+        let paths = check_offer(&entries).map_err(OfferRefusal::Unsafe)?;
         let mut files = Vec::new();
         for (entry, path) in entries.iter().zip(paths) {
             match entry.kind {
                 EntryKind::File { size } => files.push((path, size)),
                 EntryKind::Directory => {
-                    if let Err(e) = make_dirs(&out, &path) {
-                        return Ok((transfer_id, Err(format!("cannot create {}: {e}", path.display()))));
+                    if let Err(source) = make_dirs(&out, &path) {
+                        return Err(OfferRefusal::CreateDirectory { path, source });
                     }
                 }
                 EntryKind::Symlink { .. } => {}
             }
         }
-        self.say(format!(
-            "[OFFER] from {peer}: {} files, {total_bytes} bytes into {}: accepted",
-            files.len(),
-            out.display()
-        ));
-        Ok((transfer_id, Ok(Arc::new(Session { peer, out, files, verified: Mutex::new((0, 0)) }))))
+        self.report(TransferEvent::OfferAccepted {
+            transfer: transfer_id,
+            peer,
+            files: files.len(),
+            bytes: total_bytes,
+            into: out.clone(),
+        });
+        let progress = ProgressCounter::new(
+            self.config.events.clone(),
+            transfer_id,
+            peer,
+            Direction::Receiving,
+            total_bytes,
+        );
+        progress.report();
+        Ok((
+            transfer_id,
+            Arc::new(AcceptedOffer { peer, out, files, verified: Mutex::new((0, 0)), progress }),
+        ))
     }
 
     /// One file stream.
@@ -302,76 +439,77 @@ impl Receiver {
         send: &mut quinn::SendStream,
         reader: FrameReader<quinn::RecvStream>,
     ) -> FileReply {
-        let refuse = |reason: String| FileReply::Refused { reason };
-        let session = lock(&self.sessions).get(&header.transfer_id).cloned();
-        let Some(session) = session.filter(|s| s.peer == peer) else {
-            return refuse("unknown transfer".into());
+        let transfer = header.transfer_id;
+        let offer = self.offers.lock().get(&transfer).cloned();
+        let Some(offer) = offer.filter(|o| o.peer == peer) else {
+            return FileError::UnknownTransfer.refused();
         };
-        let Some((rel, size)) = session.files.get(header.index as usize).cloned() else {
-            return refuse(format!("no file number {} in this transfer", header.index));
+        let Some((rel, size)) = offer.files.get(header.index as usize).cloned() else {
+            return FileError::NoSuchFile(header.index).refused();
         };
-        let final_path = session.out.join(&rel);
+        let final_path = offer.out.join(&rel);
         // A sender that reconnects and resumes may find its previous stream still finishing
         // here (the final fsync of what arrived): give that a moment before refusing.
         let deadline = tokio::time::Instant::now() + BUSY_WAIT;
         loop {
             let released = self.released.notified();
-            if lock(&self.busy).insert(final_path.clone()) {
+            if self.busy.lock().insert(final_path.clone()) {
                 break;
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return refuse(format!("{} is being received by another transfer", rel.display()));
+                return FileError::Busy(rel).refused();
             }
         }
         let _busy = BusyGuard { receiver: self, path: final_path.clone() };
 
         let prepared = {
-            let out = session.out.clone();
+            let out = offer.out.clone();
             let rel = rel.clone();
             tokio::task::spawn_blocking(move || prepare(&out, &rel, size)).await
         };
         let (offset, hasher) = match prepared {
             Ok(Ok(Prepared::Resume { offset, hasher })) => (offset, hasher),
             Ok(Ok(Prepared::Exists)) => {
-                return self.compare_existing(&session, &rel, size, send, reader).await
+                return self.compare_existing(transfer, &offer, &rel, size, send, reader).await
             }
-            Ok(Err(reason)) => return refuse(reason),
-            Err(e) => return refuse(format!("receiver failure: {e}")),
+            Ok(Err(e)) => return e.refused(),
+            Err(e) => return FileError::Task(e).refused(),
         };
         if write_frame(send, &FileReply::Start { offset }, MAX_FRAME_LEN).await.is_err() {
-            return FileReply::Failed { reason: "the stream closed".into() };
+            return FileError::StreamClosed.failed();
         }
-        match write_part(reader, &final_path, offset, size, *hasher).await {
-            WriteOutcome::Complete { received, sent } if received == sent => {
+        offer.progress.add(offset);
+        match write_part(reader, &final_path, offset, size, *hasher, &offer.progress).await {
+            Ok(WriteOutcome { received, sent }) if received == sent => {
                 let finished = {
                     let final_path = final_path.clone();
                     tokio::task::spawn_blocking(move || finish(&final_path)).await
                 };
                 match finished {
                     Ok(Ok(())) => {
-                        self.count(&session, size);
-                        self.say(format!(
-                            "[RECEIVED] {} {size} bytes blake3={}",
-                            rel.display(),
-                            hex(&received)
-                        ));
+                        self.count(&offer, size);
+                        self.report(TransferEvent::Received {
+                            transfer,
+                            peer,
+                            path: rel,
+                            size,
+                            blake3: received,
+                            already_here: false,
+                        });
                         FileReply::Verified { blake3: received }
                     }
-                    Ok(Err(reason)) => FileReply::Failed { reason },
-                    Err(e) => FileReply::Failed { reason: format!("receiver failure: {e}") },
+                    Ok(Err(e)) => e.failed(),
+                    Err(e) => FileError::Task(e).failed(),
                 }
             }
-            WriteOutcome::Complete { .. } => {
-                self.say(format!(
-                    "[CORRUPT] {}: the received file does not match its BLAKE3 hash; discarded, asking again",
-                    rel.display()
-                ));
+            Ok(WriteOutcome { .. }) => {
+                self.report(TransferEvent::Corrupt { transfer, peer, path: rel });
                 let _ = std::fs::remove_file(part_path(&final_path));
                 FileReply::HashMismatch
             }
-            WriteOutcome::Failed(reason) => {
-                self.say(format!("[ERROR] {}: {reason}", rel.display()));
-                FileReply::Failed { reason }
+            Err(e) => {
+                self.report(TransferEvent::FileFailed { transfer, peer, path: rel, reason: e.to_string() });
+                e.failed()
             }
         }
     }
@@ -380,44 +518,47 @@ impl Receiver {
     /// and compare it with the file's, hashed meanwhile.
     async fn compare_existing(
         &self,
-        session: &Session,
+        transfer: TransferId,
+        offer: &AcceptedOffer,
         rel: &Path,
         size: u64,
         send: &mut quinn::SendStream,
         mut reader: FrameReader<quinn::RecvStream>,
     ) -> FileReply {
         if write_frame(send, &FileReply::Exists, MAX_FRAME_LEN).await.is_err() {
-            return FileReply::Failed { reason: "the stream closed".into() };
+            return FileError::StreamClosed.failed();
         }
-        let existing = session.out.join(rel);
+        let existing = offer.out.join(rel);
         let ours = tokio::task::spawn_blocking(move || super::scan::hash_file(&existing));
         // The sender hashes its copy first: allow for a large file on a slow disk.
         let theirs = tokio::time::timeout(HASH_TIMEOUT, reader.next::<FileEnd>());
         let (ours, theirs) = tokio::join!(ours, theirs);
         let theirs = match theirs {
             Ok(Ok(Some(FileEnd { blake3 }))) => blake3,
-            _ => return FileReply::Failed { reason: "no hash for a file that exists here".into() },
+            _ => return FileError::NoHashForExisting.failed(),
         };
         match ours {
             Ok(Ok(ours)) if ours == theirs => {
-                self.count(session, size);
-                self.say(format!(
-                    "[RECEIVED] {} {size} bytes blake3={} (already here)",
-                    rel.display(),
-                    hex(&ours)
-                ));
+                self.count(offer, size);
+                offer.progress.add(size);
+                self.report(TransferEvent::Received {
+                    transfer,
+                    peer: offer.peer,
+                    path: rel.to_path_buf(),
+                    size,
+                    blake3: ours,
+                    already_here: true,
+                });
                 FileReply::AlreadyComplete
             }
-            Ok(Ok(_)) => FileReply::Refused {
-                reason: format!("{} already exists with other content; it is not overwritten", rel.display()),
-            },
-            Ok(Err(e)) => FileReply::Refused { reason: format!("cannot check {}: {e}", rel.display()) },
-            Err(e) => FileReply::Failed { reason: format!("receiver failure: {e}") },
+            Ok(Ok(_)) => FileError::OtherContent(rel.to_path_buf()).refused(),
+            Ok(Err(e)) => FileError::Hash { path: rel.to_path_buf(), source: Box::new(e) }.refused(),
+            Err(e) => FileError::Task(e).failed(),
         }
     }
 
-    fn count(&self, session: &Session, size: u64) {
-        let mut verified = lock(&session.verified);
+    fn count(&self, offer: &AcceptedOffer, size: u64) {
+        let mut verified = offer.verified.lock();
         verified.0 += 1;
         verified.1 += size;
     }
@@ -430,13 +571,9 @@ struct BusyGuard<'a> {
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.receiver.busy).remove(&self.path);
+        self.receiver.busy.lock().remove(&self.path);
         self.receiver.released.notify_waiters();
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates `out/rel` and its parents, refusing to pass through anything that is not a real
@@ -473,43 +610,38 @@ fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Checks the destination and any `.part` (blocking).
-fn prepare(out: &Path, rel: &Path, size: u64) -> Result<Prepared, String> {
+fn prepare(out: &Path, rel: &Path, size: u64) -> Result<Prepared, FileError> {
     if let Some(parent) = rel.parent() {
         make_dirs(out, parent)
-            .map_err(|e| format!("cannot create the directory for {}: {e}", rel.display()))?;
+            .map_err(|source| FileError::CreateDirectory { path: rel.to_path_buf(), source })?;
     }
     let final_path = out.join(rel);
     match std::fs::symlink_metadata(&final_path) {
         Ok(meta) if meta.is_file() && meta.len() == size => return Ok(Prepared::Exists),
-        Ok(meta) if meta.is_file() => {
-            return Err(format!("{} already exists with other content; it is not overwritten", rel.display()))
-        }
-        Ok(_) => return Err(format!("{} already exists and is not a regular file", rel.display())),
+        Ok(meta) if meta.is_file() => return Err(FileError::OtherContent(rel.to_path_buf())),
+        Ok(_) => return Err(FileError::NotRegular(rel.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot check {}: {e}", rel.display())),
+        Err(source) => return Err(FileError::Check { path: rel.to_path_buf(), source }),
     }
     let part = part_path(&final_path);
+    let read_error = |source| FileError::ReadPart { part: part.clone(), source };
     let mut hasher = blake3::Hasher::new();
     let offset = match std::fs::symlink_metadata(&part) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(format!("cannot check {}: {e}", part.display())),
-        Ok(meta) if !meta.is_file() => {
-            return Err(format!("{} exists and is not a regular file", part.display()));
-        }
+        Err(source) => return Err(FileError::Check { path: part, source }),
+        Ok(meta) if !meta.is_file() => return Err(FileError::PartNotRegular(part)),
         Ok(meta) if meta.len() > size => {
             // Longer than the file it should become: it belongs to something else. Start over.
-            std::fs::remove_file(&part).map_err(|e| format!("cannot reset {}: {e}", part.display()))?;
+            std::fs::remove_file(&part)
+                .map_err(|source| FileError::ResetPart { part: part.clone(), source })?;
             0
         }
         Ok(meta) => {
-            let mut file =
-                open_nofollow(&part).map_err(|e| format!("cannot read {}: {e}", part.display()))?;
+            let mut file = open_nofollow(&part).map_err(read_error)?;
             let mut buf = vec![0u8; CHUNK];
             let mut left = meta.len();
             while left > 0 {
-                let n = file
-                    .read(&mut buf[..CHUNK.min(left as usize)])
-                    .map_err(|e| format!("cannot read {}: {e}", part.display()))?;
+                let n = file.read(&mut buf[..CHUNK.min(left as usize)]).map_err(read_error)?;
                 if n == 0 {
                     break;
                 }
@@ -522,23 +654,24 @@ fn prepare(out: &Path, rel: &Path, size: u64) -> Result<Prepared, String> {
     Ok(Prepared::Resume { offset, hasher: Box::new(hasher) })
 }
 
-enum WriteOutcome {
-    /// All bytes are in the `.part` (fsynced): the hash of what is there, and the hash the
-    /// sender sent after the data.
-    Complete { received: [u8; 32], sent: [u8; 32] },
-    /// Writing or receiving stopped early; what arrived is kept in the `.part`.
-    Failed(String),
+/// All bytes are in the `.part` (fsynced): the hash of what is there, and the hash the
+/// sender sent after the data.
+struct WriteOutcome {
+    received: [u8; 32],
+    sent: [u8; 32],
 }
 
 /// Appends the file's `size - offset` bytes to `<final>.part` on a blocking writer thread
 /// (a bounded queue of reused buffers), hashing as it goes, then reads the sender's hash.
+/// On an error, what arrived is kept in the `.part`.
 async fn write_part(
     reader: FrameReader<quinn::RecvStream>,
     final_path: &Path,
     offset: u64,
     size: u64,
     mut hasher: blake3::Hasher,
-) -> WriteOutcome {
+    progress: &ProgressCounter,
+) -> Result<WriteOutcome, FileError> {
     let part = part_path(final_path);
     let mut recv = reader.into_inner();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AlignedBuf>(2);
@@ -574,20 +707,18 @@ async fn write_part(
             match recv.read(&mut buf.spare()[..room]).await {
                 Ok(Some(n)) => buf.filled(n),
                 Ok(None) => {
-                    stream_error = Some(format!(
-                        "the stream ended after {} of {size} bytes; what arrived is kept for resume",
-                        offset + received + buf.len() as u64
-                    ));
+                    stream_error =
+                        Some(FileError::StreamEnded { received: offset + received + buf.len() as u64, size });
                     break;
                 }
                 Err(e) => {
-                    stream_error =
-                        Some(format!("the transfer was interrupted ({e}); what arrived is kept for resume"));
+                    stream_error = Some(FileError::Interrupted(e));
                     break;
                 }
             }
         }
         received += buf.len() as u64;
+        progress.add(buf.len() as u64);
         if !buf.is_empty() && tx.send(buf).await.is_err() {
             break; // The writer failed; its error is reported below.
         }
@@ -595,55 +726,42 @@ async fn write_part(
     drop(tx);
     let hasher = match writer.await {
         Ok(Ok(hasher)) => hasher,
-        Ok(Err(e)) => {
+        Ok(Err(source)) => {
             // Stop the sender's writes: it then asks for our reason.
             let _ = recv.stop(0u32.into());
-            let reason = if e.raw_os_error() == Some(libc::ENOSPC) {
-                format!(
-                    "the receiver's disk is full writing {}; the partial file is kept for resume",
-                    part.display()
-                )
+            return Err(if source.raw_os_error() == Some(libc::ENOSPC) {
+                FileError::DiskFull(part)
             } else {
-                format!("cannot write {}: {e}; the partial file is kept for resume", part.display())
-            };
-            return WriteOutcome::Failed(reason);
+                FileError::Write { part, source }
+            });
         }
-        Err(e) => return WriteOutcome::Failed(format!("receiver failure: {e}")),
+        Err(e) => return Err(FileError::Task(e)),
     };
-    if let Some(reason) = stream_error {
-        return WriteOutcome::Failed(reason);
+    if let Some(error) = stream_error {
+        return Err(error);
     }
     // The sender's hash follows the data.
     let mut trailer = FrameReader::new(recv, MAX_FRAME_LEN, OFFER_TIMEOUT);
     let sent = match tokio::time::timeout(OFFER_TIMEOUT, trailer.next::<FileEnd>()).await {
         Ok(Ok(Some(FileEnd { blake3 }))) => blake3,
-        Err(_) => return WriteOutcome::Failed("the sender's hash did not follow the data in time".into()),
-        Ok(_) => {
-            return WriteOutcome::Failed(
-                "the stream did not end with the file's hash after its data; what arrived is kept for resume"
-                    .into(),
-            )
-        }
+        Err(_) => return Err(FileError::HashTimeout),
+        Ok(_) => return Err(FileError::NoHash),
     };
-    WriteOutcome::Complete { received: *hasher.finalize().as_bytes(), sent }
+    Ok(WriteOutcome { received: *hasher.finalize().as_bytes(), sent })
 }
 
 /// Moves a verified `.part` into place without ever replacing an existing file, then makes
 /// the move durable.
-fn finish(final_path: &Path) -> Result<(), String> {
+fn finish(final_path: &Path) -> Result<(), FileError> {
     let part = part_path(final_path);
-    std::fs::hard_link(&part, final_path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            format!(
-                "{} appeared while receiving; it is not overwritten (the data stays in {})",
-                final_path.display(),
-                part.display()
-            )
+    std::fs::hard_link(&part, final_path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            FileError::Appeared { path: final_path.to_path_buf(), part: part.clone() }
         } else {
-            format!("cannot move {} into place: {e}", part.display())
+            FileError::MoveIntoPlace { part: part.clone(), source }
         }
     })?;
-    std::fs::remove_file(&part).map_err(|e| format!("cannot remove {}: {e}", part.display()))?;
+    std::fs::remove_file(&part).map_err(|source| FileError::RemovePart { part: part.clone(), source })?;
     if let Some(dir) = final_path.parent() {
         if let Ok(dir) = std::fs::File::open(dir) {
             let _ = dir.sync_all();

@@ -3,8 +3,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::TransferError;
 use qpeer_wire::transfer::{EntryKind, OfferEntry, MAX_ENTRIES};
+
+use super::{SourceProblem, TransferError};
 
 /// A file to send: where it is here and what the offer says about it.
 #[derive(Debug, Clone)]
@@ -24,8 +25,24 @@ pub struct Plan {
     /// The offer's File entries, in order (their index is the file index on the wire).
     pub files: Vec<LocalFile>,
     pub total_bytes: u64,
-    /// Paths left out, with the reason (symbolic links inside directories, special files).
-    pub skipped: Vec<(PathBuf, String)>,
+    /// Paths inside the named directories that are left out, and why.
+    pub skipped: Vec<(PathBuf, Skipped)>,
+}
+
+/// Why a path inside a directory being sent is left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skipped {
+    Symlink,
+    NotRegularFile,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Symlink => "symbolic link (not followed)",
+            Self::NotRegularFile => "not a regular file",
+        })
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
@@ -81,7 +98,7 @@ pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
 fn utf8_name(path: &Path) -> Result<String, TransferError> {
     path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| TransferError::BadSource {
         path: path.to_path_buf(),
-        reason: "the name is not UTF-8".into(),
+        problem: SourceProblem::NameNotUtf8,
     })
 }
 
@@ -96,7 +113,7 @@ pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
         if !top_names.insert(name.clone()) {
             return Err(TransferError::BadSource {
                 path: path.clone(),
-                reason: format!("another argument is also named {name:?}; they would collide"),
+                problem: SourceProblem::NameCollision(name),
             });
         }
         // A path named on the command line is followed if it is a link, like scp does.
@@ -108,14 +125,14 @@ pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
         } else {
             return Err(TransferError::BadSource {
                 path: path.clone(),
-                reason: "not a regular file or directory".into(),
+                problem: SourceProblem::NotFileOrDirectory,
             });
         }
     }
     if plan.entries.len() > MAX_ENTRIES as usize {
         return Err(TransferError::BadSource {
             path: paths.first().cloned().unwrap_or_default(),
-            reason: format!("{} entries; at most {MAX_ENTRIES} per send", plan.entries.len()),
+            problem: SourceProblem::TooManyEntries(plan.entries.len()),
         });
     }
     Ok(plan)
@@ -140,13 +157,13 @@ fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
         let child_rel = format!("{rel}/{name}");
         let metadata = std::fs::symlink_metadata(&source).map_err(io_err(&source))?;
         if metadata.file_type().is_symlink() {
-            plan.skipped.push((source, "symbolic link (not followed)".into()));
+            plan.skipped.push((source, Skipped::Symlink));
         } else if metadata.is_dir() {
             walk(&source, child_rel, plan)?;
         } else if metadata.is_file() {
             add_file(&source, child_rel, &metadata, plan);
         } else {
-            plan.skipped.push((source, "not a regular file".into()));
+            plan.skipped.push((source, Skipped::NotRegularFile));
         }
     }
     Ok(())

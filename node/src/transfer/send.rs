@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
-use qpeer_wire::tracker::MAX_FRAME_LEN;
-use tokio::sync::Semaphore;
-
-use super::scan::{hash_file, hash_into, LocalFile, Plan};
-use super::{TransferError, CHUNK};
-use crate::progress::Progress;
-use crate::PeerConnection;
 use qpeer_wire::peer::StreamKind;
+use qpeer_wire::tracker::MAX_FRAME_LEN;
 use qpeer_wire::transfer::{
     ControlFrame, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
 };
+use tokio::sync::Semaphore;
+
+use super::event::{Direction, ProgressCounter, TransferEvent};
+use super::scan::{hash_file, hash_into, LocalFile, Plan};
+use super::{LinkLoss, ProtocolViolation, SourceProblem, TransferError, UnexpectedFrame, CHUNK};
+use crate::events::Events;
+use crate::PeerConnection;
 
 /// Files streamed at the same time.
 pub const DEFAULT_CONCURRENCY: usize = 4;
@@ -26,7 +27,7 @@ const DECISION_TIMEOUT: Duration = Duration::from_secs(120);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a completed send did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendReport {
     pub files: usize,
     /// Bytes of all files (whether sent now or already held by the receiver).
@@ -36,31 +37,29 @@ pub struct SendReport {
     pub elapsed: Duration,
 }
 
-fn new_transfer_id() -> TransferId {
-    use ring::rand::SecureRandom;
-    let mut id = [0u8; 16];
-    if ring::rand::SystemRandom::new().fill(&mut id).is_err() {
-        // No randomness source: fall back to something unique enough for one session name.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        id = nanos.to_le_bytes();
-    }
-    id
-}
-
 /// The receiver's words, safe to print.
 fn remote_text(text: &str) -> String {
     qpeer_wire::printable(text, qpeer_wire::transfer::MAX_REASON_LEN)
 }
 
-fn lost(conn: &PeerConnection, e: impl std::fmt::Display) -> TransferError {
-    TransferError::Lost { peer: conn.node_id(), message: e.to_string() }
+fn lost(conn: &PeerConnection, cause: LinkLoss) -> TransferError {
+    TransferError::Lost { peer: conn.node_id(), cause }
 }
 
-fn protocol(conn: &PeerConnection, message: impl Into<String>) -> TransferError {
-    TransferError::Protocol { peer: conn.node_id(), message: message.into() }
+fn protocol(conn: &PeerConnection, violation: ProtocolViolation) -> TransferError {
+    TransferError::Protocol { peer: conn.node_id(), violation }
+}
+
+fn unexpected(conn: &PeerConnection, expected: &'static str, got: UnexpectedFrame) -> TransferError {
+    protocol(conn, ProtocolViolation::UnexpectedFrame { expected, got })
+}
+
+fn unexpected_control(conn: &PeerConnection, expected: &'static str, got: ControlFrame) -> TransferError {
+    unexpected(conn, expected, UnexpectedFrame::Control(Box::new(got)))
+}
+
+fn unexpected_reply(conn: &PeerConnection, expected: &'static str, got: FileReply) -> TransferError {
+    unexpected(conn, expected, UnexpectedFrame::File(got))
 }
 
 async fn next<T: serde::de::DeserializeOwned>(
@@ -69,13 +68,11 @@ async fn next<T: serde::de::DeserializeOwned>(
     timeout: Duration,
 ) -> Result<T, TransferError> {
     match tokio::time::timeout(timeout, reader.next::<T>()).await {
-        Err(_) => {
-            Err(TransferError::Timeout(format!("no answer from {} within {timeout:?}", conn.node_id())))
-        }
+        Err(_) => Err(TransferError::Timeout { peer: conn.node_id(), after: timeout }),
         Ok(Ok(Some(frame))) => Ok(frame),
-        Ok(Ok(None)) => Err(lost(conn, "the receiver closed the stream")),
-        Ok(Err(StreamError::Read(e))) => Err(lost(conn, e)),
-        Ok(Err(e)) => Err(protocol(conn, e.to_string())),
+        Ok(Ok(None)) => Err(lost(conn, LinkLoss::StreamClosed)),
+        Ok(Err(StreamError::Read(e))) => Err(lost(conn, LinkLoss::Read(e))),
+        Ok(Err(e)) => Err(protocol(conn, ProtocolViolation::Frame(e))),
     }
 }
 
@@ -100,13 +97,34 @@ fn entry_batches(entries: &[OfferEntry]) -> Vec<&[OfferEntry]> {
 }
 
 /// Offers `plan` to the peer and sends every file. Succeeds only when the receiver confirmed
-/// every file's hash.
-pub async fn send(
+/// every file's hash. Reports on `events`: [`TransferEvent::Progress`] from the start (bytes
+/// the receiver holds; throttled), [`TransferEvent::Retry`], and at the end
+/// [`TransferEvent::Sent`] or [`TransferEvent::SendFailed`].
+pub async fn send(conn: &PeerConnection, plan: Plan, events: &Events) -> Result<SendReport, TransferError> {
+    let progress = Arc::new(ProgressCounter::new(
+        events.clone(),
+        crate::random_bytes(),
+        conn.node_id(),
+        Direction::Sending,
+        plan.total_bytes,
+    ));
+    progress.report();
+    let result = send_plan(conn, plan, &progress).await;
+    progress.report();
+    let (transfer, peer) = (progress.transfer(), progress.peer());
+    events.transfer(match &result {
+        Ok(report) => TransferEvent::Sent { transfer, peer, report: report.clone() },
+        Err(e) => TransferEvent::SendFailed { transfer, peer, reason: e.to_string() },
+    });
+    result
+}
+
+async fn send_plan(
     conn: &PeerConnection,
     plan: Plan,
-    progress: Arc<Progress>,
+    progress: &Arc<ProgressCounter>,
 ) -> Result<SendReport, TransferError> {
-    let transfer_id = new_transfer_id();
+    let transfer_id = progress.transfer();
     let (mut control, recv) = conn.open_stream(StreamKind::Transfer).await?;
     let mut replies = FrameReader::new(recv, MAX_FRAME_LEN, REPLY_TIMEOUT);
     let offer = ControlFrame::Offer {
@@ -126,19 +144,19 @@ pub async fn send(
         // A receiver that refuses right after the Offer stops reading: report its reason.
         return match next::<ControlFrame>(conn, &mut replies, Duration::from_secs(5)).await {
             Ok(ControlFrame::Reject { reason }) => Err(TransferError::Rejected(remote_text(&reason))),
-            _ => Err(lost(conn, e)),
+            _ => Err(lost(conn, LinkLoss::Frame(e))),
         };
     }
     match next::<ControlFrame>(conn, &mut replies, DECISION_TIMEOUT).await? {
         ControlFrame::Accept => {}
         ControlFrame::Reject { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
-        other => return Err(protocol(conn, format!("expected Accept or Reject, got {other:?}"))),
+        other => return Err(unexpected_control(conn, "Accept or Reject", other)),
     }
 
     let permits = Arc::new(Semaphore::new(DEFAULT_CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, file) in plan.files.iter().cloned().enumerate() {
-        let permit = permits.clone().acquire_owned().await.map_err(|e| lost(conn, e))?;
+        let permit = permits.clone().acquire_owned().await.map_err(|e| lost(conn, LinkLoss::Permits(e)))?;
         let conn = conn.clone();
         let progress = progress.clone();
         tasks.spawn(async move {
@@ -156,7 +174,9 @@ pub async fn send(
             Err(e) => failures.push(("<task>".into(), e.to_string())),
         }
     }
-    write_frame(&mut control, &ControlFrame::Finish, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
+    write_frame(&mut control, &ControlFrame::Finish, MAX_FRAME_LEN)
+        .await
+        .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
     let summary = next::<ControlFrame>(conn, &mut replies, REPLY_TIMEOUT).await;
     let _ = control.finish();
     if !failures.is_empty() {
@@ -165,7 +185,7 @@ pub async fn send(
     }
     match summary? {
         ControlFrame::Summary { .. } => {}
-        other => return Err(protocol(conn, format!("expected Summary, got {other:?}"))),
+        other => return Err(unexpected_control(conn, "Summary", other)),
     }
     Ok(SendReport {
         files: plan.files.len(),
@@ -181,15 +201,16 @@ async fn send_file(
     transfer_id: TransferId,
     index: u32,
     file: &LocalFile,
-    progress: &Progress,
+    progress: &ProgressCounter,
 ) -> Result<u64, TransferError> {
     let mut streamed = 0;
-    for attempt in 0..2 {
+    let mut attempt = 0;
+    loop {
         let (mut send, recv) = conn.open_stream(StreamKind::FileData).await?;
         let mut replies = FrameReader::new(recv, MAX_FRAME_LEN, REPLY_TIMEOUT);
         write_frame(&mut send, &FileHeader { transfer_id, index }, MAX_FRAME_LEN)
             .await
-            .map_err(|e| lost(conn, e))?;
+            .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
         let hash = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
             FileReply::Start { offset } if offset <= file.size => {
                 if attempt == 0 {
@@ -222,7 +243,7 @@ async fn send_file(
                 }
             }
             FileReply::Start { offset } => {
-                return Err(protocol(conn, format!("resume offset {offset} is past the end ({})", file.size)))
+                return Err(protocol(conn, ProtocolViolation::ResumePastEnd { offset, size: file.size }))
             }
             // The receiver has a file of this size: it only needs our hash to tell whether it
             // is this one.
@@ -233,41 +254,42 @@ async fn send_file(
                     .map_err(|e| reader_failed(file, e))??
             }
             FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
-            other => return Err(protocol(conn, format!("expected Start or Exists, got {other:?}"))),
+            other => return Err(unexpected_reply(conn, "Start or Exists", other)),
         };
-        write_frame(&mut send, &FileEnd { blake3: hash }, MAX_FRAME_LEN).await.map_err(|e| lost(conn, e))?;
+        write_frame(&mut send, &FileEnd { blake3: hash }, MAX_FRAME_LEN)
+            .await
+            .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
         let _ = send.finish();
         match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
             FileReply::Verified { blake3 } if blake3 == hash => return Ok(streamed),
-            FileReply::Verified { .. } => return Err(protocol(conn, "confirmed a different hash")),
+            FileReply::Verified { .. } => return Err(protocol(conn, ProtocolViolation::DifferentHash)),
             FileReply::AlreadyComplete => {
                 progress.add(file.size);
                 return Ok(streamed);
             }
             FileReply::HashMismatch if attempt == 0 => {
-                progress.say(&format!(
-                    "[RETRY] {}: the receiver's copy did not verify; sending it again",
-                    file.path
-                ));
+                attempt += 1;
+                progress.events().transfer(TransferEvent::Retry {
+                    transfer: transfer_id,
+                    peer: conn.node_id(),
+                    path: file.path.clone(),
+                });
             }
             FileReply::HashMismatch => {
                 return Err(TransferError::BadSource {
                     path: file.source.clone(),
-                    reason:
-                        "the receiver's copy did not verify twice (is the file changing while it is sent?)"
-                            .into(),
+                    problem: SourceProblem::VerifiedWrongTwice,
                 })
             }
             FileReply::Failed { reason } => return Err(TransferError::ReceiverFailed(remote_text(&reason))),
             FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
-            other => return Err(protocol(conn, format!("expected a file result, got {other:?}"))),
+            other => return Err(unexpected_reply(conn, "a file result", other)),
         }
     }
-    Err(protocol(conn, "file retry loop ended"))
 }
 
-fn reader_failed(file: &LocalFile, e: impl std::fmt::Display) -> TransferError {
-    TransferError::BadSource { path: file.source.clone(), reason: format!("the reader thread failed: {e}") }
+fn reader_failed(file: &LocalFile, e: tokio::task::JoinError) -> TransferError {
+    TransferError::BadSource { path: file.source.clone(), problem: SourceProblem::ReaderFailed(e) }
 }
 
 /// Streams `file` from `offset` to its end and returns the bytes sent and the BLAKE3 hash of
@@ -278,7 +300,7 @@ async fn stream_file(
     send: &mut quinn::SendStream,
     file: &LocalFile,
     offset: u64,
-    progress: &Progress,
+    progress: &ProgressCounter,
 ) -> Result<(u64, [u8; 32]), TransferError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<PooledChunk>(4);
     let local = file.clone();
@@ -288,7 +310,7 @@ async fn stream_file(
         let mut f = std::fs::File::open(&local.source).map_err(io)?;
         let mut hasher = blake3::Hasher::new();
         if hash_into(&mut f, offset, &mut hasher).map_err(io)? != offset {
-            return Err(changed(&local, "it is shorter than when it was offered"));
+            return Err(changed(&local, SourceProblem::Shrank));
         }
         let (pool, spent) = std::sync::mpsc::channel::<Vec<u8>>();
         let mut left = remaining;
@@ -298,7 +320,7 @@ async fn stream_file(
             buf.clear();
             (&mut f).take(want as u64).read_to_end(&mut buf).map_err(io)?;
             if buf.is_empty() {
-                return Err(changed(&local, "it is shorter than when it was offered"));
+                return Err(changed(&local, SourceProblem::Shrank));
             }
             hasher.update(&buf);
             left -= buf.len() as u64;
@@ -308,14 +330,16 @@ async fn stream_file(
         }
         let now = f.metadata().map_err(io)?;
         if now.len() != local.size || now.modified().ok() != local.modified {
-            return Err(changed(&local, "it changed while it was sent"));
+            return Err(changed(&local, SourceProblem::Changed));
         }
         Ok(*hasher.finalize().as_bytes())
     });
     let mut sent = 0u64;
     while let Some(chunk) = rx.recv().await {
         let len = chunk.buf.len() as u64;
-        send.write_chunk(bytes::Bytes::from_owner(chunk)).await.map_err(|e| lost(conn, e))?;
+        send.write_chunk(bytes::Bytes::from_owner(chunk))
+            .await
+            .map_err(|e| lost(conn, LinkLoss::Write(e)))?;
         sent += len;
         progress.add(len);
     }
@@ -344,8 +368,8 @@ impl Drop for PooledChunk {
     }
 }
 
-fn changed(file: &LocalFile, how: &str) -> TransferError {
-    TransferError::BadSource { path: file.source.clone(), reason: format!("{how}; send it again") }
+fn changed(file: &LocalFile, problem: SourceProblem) -> TransferError {
+    TransferError::BadSource { path: file.source.clone(), problem }
 }
 
 #[cfg(test)]

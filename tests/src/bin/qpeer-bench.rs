@@ -121,25 +121,10 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn write_random(path: &Path, bytes: u64) -> Result<()> {
-    if std::fs::metadata(path).map(|m| m.len()).ok() == Some(bytes) {
-        return Ok(());
-    }
-    use std::io::Write;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..(bytes >> 20) {
-        for word in block.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes());
-        }
-        out.write_all(&block)?;
-    }
-    // On disk before anything is timed: writeback of the payload must not share the run.
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+/// Writes the payload (`qpeer_tests`' generator) and puts it on disk before anything is timed:
+/// writeback of the payload must not share the run.
+fn write_payload(path: &Path, bytes: u64) -> Result<()> {
+    qpeer_tests::write_random(path, usize::try_from(bytes)?, 0x2545_f491_4f6c_dd1d)?;
     Ok(())
 }
 
@@ -150,7 +135,7 @@ fn transfer_rss(mib: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("payload.bin");
     let bytes = mib << 20;
-    write_random(&file, bytes)?;
+    write_payload(&file, bytes)?;
 
     let pair = Pair::start(&bins, dir.path(), &[])?;
     let receiver = &pair.receiver;
@@ -262,7 +247,7 @@ async fn transfer(mib: u64, relay: bool, rounds: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("payload.bin");
     let bytes = mib << 20;
-    write_random(&file, bytes)?;
+    write_payload(&file, bytes)?;
     let (mut base, mut measured) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         base.push(if relay {

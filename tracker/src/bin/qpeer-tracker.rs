@@ -1,6 +1,7 @@
 //! `qpeer-tracker`: the rendezvous server qpeer nodes register with.
 
-use std::io::Write;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use qpeer_certs::{resolve_home, Identity};
-use qpeer_tracker::{Limits, Tracker, TrackerConfig};
+use qpeer_tracker::{Limits, ServerEvents, Tracker, TrackerConfig};
+use tokio_util::sync::CancellationToken;
 
 /// The qpeer tracker: nodes register with it over mutual TLS (QUIC, ALPN qpeer-tracker/1).
 ///
@@ -112,11 +114,47 @@ async fn main() -> Result<()> {
     config.certificate = certificate;
     config.limits = limits;
     config.console = true;
-    let tracker = Tracker::bind(config).context("tracker failed to start")?;
+    let mut tracker = Tracker::bind(config).context("tracker failed to start")?;
+    let events = tracker.events().context("the tracker keeps no console events")?;
+    let stopped = CancellationToken::new();
+    let console = tokio::spawn(print_events(events, stopped.clone()));
     tracker.run(shutdown_signal()).await;
+    stopped.cancel();
+    console.await.context("the console task failed")?;
     // Not println!: a closed stdout (the console's reader went away) must not panic the exit.
     let _ = writeln!(std::io::stdout(), "[STOPPED] tracker server stopped");
     Ok(())
+}
+
+/// Prints each event as its console line(s), flushed at once (readers follow stdout through
+/// a pipe). Once `stopped` is cancelled, prints what is still queued and returns.
+async fn print_events(mut events: ServerEvents, stopped: CancellationToken) {
+    let mut text = String::new();
+    loop {
+        let event = tokio::select! {
+            biased;
+            event = events.recv() => event,
+            () = stopped.cancelled() => {
+                // No more events are taken; the queued ones still print, in order.
+                events.close();
+                events.recv().await
+            }
+        };
+        let Some(event) = event else { break };
+        text.clear();
+        let _ = writeln!(text, "{event}");
+        // Whatever else is queued goes out in the same write.
+        while let Ok(event) = events.try_recv() {
+            let _ = writeln!(text, "{event}");
+        }
+        // A full pipe blocks this thread only: the runtime moves other tasks off it. A closed
+        // stdout (the reader went away) must not stop the tracker.
+        tokio::task::block_in_place(|| {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        });
+    }
 }
 
 /// `[::]:4433` when an IPv6 socket can be opened (Linux makes it dual-stack by default),

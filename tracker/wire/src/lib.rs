@@ -26,6 +26,12 @@ pub mod relay_frame;
 pub mod tracker;
 pub mod transfer;
 
+/// An address in the one form both ends compare: an IPv4-mapped IPv6 address (what a
+/// dual-stack socket reports for IPv4 peers) becomes the IPv4 address it maps.
+pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Remote-supplied text made safe to print: control characters (terminal escapes) become
 /// `?`, and it is cut to `max` characters.
 pub fn printable(text: &str, max: usize) -> String {

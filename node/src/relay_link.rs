@@ -6,15 +6,14 @@
 //! moves them over the current tracker connection. Which session a link belongs to is the
 //! path table's business ([`crate::paths`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use qpeer_wire::io::{read_relay_stream, write_relay_stream};
 use qpeer_wire::relay_frame::RelayFrame;
 use tokio::sync::mpsc;
-
-use crate::lock;
 
 /// Packets queued toward the tracker, and from it; past this, packets drop as UDP would.
 const QUEUE: usize = 1024;
@@ -58,11 +57,11 @@ impl RelayHub {
 
     /// The next relayed frame, for the socket's receive path.
     pub(crate) fn poll_inbound(&self, cx: &mut Context<'_>) -> Poll<Option<RelayFrame>> {
-        lock(&self.inbound_rx).poll_recv(cx)
+        self.inbound_rx.lock().poll_recv(cx)
     }
 
     pub(crate) fn try_inbound(&self) -> Option<RelayFrame> {
-        lock(&self.inbound_rx).try_recv().ok()
+        self.inbound_rx.lock().try_recv().ok()
     }
 }
 

@@ -3,55 +3,38 @@
 //! the running node on behalf of a client of its control socket.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{bail, Result};
 use qpeer_certs::NodeId;
+use qpeer_node::transfer::receive::ActiveReceive;
+use qpeer_node::transfer::scan::scan;
+use qpeer_node::transfer::send::send;
+use qpeer_node::Node;
+use qpeer_wire::control::Command;
 
-use crate::progress::{mib, Progress, ProgressMode};
-use crate::transfer::scan::scan;
-use crate::transfer::send::send;
-use crate::Node;
-
-/// Where a command's output goes.
-pub trait Output: Send + Sync {
-    /// A line of normal output (stdout).
-    fn line(&self, text: &str);
-    /// Progress of a transfer: a bar, lines, or nothing, as the viewer chose.
-    fn progress(&self, label: &str, total: u64) -> Arc<Progress>;
-}
-
-/// Output to this process's stdout.
-pub struct Stdout {
-    pub mode: ProgressMode,
-}
-
-impl Output for Stdout {
-    fn line(&self, text: &str) {
-        crate::progress::out_line(text);
-    }
-
-    fn progress(&self, label: &str, total: u64) -> Arc<Progress> {
-        Arc::new(Progress::new(self.mode, label, total))
-    }
-}
-
-/// A command failed; the message is printed on stderr and the process exits 1.
-pub type CommandResult = Result<(), String>;
+use crate::progress::mib;
+use crate::render::Output;
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
+/// Runs a one-shot command (`status` needs what only a listener knows: see [`status`]).
+pub async fn run(node: &Node, command: Command, out: &dyn Output) -> Result<()> {
+    match command {
+        Command::Ping { peer, count, interval_ms } => {
+            ping(node, peer, count, Duration::from_millis(interval_ms), out).await
+        }
+        Command::Peers => peers(node, out).await,
+        Command::Send { peer, paths, quiet } => send_files(node, peer, paths, quiet, out).await,
+        Command::Status => Ok(()),
+    }
+}
+
 /// `qpeer ping`: connect and time `count` round trips, each reply with the path it took.
-pub async fn ping(
-    node: &Node,
-    peer: NodeId,
-    count: u32,
-    interval: Duration,
-    out: &dyn Output,
-) -> CommandResult {
-    let conn = node.connect(peer).await.map_err(|e| e.to_string())?;
+pub async fn ping(node: &Node, peer: NodeId, count: u32, interval: Duration, out: &dyn Output) -> Result<()> {
+    let conn = node.connect(peer).await?;
     out.line(&format!("PING {peer}: {}", conn.path()));
     let mut rtts = Vec::new();
     for seq in 1..=u64::from(count) {
@@ -80,14 +63,14 @@ pub async fn ping(
     }
     out.line(&summary);
     if received == 0 {
-        return Err(format!("no ping reply from {peer}"));
+        bail!("no ping reply from {peer}");
     }
     Ok(())
 }
 
 /// `qpeer peers`: the tracker's directory, one node per line, id first.
-pub async fn peers(node: &Node, out: &dyn Output) -> CommandResult {
-    for peer in node.list_peers().await.map_err(|e| e.to_string())? {
+pub async fn peers(node: &Node, out: &dyn Output) -> Result<()> {
+    for peer in node.list_peers().await? {
         let name = peer.name.as_deref().map(|n| qpeer_wire::printable(n, 64)).unwrap_or("-".into());
         out.line(&format!("{} {name} registered_at={}", peer.node_id, peer.registered_at));
     }
@@ -95,34 +78,26 @@ pub async fn peers(node: &Node, out: &dyn Output) -> CommandResult {
 }
 
 /// `qpeer send`: offer `paths` (absolute) to `peer` and stream them; fails unless every file
-/// was verified by the receiver.
+/// was verified by the receiver. Progress and retries are reported on `out`'s events.
 pub async fn send_files(
     node: &Node,
     peer: NodeId,
     paths: Vec<PathBuf>,
     quiet: bool,
     out: &dyn Output,
-) -> CommandResult {
+) -> Result<()> {
     // Walk the paths while the connection is being made: both take time, neither needs
     // the other.
-    let scanning = async {
-        tokio::task::spawn_blocking(move || scan(&paths))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
-    };
+    let scanning = async { anyhow::Ok(tokio::task::spawn_blocking(move || scan(&paths)).await??) };
     let (plan, conn) = tokio::join!(scanning, node.connect(peer));
     let plan = plan?;
-    let conn = conn.map_err(|e| e.to_string())?;
+    let conn = conn?;
     for (path, reason) in &plan.skipped {
         if !quiet {
             out.line(&format!("[SKIPPED] {}: {reason}", path.display()));
         }
     }
-    let progress = out.progress(&format!("to {}", peer.short()), plan.total_bytes);
-    let result = send(&conn, plan, progress.clone()).await;
-    progress.finish();
-    let report = result.map_err(|e| e.to_string())?;
+    let report = send(&conn, plan, out.events()).await?;
     if report.sent_bytes < report.total_bytes {
         out.line(&format!(
             "[RESUMED] {} bytes were already at the receiver; {} bytes sent now",
@@ -140,7 +115,7 @@ pub async fn send_files(
 }
 
 /// `qpeer status`: what the running node is doing.
-pub fn status(node: &Node, tracker: &str, transfers: &[String], out: &dyn Output) {
+pub fn status(node: &Node, tracker: &str, transfers: &[ActiveReceive], out: &dyn Output) {
     out.line(&format!("node:     {} (running, home {})", node.id(), node.home().display()));
     out.line(&format!("tracker:  {tracker}"));
     match node.observed_addr() {
@@ -160,7 +135,15 @@ pub fn status(node: &Node, tracker: &str, transfers: &[String], out: &dyn Output
         ));
     }
     out.line(&format!("transfers: {}", transfers.len()));
-    for transfer in transfers {
-        out.line(&format!("  {transfer}"));
+    for t in transfers {
+        out.line(&format!(
+            "  receiving from {}: {}/{} files verified, {}/{} bytes, into {}",
+            t.peer,
+            t.verified_files,
+            t.files,
+            t.verified_bytes,
+            t.bytes,
+            t.into.display()
+        ));
     }
 }

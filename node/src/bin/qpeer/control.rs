@@ -6,9 +6,11 @@
 //! and ends with [`Reply::Done`] carrying the exit code.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use qpeer_node::transfer::receive::Receiver;
+use qpeer_node::{Events, Node};
 use qpeer_wire::control::{Command, Reply, Request, CONTROL_VERSION};
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::tracker::MAX_FRAME_LEN;
@@ -17,9 +19,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{self, Output};
-use crate::progress::{Progress, ProgressMode};
-use crate::Node;
+use crate::commands;
+use crate::progress::{ProgressMode, Terminal};
+use crate::render::{Console, Sink};
 
 /// The socket's file name in the home.
 pub const SOCKET_FILE: &str = "node.sock";
@@ -44,40 +46,36 @@ fn reader(read: OwnedReadHalf) -> FrameReader<OwnedReadHalf> {
 
 /// Output that travels back to the client.
 struct Remote {
-    events: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::UnboundedSender<Reply>,
 }
 
-impl Output for Remote {
-    fn line(&self, text: &str) {
-        let _ = self.events.send(Reply::Line(text.to_string()));
+impl Sink for Remote {
+    fn line(&mut self, text: &str) {
+        let _ = self.replies.send(Reply::Line(text.to_string()));
     }
 
-    fn progress(&self, label: &str, total: u64) -> Arc<Progress> {
-        let events = self.events.clone();
-        let label_owned = label.to_string();
-        Arc::new(Progress::observed(
-            label,
-            total,
-            Box::new(move |done, total| {
-                let _ = events.send(Reply::Progress { label: label_owned.clone(), done, total });
-            }),
-        ))
+    fn progress(&mut self, label: &str, done: u64, total: u64) {
+        let _ = self.replies.send(Reply::Progress { label: label.to_string(), done, total });
     }
+
+    /// The client clears its bar when the command is done.
+    fn finish(&mut self, _label: &str) {}
 }
 
-/// Transfers this node is serving, for `status` (filled by the listener).
-pub type TransferList = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+/// What a command run for a client needs of the listener.
+#[derive(Clone)]
+pub struct Served {
+    pub node: Arc<Node>,
+    /// The tracker as given on the command line, for `status`.
+    pub tracker: String,
+    pub receiver: Arc<Receiver>,
+}
 
 /// Serves the control socket in `home` until `cancel`. Only the owner can connect (0600 in a
 /// 0700 home). A leftover socket file is replaced: we hold the home lock, so no node is
 /// serving it.
-pub async fn serve(
-    node: Arc<Node>,
-    tracker: String,
-    transfers: TransferList,
-    cancel: CancellationToken,
-) -> Result<(), ControlError> {
-    let path = node.home().join(SOCKET_FILE);
+pub async fn serve(served: Served, cancel: CancellationToken) -> Result<(), ControlError> {
+    let path = served.node.home().join(SOCKET_FILE);
     let io = |source| ControlError::Io { path: path.clone(), source };
     match std::fs::remove_file(&path) {
         Ok(()) => tracing::info!("removed a stale control socket {}", path.display()),
@@ -93,13 +91,11 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let node = node.clone();
-        let tracker = tracker.clone();
-        let transfers = transfers.clone();
+        let served = served.clone();
         let cancel = cancel.clone();
         clients.spawn(async move {
             tokio::select! {
-                _ = serve_client(stream, &node, &tracker, &transfers) => {}
+                _ = serve_client(stream, &served) => {}
                 _ = cancel.cancelled() => {}
             }
         });
@@ -110,7 +106,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_client(stream: UnixStream, node: &Node, tracker: &str, transfers: &TransferList) {
+async fn serve_client(stream: UnixStream, served: &Served) {
     let (read, mut stream) = stream.into_split();
     let request = match reader(read).next::<Request>().await {
         Ok(Some(request)) => request,
@@ -124,32 +120,33 @@ async fn serve_client(stream: UnixStream, node: &Node, tracker: &str, transfers:
         let _ = write_frame(&mut stream, &Reply::Done { code: 1, error: Some(error) }, MAX_FRAME_LEN).await;
         return;
     }
-    let (events, mut queue) = mpsc::unbounded_channel();
-    let out = Remote { events };
-    let run = async {
-        let result = match request.command {
-            Command::Ping { peer, count, interval_ms } => {
-                commands::ping(node, peer, count, Duration::from_millis(interval_ms), &out).await
-            }
-            Command::Peers => commands::peers(node, &out).await,
-            Command::Send { peer, paths, quiet } => {
-                commands::send_files(node, peer, paths, quiet, &out).await
-            }
-            Command::Status => {
-                commands::status(node, tracker, &transfers(), &out);
-                Ok(())
-            }
-        };
-        let done = match result {
-            Ok(()) => Reply::Done { code: 0, error: None },
-            Err(error) => Reply::Done { code: 1, error: Some(error) },
-        };
-        let _ = out.events.send(done);
-        drop(out);
+    let (replies, mut queue) = mpsc::unbounded_channel();
+    let run = {
+        let replies = replies.clone();
+        async move {
+            // The command's own transfer events go to this client only, not to the
+            // listener's console.
+            let verbose = !matches!(request.command, Command::Send { quiet: true, .. });
+            let console = Console::start(&Events::new(), Remote { replies: replies.clone() }, verbose);
+            let result = match request.command {
+                Command::Status => {
+                    commands::status(&served.node, &served.tracker, &served.receiver.active(), &*console);
+                    Ok(())
+                }
+                command => commands::run(&served.node, command, &*console).await,
+            };
+            console.flush();
+            let done = match result {
+                Ok(()) => Reply::Done { code: 0, error: None },
+                Err(e) => Reply::Done { code: 1, error: Some(crate::describe(&e)) },
+            };
+            let _ = replies.send(done);
+        }
     };
+    drop(replies);
     let forward = async {
-        while let Some(event) = queue.recv().await {
-            if write_frame(&mut stream, &event, MAX_FRAME_LEN).await.is_err() {
+        while let Some(reply) = queue.recv().await {
+            if write_frame(&mut stream, &reply, MAX_FRAME_LEN).await.is_err() {
                 return;
             }
         }
@@ -173,28 +170,16 @@ pub async fn call(home: &Path, command: Command, mode: ProgressMode) -> Result<O
     let (read, mut write) = stream.into_split();
     write_frame(&mut write, &Request { version: CONTROL_VERSION, command }, MAX_FRAME_LEN).await?;
     let mut replies = reader(read);
-    let progress: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
+    let mut terminal = Terminal::new(mode);
     loop {
-        let Some(event) = replies.next::<Reply>().await? else {
+        let Some(reply) = replies.next::<Reply>().await? else {
             return Err(ControlError::Closed);
         };
-        match event {
-            Reply::Line(line) => {
-                let bar = progress.lock().ok().and_then(|p| p.clone());
-                match bar {
-                    Some(bar) => bar.say(&line),
-                    None => crate::progress::out_line(&line),
-                }
-            }
-            Reply::Progress { label, done, total } => {
-                let mut slot = progress.lock().unwrap_or_else(|p| p.into_inner());
-                let bar = slot.get_or_insert_with(|| Arc::new(Progress::new(mode, label, total)));
-                bar.set_done(done);
-            }
+        match reply {
+            Reply::Line(line) => terminal.line(&line),
+            Reply::Progress { label, done, total } => terminal.progress(&label, done, total),
             Reply::Done { code, error } => {
-                if let Some(bar) = progress.lock().ok().and_then(|p| p.clone()) {
-                    bar.finish();
-                }
+                drop(terminal);
                 if let Some(error) = error {
                     eprintln!("error: {error}");
                 }

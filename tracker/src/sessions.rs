@@ -1,0 +1,451 @@
+//! One node's connection, from the handshake to the close: [`NodeSession`] waits for
+//! `Register`, enters the node, answers its requests (listing, introductions, relay
+//! requests, new candidates), follows its migrations and serves its relay streams, then
+//! takes it out again.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qpeer_certs::{peer_node_id, NodeId};
+use qpeer_wire::canonical;
+use qpeer_wire::close_code;
+use qpeer_wire::codec::CodecError;
+use qpeer_wire::io::{write_frame, FrameReader, StreamError};
+use qpeer_wire::tracker::{
+    ClientFrame, ErrorKind, ServerFrame, MAX_CANDIDATES, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_PEERS_PAGE,
+    PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::directory::Listing;
+use crate::events::{EventSink, ServerEvent};
+use crate::limits::{ConnectionSlot, Limits, TokenBucket};
+use crate::registry::{Entered, Outbox, Registry, SessionHandle};
+use crate::relay::{Relay, RelayClient};
+
+/// Time allowed for a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a session checks whether its connection migrated.
+const MIGRATION_CHECK: Duration = Duration::from_secs(1);
+
+/// Frames queued for one node's control stream.
+const OUTBOX: usize = 16;
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct SessionContext {
+    pub registry: Registry,
+    pub relay: Arc<Relay>,
+    pub limits: Limits,
+    pub events: EventSink,
+    next_connection_id: AtomicU64,
+}
+
+impl SessionContext {
+    pub fn new(limits: Limits, events: EventSink) -> Self {
+        Self {
+            registry: Registry::default(),
+            relay: Arc::default(),
+            limits,
+            events,
+            next_connection_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Why the tracker closes a node's connection: each has its close code, and its text is the
+/// reason the node reads.
+#[derive(Debug, thiserror::Error)]
+enum Fault {
+    #[error("no control stream opened in time")]
+    NoControlStream,
+    #[error("no Register frame in time")]
+    NoRegister,
+    #[error("the first frame must be Register")]
+    NotRegister,
+    #[error("Register sent twice")]
+    RegisteredTwice,
+    #[error("protocol version {0} is not supported; this tracker speaks {PROTOCOL_VERSION}")]
+    UnsupportedVersion(u16),
+    #[error("{0} candidates; at most {MAX_CANDIDATES}")]
+    TooManyCandidates(usize),
+    #[error("name must be at most {MAX_NAME_LEN} bytes without control characters")]
+    BadName,
+    #[error("tracker full ({0} nodes)")]
+    Full(usize),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("tracker shutting down")]
+    Shutdown,
+}
+
+impl Fault {
+    fn close_code(&self) -> u32 {
+        match self {
+            Self::NoControlStream | Self::NoRegister => close_code::TIMEOUT,
+            Self::UnsupportedVersion(_) => close_code::UNSUPPORTED_VERSION,
+            Self::Full(_) => close_code::TRACKER_FULL,
+            Self::Shutdown => close_code::SHUTDOWN,
+            Self::Stream(StreamError::Codec(CodecError::TooLarge { .. })) => close_code::FRAME_TOO_LARGE,
+            Self::Stream(StreamError::PartialTimeout(_)) => close_code::TIMEOUT,
+            Self::NotRegister
+            | Self::RegisteredTwice
+            | Self::TooManyCandidates(_)
+            | Self::BadName
+            | Self::Stream(_) => close_code::PROTOCOL_VIOLATION,
+        }
+    }
+}
+
+fn close(conn: &quinn::Connection, code: u32, reason: &str) {
+    conn.close(code.into(), reason.as_bytes());
+}
+
+/// Completes the handshake of a connection the accept loop admitted (`slot` counts it
+/// against its address until it ends) and serves it.
+pub async fn serve_incoming(
+    ctx: Arc<SessionContext>,
+    incoming: quinn::Incoming,
+    slot: ConnectionSlot,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let remote = canonical(incoming.remote_address());
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    let node_id = match peer_node_id(&conn) {
+        Ok(id) => id,
+        Err(e) => {
+            close(&conn, close_code::PROTOCOL_VIOLATION, &e.to_string());
+            return;
+        }
+    };
+    let connection_id = ctx.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    NodeSession { ctx, conn, node_id, remote, connection_id }.run(cancel, tasks).await;
+    drop(slot);
+}
+
+/// A `Register` frame's content, checked.
+struct RegisterRequest {
+    candidates: Vec<SocketAddr>,
+    name: Option<String>,
+    incarnation: u64,
+}
+
+/// One node's connection.
+struct NodeSession {
+    ctx: Arc<SessionContext>,
+    conn: quinn::Connection,
+    node_id: NodeId,
+    remote: SocketAddr,
+    connection_id: u64,
+}
+
+impl NodeSession {
+    async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
+        let limits = &self.ctx.limits;
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = tokio::time::timeout(limits.register_timeout, self.conn.accept_bi()) => accepted,
+        };
+        let (send, recv) = match accepted {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(_)) => return,
+            Err(_) => return self.close(&Fault::NoControlStream),
+        };
+        let mut reader = FrameReader::new(recv, limits.max_frame_len, limits.partial_frame_timeout);
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+        tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx));
+
+        let request = match self.read_register(&mut reader, &cancel).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(fault) => return self.close(&fault),
+        };
+        let (relay, observed) = match self.enter(request, &outbox) {
+            Ok(entered) => entered,
+            Err(fault) => return self.close(&fault),
+        };
+        let _ = outbox.send(Box::new(ServerFrame::Registered { version: PROTOCOL_VERSION, observed })).await;
+        let active = self.ctx.registry.len();
+        self.ctx.events.emit(ServerEvent::Connected { remote: self.remote, node: self.node_id, active });
+
+        let migrations = async {
+            self.follow_migrations(&outbox).await;
+            std::future::pending::<()>().await
+        };
+        // The relay streams are served inside this task (no task per idle node for them).
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => Err(Fault::Shutdown),
+            outcome = self.serve(&mut reader, &outbox) => outcome,
+            _ = relay.serve(&self.conn) => Ok(()),
+            _ = migrations => Ok(()),
+            _ = self.conn.closed() => Ok(()),
+        };
+        if let Err(fault) = outcome {
+            tracing::debug!(node = %self.node_id.short(), "closing: {fault}");
+            self.close(&fault);
+        }
+        self.leave();
+    }
+
+    fn close(&self, fault: &Fault) {
+        close(&self.conn, fault.close_code(), &fault.to_string());
+    }
+
+    /// Waits for `Register` and checks it. `None`: the connection ended first.
+    async fn read_register(
+        &self,
+        reader: &mut FrameReader<quinn::RecvStream>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<RegisterRequest>, Fault> {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            first = tokio::time::timeout(self.ctx.limits.register_timeout, reader.next::<ClientFrame>()) => first,
+        };
+        let frame = match first.map_err(|_| Fault::NoRegister)? {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(StreamError::Read(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let ClientFrame::Register { version, candidates, name, incarnation } = frame else {
+            return Err(Fault::NotRegister);
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(Fault::UnsupportedVersion(version));
+        }
+        check_candidates(&candidates)?;
+        if name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN || n.chars().any(char::is_control)) {
+            return Err(Fault::BadName);
+        }
+        Ok(Some(RegisterRequest { candidates, name, incarnation }))
+    }
+
+    /// Enters the node in the registry (closing an older connection of it) and attaches it
+    /// to the relay. Returns its relay client and the address it is seen at.
+    fn enter(&self, request: RegisterRequest, outbox: &Outbox) -> Result<(RelayClient, SocketAddr), Fault> {
+        let limits = &self.ctx.limits;
+        let listing = Listing::new(
+            self.connection_id,
+            self.conn.remote_address(),
+            request.candidates,
+            request.incarnation,
+            request.name,
+            unix_now(),
+        );
+        let observed = listing.addrs.observed;
+        let session = SessionHandle { connection: self.conn.clone(), outbox: outbox.clone() };
+        let entered = self.ctx.registry.lock().register(self.node_id, listing, session, limits.max_nodes);
+        match entered {
+            Entered::Registered => {}
+            Entered::Replaced(old) => {
+                tracing::info!(node = %self.node_id.short(), "registration replaced an older connection");
+                close(&old, close_code::REPLACED, &format!("this NodeId registered again from {observed}"));
+            }
+            Entered::Full => return Err(Fault::Full(limits.max_nodes)),
+        }
+        let budget = limits.relay_budget(Instant::now());
+        Ok((self.ctx.relay.attach(self.node_id, self.connection_id, budget), observed))
+    }
+
+    /// Takes the node out of the registry and the relay, and reports it gone.
+    fn leave(&self) {
+        let active = {
+            let mut nodes = self.ctx.registry.lock();
+            nodes.remove(&self.node_id, self.connection_id).then(|| nodes.len())
+        };
+        for closed in self.ctx.relay.detach(&self.node_id, self.connection_id) {
+            self.ctx.events.emit(closed);
+        }
+        self.ctx.events.emit(ServerEvent::Disconnected {
+            remote: self.remote,
+            node: self.node_id,
+            close: self.conn.close_reason(),
+            active,
+        });
+    }
+
+    /// Answers requests until the node finishes its stream or breaks the protocol.
+    async fn serve(&self, reader: &mut FrameReader<quinn::RecvStream>, outbox: &Outbox) -> Result<(), Fault> {
+        let mut introductions = self.ctx.limits.introduction_bucket(Instant::now());
+        loop {
+            let frame = match reader.next::<ClientFrame>().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(StreamError::Read(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let reply = match frame {
+                ClientFrame::Register { .. } => return Err(Fault::RegisteredTwice),
+                ClientFrame::ListPeers { request_id, after, limit } => {
+                    let limit = usize::from(limit.clamp(1, MAX_PEERS_PAGE));
+                    let (peers, next) = self.ctx.registry.lock().directory().page(after, limit);
+                    ServerFrame::Peers { request_id, peers, next }
+                }
+                ClientFrame::Introduce { request_id, target } => {
+                    self.introduce(request_id, target, &mut introductions)
+                }
+                ClientFrame::RelayRequest { request_id, peer } => self.relay_request(request_id, peer),
+                ClientFrame::Candidates { candidates } => {
+                    check_candidates(&candidates)?;
+                    self.ctx.registry.lock().directory_mut().update_candidates(
+                        &self.node_id,
+                        self.connection_id,
+                        candidates,
+                    );
+                    continue;
+                }
+            };
+            if outbox.send(Box::new(reply)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends both introductions under one lock, so both nodes learn of each other at once.
+    /// Returns the reply for the requester.
+    fn introduce(&self, request_id: u64, target: NodeId, introductions: &mut TokenBucket) -> ServerFrame {
+        let error =
+            |kind, message: &str| ServerFrame::Error { request_id, kind, message: message.to_string() };
+        if target == self.node_id {
+            return error(ErrorKind::InvalidRequest, "a node cannot be introduced to itself");
+        }
+        let now = Instant::now();
+        let mut nodes = self.ctx.registry.lock();
+        let Some(me) = nodes.directory().get(&self.node_id) else {
+            return error(ErrorKind::InvalidRequest, "not registered");
+        };
+        if !introductions.try_take(now) {
+            return error(ErrorKind::RateLimited, "too many introduction requests; slow down");
+        }
+        let to_target = ServerFrame::Introduction {
+            request_id: None,
+            peer: self.node_id,
+            addrs: me.addrs.clone(),
+            incarnation: me.incarnation,
+        };
+        let Some(peer) = nodes.directory().get(&target) else {
+            return ServerFrame::NotFound { request_id, target };
+        };
+        let reply = ServerFrame::Introduction {
+            request_id: Some(request_id),
+            peer: target,
+            addrs: peer.addrs.clone(),
+            incarnation: peer.incarnation,
+        };
+        if !nodes.send(&target, to_target) {
+            return error(ErrorKind::Busy, "the target's queue is full; retry shortly");
+        }
+        tracing::debug!(from = %self.node_id.short(), to = %target.short(), "introduction");
+        nodes.rendezvous_mut().introduce(self.node_id, target, now);
+        reply
+    }
+
+    /// Notes that this node wants a relay to `peer`; when `peer` wants one too, opens the
+    /// link and tells both.
+    fn relay_request(&self, request_id: u64, peer: NodeId) -> ServerFrame {
+        use crate::rendezvous::RelayAsk;
+        let now = Instant::now();
+        let ask = {
+            let mut nodes = self.ctx.registry.lock();
+            if !nodes.rendezvous_mut().recently_introduced(self.node_id, peer, now) {
+                RelayAsk::NotIntroduced
+            } else if nodes.directory().get(&peer).is_none() {
+                return ServerFrame::NotFound { request_id, target: peer };
+            } else {
+                nodes.rendezvous_mut().ask_relay(self.node_id, peer, now)
+            }
+        };
+        match ask {
+            RelayAsk::NotIntroduced => ServerFrame::Error {
+                request_id,
+                kind: ErrorKind::NotIntroduced,
+                message: format!("no recent introduction to {}", peer.short()),
+            },
+            RelayAsk::Waiting => ServerFrame::RelayAccepted { request_id },
+            RelayAsk::Mutual => {
+                self.open_relay(peer);
+                ServerFrame::RelayAccepted { request_id }
+            }
+        }
+    }
+
+    /// Opens the link to `peer` (both ends' queues first, so that neither end's first packet
+    /// is dropped) and tells both ends.
+    fn open_relay(&self, peer: NodeId) {
+        let Some((link, opened)) = self.ctx.relay.open_link(self.node_id, peer) else { return };
+        {
+            let nodes = self.ctx.registry.lock();
+            for (end, other) in [(self.node_id, peer), (peer, self.node_id)] {
+                nodes.send(&end, ServerFrame::RelayReady { peer: other, link });
+            }
+        }
+        if opened {
+            self.ctx.events.emit(ServerEvent::RelayOpened { requester: self.node_id, peer, link });
+        }
+    }
+
+    /// Follows the node's connection when it migrates (its NAT rebound, or it moved): the
+    /// directory and the node learn the new address. quinn has no event for a migration, so
+    /// the connection's remote address is checked every [`MIGRATION_CHECK`].
+    async fn follow_migrations(&self, outbox: &Outbox) {
+        let mut known = self.remote;
+        loop {
+            tokio::time::sleep(MIGRATION_CHECK).await;
+            let now = canonical(self.conn.remote_address());
+            if now == known {
+                continue;
+            }
+            if !self.ctx.registry.lock().directory_mut().migrate(&self.node_id, self.connection_id, now) {
+                return;
+            }
+            self.ctx.events.emit(ServerEvent::Migrated { node: self.node_id, now, was: known });
+            if outbox.send(Box::new(ServerFrame::Observed { observed: now })).await.is_err() {
+                return;
+            }
+            known = now;
+        }
+    }
+}
+
+fn check_candidates(candidates: &[SocketAddr]) -> Result<(), Fault> {
+    if candidates.len() > MAX_CANDIDATES {
+        return Err(Fault::TooManyCandidates(candidates.len()));
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+}
+
+/// Writes queued frames to the node's control stream until the queue closes or writing fails.
+async fn write_outbox(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut outbox: mpsc::Receiver<Box<ServerFrame>>,
+) {
+    while let Some(frame) = outbox.recv().await {
+        // Our own frames obey the protocol's maximum; --max-frame-len limits what we accept.
+        if let Err(e) = write_frame(&mut send, &frame, MAX_FRAME_LEN).await {
+            tracing::debug!("control stream write failed: {e}");
+            close(&conn, close_code::PROTOCOL_VIOLATION, "control stream write failed");
+            return;
+        }
+    }
+    let _ = send.finish();
+}
