@@ -19,19 +19,15 @@ use crate::render::{hex, Console, Output};
 
 const DEMO_FILE_MIB: u64 = 64;
 
-/// Writes `mib` MiB of pseudo-random bytes (xorshift; fast, incompressible enough).
+/// Writes `mib` MiB of pseudo-random bytes: BLAKE3's extendable output, fast and
+/// incompressible, so no layer can make the transfer look faster than it is.
 fn write_demo_file(path: &Path, mib: u64) -> Result<u64> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut stream = blake3::Hasher::new().update(b"qpeer demo file").finalize_xof();
     let mut block = vec![0u8; 1 << 20];
     for _ in 0..mib {
-        for word in block.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes());
-        }
+        stream.fill(&mut block);
         out.write_all(&block)?;
     }
     out.flush()?;
