@@ -129,11 +129,37 @@ impl RelayBudget {
     }
 }
 
-/// Open connections (handshakes included) by source IP, capped per IP.
+/// Open connections by source IP, capped per IP, counted from the first packet so that an
+/// address over its limit costs no TLS work.
+///
+/// A handshake from an address not yet proven (a first Initial, whose source anyone can
+/// forge) takes an *unproven* slot; one from a proven address (it answered a stateless Retry)
+/// or a finished handshake takes a *proven* one. Each kind has `max_per_ip` slots. When the
+/// unproven slots are full, or an unproven address has no proven slot left, the address is
+/// asked to prove itself with a Retry: forged Initials can fill an address's unproven slots
+/// but never lock its owner out, and a real address over its limit is refused after one
+/// stateless round trip.
 #[derive(Debug)]
 pub struct ConnectionCounter {
     max_per_ip: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<IpAddr, SlotCounts>>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SlotCounts {
+    proven: usize,
+    unproven: usize,
+}
+
+/// What to do with a new connection attempt.
+#[derive(Debug)]
+pub enum Admission {
+    /// Go on with the handshake; the slot counts it until it is dropped.
+    Admit(ConnectionSlot),
+    /// Ask the client to prove its address first (a stateless Retry).
+    Retry,
+    /// The proven address holds its limit: refuse before TLS.
+    Refuse,
 }
 
 impl ConnectionCounter {
@@ -141,19 +167,29 @@ impl ConnectionCounter {
         Arc::new(Self { max_per_ip, open: Mutex::default() })
     }
 
-    /// Counts a connection from `ip` for as long as the returned slot lives; `None` (and
-    /// nothing counted) when `ip` is at its limit.
-    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+    /// Decides on a connection from `ip`; `proven`: its address is validated (a Retry token).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, proven: bool) -> Admission {
         let mut open = self.open.lock();
-        let count = open.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
-            if *count == 0 {
-                open.remove(&ip);
+        let counts = open.entry(ip).or_default();
+        let admission = if counts.proven >= self.max_per_ip {
+            if proven {
+                Admission::Refuse
+            } else {
+                Admission::Retry
             }
-            return None;
+        } else if proven {
+            counts.proven += 1;
+            Admission::Admit(ConnectionSlot { counter: self.clone(), ip, proven: true })
+        } else if counts.unproven < self.max_per_ip {
+            counts.unproven += 1;
+            Admission::Admit(ConnectionSlot { counter: self.clone(), ip, proven: false })
+        } else {
+            Admission::Retry
+        };
+        if *counts == SlotCounts::default() {
+            open.remove(&ip);
         }
-        *count += 1;
-        Some(ConnectionSlot { counter: self.clone(), ip })
+        admission
     }
 }
 
@@ -162,14 +198,39 @@ impl ConnectionCounter {
 pub struct ConnectionSlot {
     counter: Arc<ConnectionCounter>,
     ip: IpAddr,
+    proven: bool,
+}
+
+impl ConnectionSlot {
+    /// The handshake finished, which proves the address: the connection moves to a proven
+    /// slot. False (the slot stays as it was) when the address holds its limit of proven
+    /// connections.
+    pub fn prove(&mut self) -> bool {
+        if self.proven {
+            return true;
+        }
+        let mut open = self.counter.open.lock();
+        let Some(counts) = open.get_mut(&self.ip) else { return false };
+        if counts.proven >= self.counter.max_per_ip {
+            return false;
+        }
+        counts.unproven = counts.unproven.saturating_sub(1);
+        counts.proven += 1;
+        self.proven = true;
+        true
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut open = self.counter.open.lock();
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+        if let Some(counts) = open.get_mut(&self.ip) {
+            if self.proven {
+                counts.proven = counts.proven.saturating_sub(1);
+            } else {
+                counts.unproven = counts.unproven.saturating_sub(1);
+            }
+            if *counts == SlotCounts::default() {
                 open.remove(&self.ip);
             }
         }
@@ -203,25 +264,59 @@ mod tests {
         assert!(!budget.try_spend(1, start), "past the byte burst");
     }
 
+    fn admitted(admission: Admission) -> ConnectionSlot {
+        match admission {
+            Admission::Admit(slot) => slot,
+            other => panic!("expected admission, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn per_ip_counter_caps_and_releases() {
+    fn proven_connections_are_capped_per_address_and_released() {
         let counter = ConnectionCounter::new(2);
         let ip: IpAddr = "127.0.0.1".parse().expect("ip");
-        let first = counter.try_admit(ip).expect("first");
-        let _second = counter.try_admit(ip).expect("second");
-        assert!(counter.try_admit(ip).is_none());
-        assert_eq!(counter.open.lock().get(&ip), Some(&2));
+        let first = admitted(counter.admit(ip, true));
+        let _second = admitted(counter.admit(ip, true));
+        assert!(matches!(counter.admit(ip, true), Admission::Refuse));
+        assert!(matches!(counter.admit(ip, false), Admission::Retry), "unproven: prove it first");
+        assert_eq!(counter.open.lock().get(&ip), Some(&SlotCounts { proven: 2, unproven: 0 }));
         drop(first);
-        assert!(counter.try_admit(ip).is_some());
+        admitted(counter.admit(ip, true));
         let other: IpAddr = "127.0.0.2".parse().expect("ip");
-        assert!(counter.try_admit(other).is_some(), "another address has its own count");
+        admitted(counter.admit(other, true));
+    }
+
+    #[test]
+    fn forged_initials_cannot_lock_an_address_out() {
+        let counter = ConnectionCounter::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        let _forged = [admitted(counter.admit(ip, false)), admitted(counter.admit(ip, false))];
+        assert!(matches!(counter.admit(ip, false), Admission::Retry), "unproven slots full: Retry");
+        // The address's owner answers the Retry and gets in.
+        admitted(counter.admit(ip, true));
+    }
+
+    #[test]
+    fn a_finished_handshake_takes_a_proven_slot_if_one_is_left() {
+        let counter = ConnectionCounter::new(1);
+        let ip: IpAddr = "10.0.0.2".parse().expect("ip");
+        let mut first = admitted(counter.admit(ip, false));
+        let mut second = admitted(counter.admit(ip, true));
+        assert!(second.prove(), "already proven");
+        assert!(!first.prove(), "the one proven slot is taken");
+        drop(second);
+        assert!(first.prove());
+        assert_eq!(counter.open.lock().get(&ip), Some(&SlotCounts { proven: 1, unproven: 0 }));
+        drop(first);
+        assert!(counter.open.lock().is_empty(), "nothing left counted");
     }
 
     #[test]
     fn a_zero_limit_refuses_everything_and_keeps_no_entry() {
         let counter = ConnectionCounter::new(0);
-        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-        assert!(counter.try_admit(ip).is_none());
+        let ip: IpAddr = "10.0.0.3".parse().expect("ip");
+        assert!(matches!(counter.admit(ip, false), Admission::Retry));
+        assert!(matches!(counter.admit(ip, true), Admission::Refuse));
         assert!(counter.open.lock().is_empty());
     }
 }

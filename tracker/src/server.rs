@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{EventSink, ServerEvent, ServerEvents};
-use crate::limits::{ConnectionCounter, Limits};
+use crate::limits::{Admission, ConnectionCounter, Limits};
 use crate::sessions::{serve_incoming, SessionContext};
 
 /// Everything needed to start a tracker.
@@ -200,17 +200,31 @@ impl Tracker {
         .await;
     }
 
-    /// Starts a session for `incoming`, or refuses it before the handshake when its address
-    /// already has its limit of connections (handshakes included): an address over its
-    /// limit costs no TLS work.
+    /// Starts a session for `incoming`, asks it to prove its address first, or refuses it
+    /// before the handshake when its proven address already has its limit of connections:
+    /// an address over its limit costs no TLS work (see [`ConnectionCounter`]).
     fn admit(&self, incoming: quinn::Incoming, cancel: &CancellationToken, tasks: &TaskTracker) {
         let remote = canonical(incoming.remote_address());
-        let Some(slot) = self.connections.try_admit(remote.ip()) else {
-            tracing::warn!(%remote, "refusing connection: too many from this address");
-            incoming.refuse();
-            return;
-        };
-        tasks.spawn(serve_incoming(self.ctx.clone(), incoming, slot, cancel.child_token(), tasks.clone()));
+        match self.connections.admit(remote.ip(), incoming.remote_address_validated()) {
+            Admission::Admit(slot) => {
+                tasks.spawn(serve_incoming(
+                    self.ctx.clone(),
+                    incoming,
+                    slot,
+                    cancel.child_token(),
+                    tasks.clone(),
+                ));
+            }
+            Admission::Retry if incoming.may_retry() => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+            }
+            Admission::Retry | Admission::Refuse => {
+                tracing::warn!(%remote, "refusing connection: too many from this address");
+                incoming.refuse();
+            }
+        }
     }
 }
 

@@ -111,7 +111,7 @@ fn close(conn: &quinn::Connection, code: u32, reason: &str) {
 pub async fn serve_incoming(
     ctx: Arc<SessionContext>,
     incoming: quinn::Incoming,
-    slot: ConnectionSlot,
+    mut slot: ConnectionSlot,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -127,6 +127,11 @@ pub async fn serve_incoming(
             return;
         }
     };
+    if !slot.prove() {
+        // Its address filled its proven slots while this handshake ran.
+        close(&conn, close_code::TOO_MANY_CONNECTIONS, "too many connections from your address");
+        return;
+    }
     let node_id = match peer_node_id(&conn) {
         Ok(id) => id,
         Err(e) => {

@@ -394,7 +394,10 @@ async fn start_a_handshake_and_go_silent(socket: &tokio::net::UdpSocket, tracker
 }
 
 #[tokio::test]
-async fn a_connection_in_its_handshake_counts_against_its_address() {
+async fn handshakes_left_open_do_not_lock_their_address_out() {
+    // One connection per address. A silent handshake (as a forger of this address's Initials
+    // would leave) holds the one unproven slot; the real client is asked to prove its address
+    // with a Retry, gets in, and then holds the one proven slot: a further one is refused.
     let limits = Limits { max_connections_per_ip: 1, ..Limits::default() };
     let tracker = RunningTracker::start(limits).await;
     let silent = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("socket");
@@ -405,9 +408,12 @@ async fn a_connection_in_its_handshake_counts_against_its_address() {
         .await
         .expect("the tracker answers the Initial")
         .expect("recv");
+    let _real = register(&tracker, Identity::generate().expect("identity"))
+        .await
+        .expect("a handshake left open does not hold the address's owner off");
     let err = register(&tracker, Identity::generate().expect("identity"))
         .await
-        .expect_err("the address already has a connection (in its handshake)");
+        .expect_err("the address holds its one proven connection");
     assert!(refused_before_tls(&err), "unexpected {err:?}");
     tracker.stop().await;
 }
