@@ -84,7 +84,16 @@ async fn main() -> Result<()> {
 fn print_events(name: &'static str, events: &Events) -> tokio::task::JoinHandle<()> {
     let mut events = events.subscribe();
     tokio::spawn(async move {
-        while let Ok(event) = events.recv().await {
+        loop {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                // A printer that fell behind skips what it missed and goes on.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    println!("{name}: ({missed} events not shown)");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
             match event {
                 NodeEvent::Registered { observed, .. } => println!("{name}: registered, seen at {observed}"),
                 NodeEvent::PeerConnected { peer, path, rtt } => {

@@ -77,9 +77,20 @@ pub enum NodeError {
     Conflict(&'static str),
     #[error("the node is shut down")]
     Shutdown,
-    /// The same failure, handed to each of several callers.
+    /// The same failure, handed to each of several callers waiting for one connection: match
+    /// on [`NodeError::root`].
     #[error(transparent)]
     Shared(Arc<NodeError>),
+}
+
+impl NodeError {
+    /// The error itself, also when it reached several callers ([`NodeError::Shared`]).
+    pub fn root(&self) -> &NodeError {
+        match self {
+            NodeError::Shared(shared) => shared.root(),
+            other => other,
+        }
+    }
 }
 
 /// What a request on the tracker connection was for.

@@ -26,16 +26,19 @@ pub enum NodeEvent {
     Registered { id: NodeId, observed: SocketAddr },
     /// The tracker now sees us at another address (our NAT rebound, or we moved).
     Observed { observed: SocketAddr, was: SocketAddr },
-    /// Another process registered our NodeId: this node stops working (see [`crate::Node::failed`]).
-    Replaced { reason: String },
+    /// Another process registered our NodeId (`detail`: what the tracker said): this node
+    /// stops working (see [`crate::Node::failed`]).
+    Replaced { detail: String },
     /// A connection to `peer` is up (either side opened it).
     PeerConnected { peer: NodeId, path: PeerPath, rtt: Duration },
     /// The connection to `peer` ended.
-    PeerDisconnected { peer: NodeId, reason: String },
+    PeerDisconnected { peer: NodeId, reason: quinn::ConnectionError },
     /// The session with `peer` moved to another path.
     PathChanged { peer: NodeId, path: PeerPath, was: PeerPath },
     /// A file transfer, either direction.
     Transfer(TransferEvent),
+    /// The network check after a registration finished (see [`crate::netcheck`]).
+    NatChecked(crate::netcheck::NetReport),
 }
 
 /// The sending end of a node's events; clones share one channel. Give one to

@@ -72,6 +72,7 @@ pub mod error;
 pub mod events;
 mod home;
 mod known_trackers;
+pub mod netcheck;
 pub mod node;
 mod paths;
 pub mod peer;
@@ -89,9 +90,11 @@ mod transport;
 pub use error::NodeError;
 pub use events::{Events, NodeEvent};
 pub use home::LOCK_FILE;
+pub use netcheck::NetReport;
 pub use node::{AcceptHandle, Node, NodeBuilder, DEFAULT_CONNECT_TIMEOUT};
 pub use paths::PeerPath;
 pub use peer::PeerConnection;
+pub use qpeer_wire::tracker::Mapping;
 
 /// Random bytes that need not be secret (a probe's tx, a process's incarnation). The system
 /// RNG does not fail on supported platforms; zeros would still be valid values.

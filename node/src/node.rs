@@ -42,7 +42,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NodeBuilder {
     home: Option<PathBuf>,
     identity: Option<Arc<Identity>>,
-    bind: SocketAddr,
+    /// `None`: dual-stack `[::]:0`, or `0.0.0.0:0` without IPv6 (see `bind_socket`).
+    bind: Option<SocketAddr>,
     tracker: Option<TrackerAddr>,
     tracker_ca: Option<PathBuf>,
     name: Option<String>,
@@ -57,7 +58,7 @@ impl Default for NodeBuilder {
         Self {
             home: None,
             identity: None,
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            bind: None,
             tracker: None,
             tracker_ca: None,
             name: None,
@@ -83,9 +84,12 @@ impl NodeBuilder {
         self
     }
 
-    /// The UDP address of the node's one socket. Default `0.0.0.0:0`.
+    /// The UDP address of the node's one socket. Default: `[::]:0` dual-stack (IPv6 and
+    /// IPv4 on one socket), or `0.0.0.0:0` on a system without IPv6. An address of one family
+    /// (`0.0.0.0:0`, `[::]:0` where the system makes it IPv6-only) reaches only peers and
+    /// trackers of that family.
     pub fn bind_addr(mut self, addr: SocketAddr) -> Self {
-        self.bind = addr;
+        self.bind = Some(addr);
         self
     }
 
@@ -140,6 +144,36 @@ impl NodeBuilder {
     }
 }
 
+/// The node's one UDP socket, and the address it was bound to: `bind` as given, else a
+/// dual-stack `[::]:0` socket, else (no IPv6 on this system) `0.0.0.0:0`.
+fn bind_socket(bind: Option<SocketAddr>) -> Result<(std::net::UdpSocket, SocketAddr), NodeError> {
+    if let Some(addr) = bind {
+        let socket = std::net::UdpSocket::bind(addr).map_err(|source| NodeError::Bind { addr, source })?;
+        return Ok((socket, addr));
+    }
+    let dual = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    match dual_stack(dual) {
+        Ok(socket) => Ok((socket, dual)),
+        Err(e) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+            tracing::debug!("no dual-stack socket ({e}): binding {v4}");
+            let socket =
+                std::net::UdpSocket::bind(v4).map_err(|source| NodeError::Bind { addr: v4, source })?;
+            Ok((socket, v4))
+        }
+    }
+}
+
+/// An IPv6 UDP socket that takes IPv4 too (as v4-mapped addresses), set explicitly: the
+/// system default (`net.ipv6.bindv6only`, and other systems' defaults) may be IPv6-only.
+fn dual_stack(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// A running qpeer node.
 pub struct Node {
     shared: Arc<Shared>,
@@ -179,8 +213,8 @@ impl Node {
             return Err(NodeError::Conflict("--relay-only and --no-relay leave no path to any peer"));
         }
         let policy = PathPolicy { direct: !config.relay_only, relay: !config.no_relay };
-        let bind_err = |source| NodeError::Bind { addr: config.bind, source };
-        let socket = std::net::UdpSocket::bind(config.bind).map_err(bind_err)?;
+        let (socket, bind_addr) = bind_socket(config.bind)?;
+        let bind_err = |source| NodeError::Bind { addr: bind_addr, source };
         let probe_socket = socket.try_clone().map_err(bind_err)?;
         let transport = PeerTransport::new(&identity, config.relay_only)?;
         let relay = RelayHub::new();
@@ -191,7 +225,7 @@ impl Node {
         let path_socket =
             Arc::new(PathSocket::new(udp, relay.clone(), table.clone(), probe_tx).map_err(bind_err)?);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            endpoint_config(&identity, config.bind)?,
+            endpoint_config(&identity, bind_addr)?,
             Some((*transport.server).clone()),
             path_socket.clone(),
             runtime,
@@ -296,6 +330,13 @@ impl Node {
         self.shared.tracker.registrations()
     }
 
+    /// What kind of network the node is on, asked of the tracker at its addresses from the
+    /// node's one socket (the node also does this by itself after registering and tells its
+    /// peers the mapping it found: [`NodeEvent::NatChecked`](crate::NodeEvent::NatChecked)).
+    pub async fn netcheck(&self) -> Result<crate::NetReport, NodeError> {
+        crate::netcheck::run(&self.shared).await
+    }
+
     /// Registered nodes, as the tracker lists them.
     pub async fn list_peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
         let client = self.shared.tracker_client().await?;
@@ -377,5 +418,32 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.shared.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    #[test]
+    fn the_default_socket_is_dual_stack() {
+        let (socket, addr) = super::bind_socket(None).expect("a socket");
+        let local = socket.local_addr().expect("bound");
+        if addr.is_ipv4() {
+            // A system without IPv6: the fallback.
+            assert_eq!(local.ip(), Ipv4Addr::UNSPECIFIED);
+            return;
+        }
+        assert!(local.is_ipv6() && local.ip().is_unspecified(), "{local}");
+        // IPv4 works on it too, in v4-mapped form, whatever `net.ipv6.bindv6only` says.
+        let v4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("an IPv4 socket");
+        let to = v4.local_addr().expect("bound");
+        let mapped = SocketAddr::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(), to.port());
+        socket.send_to(b"dual", mapped).expect("a send to IPv4");
+        v4.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("a timeout");
+        let mut buf = [0u8; 8];
+        let (n, from) = v4.recv_from(&mut buf).expect("the datagram");
+        assert_eq!(&buf[..n], b"dual");
+        assert_eq!(from.port(), local.port());
     }
 }

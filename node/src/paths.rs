@@ -209,15 +209,19 @@ impl Session {
         self.direct.iter_mut().find(|d| d.addr == addr)
     }
 
-    /// The best path now, given the policy.
+    /// The best path now, given the policy: a usable IPv6 direct path before any IPv4 one
+    /// (no NAT on it to rebind or expire, and no port shared with other hosts), then among
+    /// those of the chosen family the current one unless another is clearly faster.
     fn choose(&self, policy: PathPolicy, now: Instant) -> PeerPath {
         if policy.direct {
+            // Addresses in the table are canonical: an IPv6 one is a real IPv6 path.
+            let ipv6 = self.direct.iter().any(|d| d.addr.is_ipv6() && d.usable(now));
+            let eligible = |d: &&Direct| d.usable(now) && (!ipv6 || d.addr.is_ipv6());
             let current = match self.path {
-                PeerPath::Direct(addr) => self.direct.iter().find(|d| d.addr == addr && d.usable(now)),
+                PeerPath::Direct(addr) => self.direct.iter().filter(eligible).find(|d| d.addr == addr),
                 _ => None,
             };
-            let fastest =
-                self.direct.iter().filter(|d| d.usable(now)).min_by_key(|d| d.rtt.unwrap_or(Duration::MAX));
+            let fastest = self.direct.iter().filter(eligible).min_by_key(|d| d.rtt.unwrap_or(Duration::MAX));
             match (current, fastest) {
                 (Some(current), Some(fastest)) => {
                     let (c, f) = (current.rtt.unwrap_or_default(), fastest.rtt.unwrap_or_default());
@@ -848,6 +852,54 @@ mod tests {
         direct_only.open(peer, now);
         direct_only.set_link(&peer, 1);
         assert!(direct_only.reevaluate(now).is_empty(), "--no-relay never uses the link");
+    }
+
+    /// Confirms `addr` for `peer` with a ping sent at `sent` and its pong at `answered`.
+    fn confirm(table: &mut PathTable, peer: NodeId, addr: SocketAddr, sent: Instant, answered: Instant) {
+        table.add_direct(&peer, addr, sent);
+        let ping = table
+            .sessions
+            .get_mut(&peer)
+            .and_then(|s| s.direct_mut(addr))
+            .map(|d| PathTable::note_ping(d, peer, [77; TX_LEN], sent))
+            .expect("a direct address");
+        assert!(table.on_pong(&peer, addr, ping.tx, answered));
+    }
+
+    #[test]
+    fn a_usable_ipv6_path_is_preferred_over_a_faster_ipv4_one() {
+        let now = Instant::now();
+        let ms = |n| now + Duration::from_millis(n);
+        let mut table = PathTable::new(BOTH);
+        let peer = id(8);
+        let (v4, v6) = (addr("198.51.100.26:5000"), addr("[2001:db8:3::2]:5000"));
+        let virt = direct_session(&mut table, peer, v4, now);
+        assert_eq!(table.route(virt, now), Route::Direct(v4));
+        // IPv6 answers, slower than IPv4 (5 ms against 0): it takes over all the same.
+        confirm(&mut table, peer, v6, ms(10), ms(15));
+        let changes = table.reevaluate(ms(15));
+        assert_eq!(changes, vec![PathChange { peer, path: PeerPath::Direct(v6), was: PeerPath::Direct(v4) }]);
+        // A much faster IPv4 path does not take it back while IPv6 works.
+        confirm(&mut table, peer, v4, ms(20), ms(20));
+        assert!(table.reevaluate(ms(20)).is_empty());
+        assert_eq!(table.route(virt, ms(20)), Route::Direct(v6));
+        // Among IPv6 paths the RTT rule holds: a clearly faster one wins.
+        let lan6 = addr("[2001:db8:3::9]:5000");
+        confirm(&mut table, peer, lan6, ms(30), ms(31));
+        assert_eq!(table.reevaluate(ms(31))[0].path, PeerPath::Direct(lan6));
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_ipv4_paths() {
+        // A dual-stack socket reports IPv4 peers as v4-mapped: the table keeps them plain IPv4,
+        // so they are never taken for IPv6 paths.
+        let now = Instant::now();
+        let mut table = PathTable::new(BOTH);
+        let peer = id(9);
+        let mapped = addr("[::ffff:198.51.100.27]:5000");
+        let virt = direct_session(&mut table, peer, mapped, now);
+        assert_eq!(table.route(virt, now), Route::Direct(addr("198.51.100.27:5000")));
+        assert_eq!(table.arrival(mapped, now), Arrival::Session(virt));
     }
 
     #[test]

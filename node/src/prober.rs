@@ -115,7 +115,9 @@ impl Prober {
                     from: me,
                     to: probe.from,
                     tx: probe.tx,
-                    observed: Some(source),
+                    // Plain IPv4 for an IPv4 peer, not the v4-mapped form a dual-stack
+                    // socket reports.
+                    observed: Some(qpeer_wire::canonical(source)),
                     incarnation: self.incarnation,
                 };
                 self.send(&pong, source);

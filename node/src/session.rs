@@ -17,7 +17,7 @@ use qpeer_certs::NodeId;
 use qpeer_tracker::client::Introduction;
 use qpeer_tracker::ClientError;
 use qpeer_wire::close_code;
-use qpeer_wire::io::describe_close;
+use qpeer_wire::tracker::Mapping;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -365,7 +365,17 @@ impl PeerActor {
                 // up the new connection's handshake.
                 table.forget_direct(&self.peer);
             }
-            table.add_candidates(&self.peer, &dial_targets(&intro.addrs), std::time::Instant::now());
+            let mut targets = dial_targets(&intro.addrs);
+            if intro.mapping == Mapping::EndpointDependent
+                && self.shared.tracker.mapping() == Mapping::EndpointDependent
+            {
+                // Both NATs map per destination: the address the tracker saw the peer at is
+                // not the one it would use toward us, and ours is not what it would reach,
+                // so a punch toward the public address cannot work. Skip it and let the
+                // relay carry the session; addresses on a shared LAN still get probed.
+                targets.retain(|addr| *addr != intro.addrs.observed);
+            }
+            table.add_candidates(&self.peer, &targets, std::time::Instant::now());
         }
         // Probe now, not at the next tick: the peer probes us at this very moment.
         self.shared.prober.tick();
@@ -535,9 +545,7 @@ impl PeerActor {
         self.next_refresh = None;
         self.next_check = None;
         self.idle_since = Instant::now();
-        self.shared
-            .events
-            .emit(NodeEvent::PeerDisconnected { peer: self.peer, reason: describe_close(reason) });
+        self.shared.events.emit(NodeEvent::PeerDisconnected { peer: self.peer, reason: reason.clone() });
     }
 
     /// Gives `conn` to every waiting caller.

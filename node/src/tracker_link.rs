@@ -7,16 +7,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use qpeer_certs::ServerTrust;
 use qpeer_tracker::client::RegisterInfo;
 use qpeer_tracker::{ClientError, TrackerAddr, TrackerClient, TrackerEvent};
 use qpeer_wire::close_code;
+use qpeer_wire::tracker::Mapping;
 use tokio::sync::{mpsc, watch};
 
 use crate::candidates::local_candidates;
 use crate::error::{Fatal, NodeError, TrackerMismatch};
 use crate::events::NodeEvent;
 use crate::known_trackers::KnownTrackers;
+use crate::netcheck::{self, TrackerTrust};
 use crate::relay_link;
 use crate::session::Command;
 use crate::shared::Shared;
@@ -39,6 +42,10 @@ pub(crate) struct TrackerStatus {
     state: watch::Sender<TrackerState>,
     /// Successful registrations so far (re-registrations included).
     registrations: AtomicU64,
+    /// How the current registration was trusted, for more connections to the tracker.
+    trust: Mutex<Option<TrackerTrust>>,
+    /// Our NAT's mapping, as the last check measured it.
+    mapping: Mutex<Mapping>,
 }
 
 impl TrackerStatus {
@@ -46,7 +53,18 @@ impl TrackerStatus {
         Self {
             state: watch::channel(TrackerState::Connecting { last_error: None }).0,
             registrations: AtomicU64::new(0),
+            trust: Mutex::new(None),
+            mapping: Mutex::new(Mapping::Unknown),
         }
+    }
+
+    pub(crate) fn trust(&self) -> Option<TrackerTrust> {
+        self.trust.lock().clone()
+    }
+
+    /// Our NAT's mapping (`Unknown` until measured).
+    pub(crate) fn mapping(&self) -> Mapping {
+        *self.mapping.lock()
     }
 
     /// The registered tracker connection, once there is one (or the fatal error).
@@ -138,13 +156,16 @@ impl TrackerLink {
                         tracing::info!("re-registered with the tracker {}", self.tracker.host_port());
                     }
                     status.set(TrackerState::Registered(client.clone()));
+                    shared.tasks.spawn(check_network(shared.clone(), client.clone()));
                     let Some(lost) = self.serve(&client, events).await else { return };
                     if let Some(fatal) = replaced(&lost) {
                         // Another process registered our NodeId; registering again would
                         // push it off in turn, forever. Stop instead.
                         let error = NodeError::from(fatal.clone());
                         tracing::error!("{error}");
-                        shared.events.emit(NodeEvent::Replaced { reason: error.to_string() });
+                        if let Fatal::Replaced { detail } = &fatal {
+                            shared.events.emit(NodeEvent::Replaced { detail: detail.clone() });
+                        }
                         status.set(TrackerState::Failed(fatal));
                         return;
                     }
@@ -232,10 +253,13 @@ impl TrackerLink {
                 shared.events.emit(NodeEvent::Observed { observed, was });
                 // Maybe we moved to another network: announce our local addresses again.
                 if shared.table.lock().policy().direct {
-                    let (client, local) = (client.clone(), shared.local_addr);
+                    let (client, local, cancel) = (client.clone(), shared.local_addr, shared.cancel.clone());
                     shared.tasks.spawn(async move {
-                        if let Err(e) = client.announce_candidates(local_candidates(local)).await {
-                            tracing::debug!("cannot announce candidates: {e}");
+                        tokio::select! {
+                            result = client.announce_candidates(local_candidates(local)) => if let Err(e) = result {
+                                tracing::debug!("cannot announce candidates: {e}");
+                            },
+                            _ = cancel.cancelled() => {}
                         }
                     });
                 }
@@ -266,6 +290,8 @@ impl TrackerLink {
         let candidates = if direct { local_candidates(shared.local_addr) } else { Vec::new() };
         let info = RegisterInfo { candidates, name: self.name.clone(), incarnation: shared.incarnation };
         shared.table.lock().allow_pass(addr);
+        *shared.tracker.trust.lock() =
+            Some(TrackerTrust { trust: trust.clone(), server_name: server_name.to_string() });
         let result =
             TrackerClient::connect(&shared.endpoint, &shared.identity, addr, server_name, &trust, info).await;
         let (client, events) = match result {
@@ -302,6 +328,26 @@ impl TrackerLink {
         }
         Ok((client, events))
     }
+}
+
+/// Measures the network after a registration (see [`crate::netcheck`]), tells the tracker
+/// our mapping when it is known (peers learn it in introductions), and reports it.
+async fn check_network(shared: Arc<Shared>, client: Arc<TrackerClient>) {
+    let report = tokio::select! {
+        _ = shared.cancel.cancelled() => return,
+        report = netcheck::run(&shared) => report,
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => return tracing::debug!("network check failed: {e}"),
+    };
+    *shared.tracker.mapping.lock() = report.mapping;
+    if report.mapping != Mapping::Unknown {
+        if let Err(e) = client.announce_mapping(report.mapping).await {
+            tracing::debug!("cannot announce our mapping: {e}");
+        }
+    }
+    shared.events.emit(NodeEvent::NatChecked(report));
 }
 
 /// The fatal error when the tracker closed us because our NodeId registered elsewhere.

@@ -5,7 +5,16 @@
 //! namespace that masquerades on its WAN interface and drops unsolicited inbound packets there
 //! (input and forward chains accept only established/related from the WAN), like a real home
 //! router; `masquerade random` makes it a symmetric NAT. A carrier NAT is the same on
-//! 100.64.x.0/24. Home LANs are 10.x.1.0/24 bridges. No address outside these ranges is used.
+//! 100.64.x.0/24. Home LANs are 10.x.1.0/24 bridges.
+//!
+//! IPv6, where a test asks for it ([`Stack`]): the internet also carries 2001:db8::/64, with
+//! the internet namespace as the router between it and the homes (2001:db8::ffff); a home's
+//! LAN is 2001:db8:x::/64, forwarded without NAT through the same stateful firewall
+//! (established and related packets from the WAN pass, other packets from it are dropped, the
+//! LAN may send anything). Homes can be IPv4-only (every home without a [`Stack`]), IPv6-only
+//! or dual-stack (IPv4 behind NAT, IPv6 through the firewall). Addresses are static and
+//! without duplicate address detection, so they work at once; no router advertisements. No
+//! address outside these ranges is used.
 //!
 //! A test can also change a router while nodes run behind it: [`Router::rebind`] makes it
 //! forget its mappings and map from another port range, as a rebooted router does (needs
@@ -20,7 +29,7 @@
 //! test panics.
 
 use std::io::{BufRead, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,21 +70,64 @@ impl std::fmt::Display for Place {
     }
 }
 
+/// Which address families a home (or a public host) has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stack {
+    /// IPv4 only (behind NAT in a home): every place without a `Stack`.
+    #[default]
+    V4,
+    /// IPv6 only: global addresses, through the home router's firewall without NAT.
+    V6,
+    /// Both: IPv4 behind the home router's NAT, IPv6 through its firewall.
+    Dual,
+}
+
+impl Stack {
+    pub fn has_v4(self) -> bool {
+        self != Stack::V6
+    }
+
+    pub fn has_v6(self) -> bool {
+        self != Stack::V4
+    }
+}
+
+/// The lab internet's IPv6 router (the internet namespace's address on its bridge).
+const INTERNET6_ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xffff);
+
+/// The IPv6 address on the internet of the host whose IPv4 address ends in `octet`.
+fn public6(octet: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(octet))
+}
+
+/// Host `host` of the IPv6 LAN number `subnet`: 2001:db8:subnet::host.
+fn lan6_addr(subnet: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, u16::from(subnet), 0, 0, 0, 0, u16::from(host))
+}
+
 /// A namespace that runs programs.
 #[derive(Debug, Clone)]
 pub struct Host {
     pub netns: String,
+    /// Its IPv4 address; `0.0.0.0` on an IPv6-only host.
     pub addr: Ipv4Addr,
+    /// Its global IPv6 address, if it has IPv6.
+    pub addr6: Option<Ipv6Addr>,
 }
 
 /// A router namespace with a LAN bridge hosts can join.
 #[derive(Debug, Clone)]
 pub struct Router {
     pub netns: String,
-    /// The address of its `wan` interface: on the internet, or on a carrier NAT's LAN.
+    /// The address of its `wan` interface: on the internet, or on a carrier NAT's LAN;
+    /// `0.0.0.0` on an IPv6-only router.
     pub wan: Ipv4Addr,
-    /// The LAN prefix's first three octets, e.g. 10.3.1.
-    lan: [u8; 3],
+    /// Its IPv6 address on the internet, if its home has IPv6.
+    pub wan6: Option<Ipv6Addr>,
+    /// The IPv4 LAN prefix's first three octets, e.g. 10.3.1 (none in an IPv6-only home).
+    lan: Option<[u8; 3]>,
+    /// The IPv6 LAN's number x in 2001:db8:x::/64 (none in an IPv4-only home).
+    lan6: Option<u8>,
     next_host: u8,
     /// Maps every new flow to a random port (`masquerade random`).
     symmetric: bool,
@@ -127,6 +179,8 @@ pub struct Lab {
     next_public: u8,
     next_subnet: u8,
     next_link: u32,
+    /// The internet carries IPv6 (set up on first use).
+    ipv6: bool,
     pub dir: tempfile::TempDir,
 }
 
@@ -224,6 +278,7 @@ impl Lab {
             next_public: 10,
             next_subnet: 1,
             next_link: 0,
+            ipv6: false,
             dir: tempfile::tempdir()?,
         };
         let internet = lab.internet.clone();
@@ -254,56 +309,119 @@ impl Lab {
         format!("{stem}{}", self.next_link)
     }
 
-    /// Connects `netns` to the internet bridge as `wan` with the next public address.
-    fn attach_to_internet(&mut self, netns: &str) -> Result<Ipv4Addr> {
-        let addr = Ipv4Addr::new(198, 51, 100, self.next_public);
+    /// Turns duplicate address detection off in `netns` for interfaces made from now on, so
+    /// that IPv6 addresses (link-local ones too) work at once.
+    fn no_dad(&self, netns: &str) -> Result<()> {
+        self.sysctl(netns, "net.ipv6.conf.all.accept_dad=0")?;
+        self.sysctl(netns, "net.ipv6.conf.default.accept_dad=0")
+    }
+
+    /// Makes the internet namespace the IPv6 router of 2001:db8::/64, once.
+    fn ipv6_internet(&mut self) -> Result<()> {
+        if self.ipv6 {
+            return Ok(());
+        }
+        let internet = self.internet.clone();
+        self.no_dad(&internet)?;
+        self.sysctl(&internet, "net.ipv6.conf.br0.accept_dad=0")?;
+        self.sysctl(&internet, "net.ipv6.conf.all.forwarding=1")?;
+        self.ip(&internet, &["-6", "addr", "add", &format!("{INTERNET6_ROUTER}/64"), "dev", "br0", "nodad"])?;
+        self.ipv6 = true;
+        Ok(())
+    }
+
+    /// Connects `netns` to the internet bridge as `wan` with the next public address: IPv4
+    /// 198.51.100.n, IPv6 2001:db8::n (hex), or both, as `stack` says.
+    fn attach_to_internet(&mut self, netns: &str, stack: Stack) -> Result<(Ipv4Addr, Option<Ipv6Addr>)> {
+        let octet = self.next_public;
         self.next_public += 1;
+        if stack.has_v6() {
+            self.ipv6_internet()?;
+            self.no_dad(netns)?;
+        }
         let port = self.link_name("v");
         let internet = self.internet.clone();
         self.ip(&internet, &["link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", netns])?;
         self.ip(&internet, &["link", "set", &port, "master", "br0", "up"])?;
-        self.ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", "wan"])?;
+        let mut addr = Ipv4Addr::UNSPECIFIED;
+        if stack.has_v4() {
+            addr = Ipv4Addr::new(198, 51, 100, octet);
+            self.ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", "wan"])?;
+        }
+        let addr6 = stack.has_v6().then(|| public6(octet));
+        if let Some(addr6) = addr6 {
+            self.ip(netns, &["-6", "addr", "add", &format!("{addr6}/64"), "dev", "wan", "nodad"])?;
+        }
         self.ip(netns, &["link", "set", "wan", "up"])?;
-        Ok(addr)
+        if addr6.is_some() {
+            let via = INTERNET6_ROUTER.to_string();
+            self.ip(netns, &["-6", "route", "add", "default", "via", &via, "dev", "wan"])?;
+        }
+        Ok((addr, addr6))
     }
 
     /// A host on the internet with the given last octet (e.g. 1 for the tracker), or the next free one.
     pub fn public_host(&mut self, name: &str, last_octet: Option<u8>) -> Result<Host> {
-        let netns = format!("{}-{name}", self.prefix);
-        self.add_netns(&netns)?;
-        if let Some(octet) = last_octet {
-            let saved = self.next_public;
-            self.next_public = octet;
-            let addr = self.attach_to_internet(&netns)?;
-            self.next_public = saved;
-            return Ok(Host { netns, addr });
-        }
-        let addr = self.attach_to_internet(&netns)?;
-        Ok(Host { netns, addr })
+        self.public_host_with(name, last_octet, Stack::V4)
     }
 
-    /// Masquerade on `wan` (random port mapping when `symmetric`), and drop unsolicited
-    /// packets arriving on `wan`.
-    fn nat_rules(&self, netns: &str, symmetric: bool) -> Result<()> {
+    /// A host on the internet with the families of `stack`: 198.51.100.n and (or) 2001:db8::n,
+    /// n the given last octet or the next free one.
+    pub fn public_host_with(&mut self, name: &str, last_octet: Option<u8>, stack: Stack) -> Result<Host> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)?;
+        let saved = self.next_public;
+        if let Some(octet) = last_octet {
+            self.next_public = octet;
+        }
+        let attached = self.attach_to_internet(&netns, stack);
+        if last_octet.is_some() {
+            self.next_public = saved;
+        }
+        let (addr, addr6) = attached?;
+        Ok(Host { netns, addr, addr6 })
+    }
+
+    /// Masquerade on `wan` (random port mapping when `symmetric`) when the home has IPv4, and
+    /// drop unsolicited packets arriving on `wan` (IPv4 and IPv6 alike: the `inet` table).
+    /// IPv6 neighbour discovery is untracked, so it is let in by name, or the router could not
+    /// be found on the internet.
+    fn nat_rules(&self, netns: &str, symmetric: bool, stack: Stack) -> Result<()> {
         let masquerade = if symmetric { "masquerade random" } else { "masquerade" };
+        let nat = if stack.has_v4() {
+            format!(
+                "table ip qpeer_nat {{\n\
+                   chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; oifname \"wan\" {masquerade}; }}\n\
+                 }}\n"
+            )
+        } else {
+            String::new()
+        };
         let rules = format!(
-            "table ip qpeer_nat {{\n\
-               chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; oifname \"wan\" {masquerade}; }}\n\
-             }}\n\
+            "{nat}\
              table inet qpeer_filter {{\n\
-               chain input {{ type filter hook input priority filter; policy accept; iifname \"wan\" ct state established,related accept; iifname \"wan\" drop; }}\n\
+               chain input {{ type filter hook input priority filter; policy accept; iifname \"wan\" ct state established,related accept; \
+                 iifname \"wan\" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept; iifname \"wan\" drop; }}\n\
                chain forward {{ type filter hook forward priority filter; policy accept; iifname \"wan\" ct state established,related accept; iifname \"wan\" drop; }}\n\
              }}\n"
         );
         run_stdin("ip", &["netns", "exec", netns, "nft", "-f", "-"], &rules)
     }
 
-    fn router_lan(&mut self, netns: &str, lan: [u8; 3]) -> Result<()> {
+    fn router_lan(&mut self, netns: &str, lan: Option<[u8; 3]>, lan6: Option<u8>) -> Result<()> {
         self.ip(netns, &["link", "add", "lan0", "type", "bridge"])?;
         self.ip(netns, &["link", "set", "lan0", "up"])?;
-        let gateway = format!("{}.{}.{}.1/24", lan[0], lan[1], lan[2]);
-        self.ip(netns, &["addr", "add", &gateway, "dev", "lan0"])?;
-        self.sysctl(netns, "net.ipv4.ip_forward=1")
+        if let Some(lan) = lan {
+            let gateway = format!("{}.{}.{}.1/24", lan[0], lan[1], lan[2]);
+            self.ip(netns, &["addr", "add", &gateway, "dev", "lan0"])?;
+            self.sysctl(netns, "net.ipv4.ip_forward=1")?;
+        }
+        if let Some(subnet) = lan6 {
+            let gateway = format!("{}/64", lan6_addr(subnet, 1));
+            self.ip(netns, &["-6", "addr", "add", &gateway, "dev", "lan0", "nodad"])?;
+            self.sysctl(netns, "net.ipv6.conf.all.forwarding=1")?;
+        }
+        Ok(())
     }
 
     /// A home router on the internet (or behind `carrier`), cone or symmetric.
@@ -313,66 +431,122 @@ impl Lab {
         symmetric: bool,
         carrier: Option<&mut Router>,
     ) -> Result<Router> {
+        self.router(name, symmetric, carrier, Stack::V4)
+    }
+
+    /// A home router on the internet with the families of `stack`: IPv4 behind NAT (cone, or
+    /// symmetric when `symmetric`), IPv6 on 2001:db8:x::/64 through its firewall.
+    pub fn home_router_with(&mut self, name: &str, symmetric: bool, stack: Stack) -> Result<Router> {
+        self.router(name, symmetric, None, stack)
+    }
+
+    fn router(
+        &mut self,
+        name: &str,
+        symmetric: bool,
+        carrier: Option<&mut Router>,
+        stack: Stack,
+    ) -> Result<Router> {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        let wan = match carrier {
-            None => self.attach_to_internet(&netns)?,
+        let (wan, wan6) = match carrier {
+            None => self.attach_to_internet(&netns, stack)?,
+            Some(_) if stack.has_v6() => bail!("the lab has no IPv6 behind a carrier NAT"),
             Some(carrier) => {
                 let wan = carrier.next_addr();
-                self.join_lan(carrier, &netns, "wan", wan)?;
+                self.join_lan(carrier, &netns, "wan", Some(wan), None)?;
                 let gateway = carrier.gateway().to_string();
                 self.ip(&netns, &["route", "add", "default", "via", &gateway])?;
-                wan
+                (wan, None)
             }
         };
         let subnet = self.next_subnet;
         self.next_subnet += 1;
-        let lan = [10, subnet, 1];
-        self.router_lan(&netns, lan)?;
-        self.nat_rules(&netns, symmetric)?;
-        Ok(Router { netns, wan, lan, next_host: 2, symmetric })
+        let lan = stack.has_v4().then_some([10, subnet, 1]);
+        let lan6 = wan6.map(|_| subnet);
+        self.router_lan(&netns, lan, lan6)?;
+        self.nat_rules(&netns, symmetric, stack)?;
+        if let Some(wan6) = wan6 {
+            // The internet's router sends the home's prefix to the home router.
+            let (prefix, via) = (format!("{}/64", lan6_addr(subnet, 0)), wan6.to_string());
+            let internet = self.internet.clone();
+            self.ip(&internet, &["-6", "route", "add", &prefix, "via", &via])?;
+        }
+        Ok(Router { netns, wan, wan6, lan, lan6, next_host: 2, symmetric })
     }
 
     /// A carrier-grade NAT on the internet whose customers sit on 100.64.x.0/24.
     pub fn carrier_nat(&mut self, name: &str) -> Result<Router> {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        let wan = self.attach_to_internet(&netns)?;
+        let (wan, _) = self.attach_to_internet(&netns, Stack::V4)?;
         let subnet = self.next_subnet;
         self.next_subnet += 1;
         let lan = [100, 64, subnet];
-        self.router_lan(&netns, lan)?;
-        self.nat_rules(&netns, false)?;
-        Ok(Router { netns, wan, lan, next_host: 2, symmetric: false })
+        self.router_lan(&netns, Some(lan), None)?;
+        self.nat_rules(&netns, false, Stack::V4)?;
+        Ok(Router { netns, wan, wan6: None, lan: Some(lan), lan6: None, next_host: 2, symmetric: false })
     }
 
-    /// Plugs `netns` into `router`'s LAN bridge as interface `ifname` with `addr`.
-    fn join_lan(&mut self, router: &Router, netns: &str, ifname: &str, addr: Ipv4Addr) -> Result<()> {
+    /// Plugs `netns` into `router`'s LAN bridge as interface `ifname` with `addr` and (or)
+    /// `addr6`.
+    fn join_lan(
+        &mut self,
+        router: &Router,
+        netns: &str,
+        ifname: &str,
+        addr: Option<Ipv4Addr>,
+        addr6: Option<Ipv6Addr>,
+    ) -> Result<()> {
+        if addr6.is_some() {
+            self.no_dad(netns)?;
+        }
         let port = self.link_name("h");
         self.ip(
             &router.netns,
             &["link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", netns],
         )?;
         self.ip(&router.netns, &["link", "set", &port, "master", "lan0", "up"])?;
-        self.ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+        if let Some(addr) = addr {
+            self.ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+        }
+        if let Some(addr6) = addr6 {
+            self.ip(netns, &["-6", "addr", "add", &format!("{addr6}/64"), "dev", ifname, "nodad"])?;
+        }
         self.ip(netns, &["link", "set", ifname, "up"])
     }
 
-    /// A host on `router`'s LAN, with the router as its default gateway.
+    /// Plugs `netns` into `router`'s LAN as `ifname` with the next address of each family the
+    /// LAN has, and the router as its default gateway for each.
+    fn join_lan_routed(&mut self, router: &mut Router, netns: &str, ifname: &str) -> Result<Host> {
+        let (addr, addr6) = router.next_addrs();
+        self.join_lan(router, netns, ifname, addr, addr6)?;
+        if let Some(gateway) = router.gateway4() {
+            self.ip(netns, &["route", "add", "default", "via", &gateway.to_string()])?;
+        }
+        if let Some(gateway) = router.gateway6() {
+            self.ip(netns, &["-6", "route", "add", "default", "via", &gateway.to_string(), "dev", ifname])?;
+        }
+        Ok(Host { netns: netns.to_string(), addr: addr.unwrap_or(Ipv4Addr::UNSPECIFIED), addr6 })
+    }
+
+    /// A host on `router`'s LAN, with the router as its default gateway (of each family the
+    /// LAN has).
     pub fn host_behind(&mut self, router: &mut Router, name: &str) -> Result<Host> {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        let addr = router.next_addr();
-        self.join_lan(router, &netns, "eth0", addr)?;
-        let gateway = router.gateway().to_string();
-        self.ip(&netns, &["route", "add", "default", "via", &gateway])?;
-        Ok(Host { netns, addr })
+        self.join_lan_routed(router, &netns, "eth0")
     }
 
     /// A host behind a home router of its own on the internet (a symmetric NAT when
     /// `symmetric`), and that router, for tests that rebind, block or shape it.
     pub fn home_host(&mut self, name: &str, symmetric: bool) -> Result<(Host, Router)> {
-        let mut router = self.home_router(&format!("{name}r"), symmetric, None)?;
+        self.home_host_with(name, symmetric, Stack::V4)
+    }
+
+    /// [`Lab::home_host`] in a home with the families of `stack` (see [`Lab::home_router_with`]).
+    pub fn home_host_with(&mut self, name: &str, symmetric: bool, stack: Stack) -> Result<(Host, Router)> {
+        let mut router = self.home_router_with(&format!("{name}r"), symmetric, stack)?;
         let host = self.host_behind(&mut router, name)?;
         Ok((host, router))
     }
@@ -413,11 +587,7 @@ impl Lab {
                 .with_context(|| format!("cannot take {link} away from {}", host.netns))?;
         }
         let ifname = self.link_name("eth");
-        let addr = to.next_addr();
-        self.join_lan(to, &host.netns, &ifname, addr)?;
-        let gateway = to.gateway().to_string();
-        self.ip(&host.netns, &["route", "add", "default", "via", &gateway])?;
-        host.addr = addr;
+        *host = self.join_lan_routed(to, &host.netns.clone(), &ifname)?;
         Ok(())
     }
 
@@ -526,14 +696,32 @@ impl Router {
         self.run("nft", &["delete", "table", "inet", BLOCK_TABLE]).map(drop)
     }
 
+    /// The router's IPv4 address on its LAN (of a router with an IPv4 LAN).
     fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(self.lan[0], self.lan[1], self.lan[2], 1)
+        self.gateway4().unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
+    fn gateway4(&self) -> Option<Ipv4Addr> {
+        self.lan.map(|lan| Ipv4Addr::new(lan[0], lan[1], lan[2], 1))
+    }
+
+    fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.lan6.map(|subnet| lan6_addr(subnet, 1))
+    }
+
+    /// The next host's IPv4 address (of a router with an IPv4 LAN).
     fn next_addr(&mut self) -> Ipv4Addr {
-        let addr = Ipv4Addr::new(self.lan[0], self.lan[1], self.lan[2], self.next_host);
+        self.next_addrs().0.unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// The next host's addresses: 10.x.1.n and 2001:db8:x::n, of the families the LAN has.
+    fn next_addrs(&mut self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        let n = self.next_host;
         self.next_host += 1;
-        addr
+        (
+            self.lan.map(|lan| Ipv4Addr::new(lan[0], lan[1], lan[2], n)),
+            self.lan6.map(|subnet| lan6_addr(subnet, n)),
+        )
     }
 }
 

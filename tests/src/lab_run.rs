@@ -1,7 +1,7 @@
 //! Running the real binaries in a [`Lab`]: a scenario wrapper that checks the lab's
 //! namespaces are gone afterwards, a `qpeer-tracker` on the lab's internet, `qpeer listen`
 //! nodes and one-shot commands, and readers for their console lines. Shared by the NAT lab
-//! test files (`nat_lab.rs`, `paths.rs`).
+//! test files (`nat_lab.rs`, `paths.rs`, `ipv6.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::lab::{bin_dir, leftover_namespaces, Host, Lab, Lines, Process};
+use crate::lab::{bin_dir, leftover_namespaces, Host, Lab, Lines, Process, Stack};
 
 /// Runs one scenario in a fresh lab, checks that none of its namespaces survive it, and
 /// panics with `name` and the scenario's error (which should carry every process's output).
@@ -62,8 +62,10 @@ pub fn node_id(home: &str) -> Result<String> {
 pub struct LabTracker {
     pub process: Process,
     pub host: Host,
-    /// `ID@IP:PORT`, as nodes take it with `--tracker`.
+    /// `ID@IP:PORT`, as nodes take it with `--tracker` (its IPv4 address).
     pub addr: String,
+    /// `ID@[IPv6]:PORT`, for a tracker with IPv6 ([`start_dual_tracker`]).
+    pub addr6: Option<String>,
 }
 
 /// Starts `qpeer-tracker` on a new public host at 198.51.100.1:4433 (home `trk`) and waits
@@ -74,7 +76,23 @@ pub fn start_tracker(lab: &mut Lab) -> Result<LabTracker> {
     let process = lab.spawn(&host, &bin_dir()?.join("qpeer-tracker"), &args)?;
     let line = process.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))?;
     let addr = line.trim_start_matches("[TRACKER] ").to_string();
-    Ok(LabTracker { process, host, addr })
+    Ok(LabTracker { process, host, addr, addr6: None })
+}
+
+/// Starts `qpeer-tracker` on a new public host with both families, 198.51.100.1 and
+/// 2001:db8::1, listening on one dual-stack socket (`[::]:4433`), and waits for its
+/// `[TRACKER]` line. Nodes reach it at [`LabTracker::addr`] over IPv4 and at
+/// [`LabTracker::addr6`] over IPv6.
+pub fn start_dual_tracker(lab: &mut Lab) -> Result<LabTracker> {
+    let host = lab.public_host_with("trk", Some(1), Stack::Dual)?;
+    let addr6 = host.addr6.context("the tracker's host has no IPv6 address")?;
+    let args = ["--listen".into(), "[::]:4433".into(), "--home".into(), home(lab, "trk")];
+    let process = lab.spawn(&host, &bin_dir()?.join("qpeer-tracker"), &args)?;
+    let line = process.stdout.wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))?;
+    let tracker = line.trim_start_matches("[TRACKER] ");
+    let (id, _) = tracker.split_once('@').context("malformed [TRACKER] line")?;
+    let (addr, addr6) = (format!("{id}@{}:4433", host.addr), format!("{id}@[{addr6}]:4433"));
+    Ok(LabTracker { process, host, addr, addr6: Some(addr6) })
 }
 
 /// Starts `qpeer <args> --home <home> --tracker <tracker>` in `host`'s namespace.
@@ -220,6 +238,16 @@ impl World {
     /// Starts the tracker (see [`start_tracker`]).
     pub fn start(lab: &mut Lab) -> Result<Self> {
         let tracker = start_tracker(lab)?;
+        Self::with_tracker(lab, tracker)
+    }
+
+    /// Starts a tracker with both families (see [`start_dual_tracker`]).
+    pub fn start_dual(lab: &mut Lab) -> Result<Self> {
+        let tracker = start_dual_tracker(lab)?;
+        Self::with_tracker(lab, tracker)
+    }
+
+    fn with_tracker(lab: &Lab, tracker: LabTracker) -> Result<Self> {
         let mut logs = Logs::default();
         logs.watch("tracker", &tracker.process);
         Ok(Self { tracker, logs, dir: lab.dir.path().to_path_buf() })

@@ -12,7 +12,7 @@ use qpeer_certs::{peer_node_id, Identity, NodeId, ServerTrust};
 use qpeer_wire::close_code;
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::tracker::{
-    ClientFrame, ErrorKind, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
+    ClientFrame, ErrorKind, Mapping, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
     PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -70,6 +70,8 @@ pub struct Introduction {
     pub addrs: PeerAddrs,
     /// The peer process's incarnation: another value than before means it restarted.
     pub incarnation: u64,
+    /// How the peer's NAT maps it, as the peer announced it.
+    pub mapping: Mapping,
     /// True when we asked for it; false when the peer asked for us.
     pub requested: bool,
 }
@@ -109,6 +111,8 @@ pub struct TrackerClient {
     connection: quinn::Connection,
     tracker_id: Option<NodeId>,
     observed: Arc<Mutex<SocketAddr>>,
+    /// The tracker's other listen addresses, from `Registered`.
+    other_addrs: Vec<SocketAddr>,
     send: tokio::sync::Mutex<quinn::SendStream>,
     pending: Pending,
     next_request: AtomicU64,
@@ -166,21 +170,7 @@ impl TrackerClient {
         trust: &ServerTrust,
         info: RegisterInfo,
     ) -> Result<(Self, mpsc::Receiver<TrackerEvent>), ClientError> {
-        let expected = match trust {
-            ServerTrust::Pinned(id) => Some(*id),
-            _ => None,
-        };
-        let connection = endpoint.connect_with(config, addr, server_name)?.await?;
-        let tracker_id = match trust {
-            ServerTrust::Ca(_) => None,
-            _ => Some(peer_node_id(&connection)?),
-        };
-        if let (Some(expected), Some(actual)) = (expected, tracker_id) {
-            if expected != actual {
-                connection.close(close_code::NORMAL.into(), b"unexpected tracker identity");
-                return Err(ClientError::WrongTracker { expected, actual });
-            }
-        }
+        let (connection, tracker_id) = open(endpoint, config, addr, server_name, trust).await?;
         let (mut send, recv) = connection.open_bi().await?;
         let mut reader = FrameReader::new(recv, MAX_FRAME_LEN, REQUEST_TIMEOUT);
         write_frame(
@@ -197,9 +187,11 @@ impl TrackerClient {
         let first = tokio::time::timeout(REQUEST_TIMEOUT, reader.next::<ServerFrame>())
             .await
             .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?;
-        let observed = match first {
-            Ok(Some(ServerFrame::Registered { observed, version })) if version == PROTOCOL_VERSION => {
-                observed
+        let (observed, other_addrs) = match first {
+            Ok(Some(ServerFrame::Registered { observed, version, others }))
+                if version == PROTOCOL_VERSION =>
+            {
+                (observed, others)
             }
             Ok(Some(ServerFrame::Registered { version, .. })) => {
                 connection.close(close_code::UNSUPPORTED_VERSION.into(), b"unsupported protocol version");
@@ -228,6 +220,7 @@ impl TrackerClient {
                 connection,
                 tracker_id,
                 observed,
+                other_addrs,
                 send: tokio::sync::Mutex::new(send),
                 pending,
                 next_request: AtomicU64::new(1),
@@ -238,9 +231,56 @@ impl TrackerClient {
         ))
     }
 
+    /// Connects from `endpoint` to the tracker at `addr` without registering, asks which
+    /// address it sees this connection come from, and closes. From the endpoint a node
+    /// registered with, at another address of the same tracker, this measures its NAT's
+    /// mapping; the registered connection is left as it is.
+    pub async fn observe(
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+        trust: &ServerTrust,
+    ) -> Result<SocketAddr, ClientError> {
+        let (connection, _) = open(endpoint, config, addr, server_name, trust).await?;
+        let answer = async {
+            let (mut send, recv) = connection.open_bi().await?;
+            let mut reader = FrameReader::new(recv, MAX_FRAME_LEN, REQUEST_TIMEOUT);
+            write_frame(&mut send, &ClientFrame::Observe { version: PROTOCOL_VERSION }, MAX_FRAME_LEN)
+                .await?;
+            match reader.next::<ServerFrame>().await {
+                Ok(Some(ServerFrame::Observation { observed })) => Ok(observed),
+                Ok(Some(other)) => {
+                    Err(ClientError::UnexpectedFrame { expected: "Observation", got: Box::new(other) })
+                }
+                Ok(None) | Err(StreamError::Read(_)) => {
+                    Err(ClientError::Connection(connection.closed().await))
+                }
+                Err(e) => Err(e.into()),
+            }
+        };
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(REQUEST_TIMEOUT)));
+        connection.close(close_code::NORMAL.into(), b"observed");
+        answer
+    }
+
     /// The address the tracker sees us at (our public NAT mapping).
     pub fn observed_addr(&self) -> SocketAddr {
         *self.observed.lock()
+    }
+
+    /// The tracker's other listen addresses (for [`TrackerClient::observe`]).
+    pub fn other_addrs(&self) -> &[SocketAddr] {
+        &self.other_addrs
+    }
+
+    /// Tells the tracker how our NAT maps us; peers learn it in introductions.
+    pub async fn announce_mapping(&self, mapping: Mapping) -> Result<(), ClientError> {
+        let mut send = self.send.lock().await;
+        write_frame(&mut *send, &ClientFrame::Mapping { mapping }, MAX_FRAME_LEN).await?;
+        Ok(())
     }
 
     /// The tracker's NodeId (`None` when it was verified by a CA instead).
@@ -336,13 +376,37 @@ impl TrackerClient {
     /// same moment; we receive theirs.
     pub async fn introduce(&self, target: NodeId) -> Result<Introduction, ClientError> {
         match self.request(|request_id| ClientFrame::Introduce { request_id, target }).await? {
-            ServerFrame::Introduction { peer, addrs, incarnation, .. } if peer == target => {
-                Ok(Introduction { peer, addrs, incarnation, requested: true })
+            ServerFrame::Introduction { peer, addrs, incarnation, mapping, .. } if peer == target => {
+                Ok(Introduction { peer, addrs, incarnation, mapping, requested: true })
             }
             ServerFrame::NotFound { target, .. } => Err(ClientError::NotFound(target)),
             other => Err(ClientError::UnexpectedFrame { expected: "Introduction", got: Box::new(other) }),
         }
     }
+}
+
+/// Connects to the tracker at `addr` and checks a pinned id right after the handshake,
+/// before anything is sent (for the typed [`ClientError::WrongTracker`]). Returns the
+/// connection and the tracker's id (`None` when a CA verified it).
+async fn open(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    trust: &ServerTrust,
+) -> Result<(quinn::Connection, Option<NodeId>), ClientError> {
+    let connection = endpoint.connect_with(config, addr, server_name)?.await?;
+    let tracker_id = match trust {
+        ServerTrust::Ca(_) => None,
+        _ => Some(peer_node_id(&connection)?),
+    };
+    if let (ServerTrust::Pinned(expected), Some(actual)) = (trust, tracker_id) {
+        if *expected != actual {
+            connection.close(close_code::NORMAL.into(), b"unexpected tracker identity");
+            return Err(ClientError::WrongTracker { expected: *expected, actual });
+        }
+    }
+    Ok((connection, tracker_id))
 }
 
 /// Where the tracker's frames go.
@@ -377,11 +441,12 @@ async fn read_frames(
             }
         };
         let request_id = match &frame {
-            ServerFrame::Introduction { request_id: None, peer, addrs, incarnation } => {
+            ServerFrame::Introduction { request_id: None, peer, addrs, incarnation, mapping } => {
                 let intro = Introduction {
                     peer: *peer,
                     addrs: addrs.clone(),
                     incarnation: *incarnation,
+                    mapping: *mapping,
                     requested: false,
                 };
                 if events.try_send(TrackerEvent::Introduction(intro)).is_err() {
@@ -409,6 +474,10 @@ async fn read_frames(
             }
             ServerFrame::Registered { .. } => {
                 connection.close(close_code::PROTOCOL_VIOLATION.into(), b"Registered sent twice");
+                return;
+            }
+            ServerFrame::Observation { .. } => {
+                connection.close(close_code::PROTOCOL_VIOLATION.into(), b"Observation without Observe");
                 return;
             }
         };

@@ -7,7 +7,7 @@ use std::ops::Bound;
 
 use qpeer_certs::NodeId;
 use qpeer_wire::canonical;
-use qpeer_wire::tracker::{PeerAddrs, PeerInfo};
+use qpeer_wire::tracker::{Mapping, PeerAddrs, PeerInfo};
 
 /// What the directory knows of one registered node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub struct Listing {
     pub name: Option<String>,
     /// Seconds since the Unix epoch.
     pub registered_at: u64,
+    /// What the node announced of its NAT (`ClientFrame::Mapping`), for introductions.
+    pub mapping: Mapping,
 }
 
 impl Listing {
@@ -35,7 +37,14 @@ impl Listing {
     ) -> Self {
         let observed = canonical(observed);
         let candidates = plausible_candidates(candidates, observed);
-        Self { connection_id, addrs: PeerAddrs { observed, candidates }, incarnation, name, registered_at }
+        Self {
+            connection_id,
+            addrs: PeerAddrs { observed, candidates },
+            incarnation,
+            name,
+            registered_at,
+            mapping: Mapping::Unknown,
+        }
     }
 }
 
@@ -87,6 +96,13 @@ impl Directory {
         }
         self.nodes.remove(node_id);
         true
+    }
+
+    /// Notes the NAT mapping `node_id` announced over `connection_id`.
+    pub fn set_mapping(&mut self, node_id: &NodeId, connection_id: u64, mapping: Mapping) {
+        if let Some(listing) = self.registered_by(node_id, connection_id) {
+            listing.mapping = mapping;
+        }
     }
 
     /// Replaces the candidates of `node_id` (it moved to another network), if it is still

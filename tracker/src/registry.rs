@@ -21,7 +21,7 @@ pub type Outbox = mpsc::Sender<Box<ServerFrame>>;
 
 /// How to reach a registered node's session.
 #[derive(Debug)]
-pub struct SessionHandle {
+pub struct NodeReach {
     pub connection: quinn::Connection,
     pub outbox: Outbox,
 }
@@ -54,7 +54,7 @@ impl Registry {
 #[derive(Debug, Default)]
 pub struct Nodes {
     directory: Directory,
-    sessions: HashMap<NodeId, SessionHandle>,
+    sessions: HashMap<NodeId, NodeReach>,
     rendezvous: Rendezvous,
 }
 
@@ -80,7 +80,7 @@ impl Nodes {
         &mut self,
         node_id: NodeId,
         listing: Listing,
-        session: SessionHandle,
+        session: NodeReach,
         max_nodes: usize,
     ) -> Entered {
         match self.directory.register(node_id, listing, max_nodes) {

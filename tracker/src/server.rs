@@ -1,6 +1,10 @@
 //! The tracker server: [`Tracker::bind`] then [`Tracker::run`] until a shutdown future
 //! resolves. The accept loop refuses an address over its connection limit before any TLS
 //! work, and hands every other connection to its own session task.
+//!
+//! A tracker may listen on several addresses (one quinn endpoint each, the same identity
+//! on each): their sessions share one registry, relay and set of limits, so a node may
+//! register at any of them, and observe from another how its NAT maps it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +26,8 @@ use crate::sessions::{serve_incoming, SessionContext};
 /// Everything needed to start a tracker.
 pub struct TrackerConfig {
     pub listen: SocketAddr,
+    /// More addresses to listen on besides `listen`, with the same identity and state.
+    pub extra_listen: Vec<SocketAddr>,
     pub identity: Arc<Identity>,
     /// A CA-issued certificate chain and key to present instead of the self-signed identity one.
     pub certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -33,7 +39,14 @@ pub struct TrackerConfig {
 
 impl TrackerConfig {
     pub fn new(listen: SocketAddr, identity: Arc<Identity>) -> Self {
-        Self { listen, identity, certificate: None, limits: Limits::default(), console: false }
+        Self {
+            listen,
+            extra_listen: Vec::new(),
+            identity,
+            certificate: None,
+            limits: Limits::default(),
+            console: false,
+        }
     }
 }
 
@@ -50,7 +63,8 @@ pub enum TrackerError {
 
 /// A bound tracker, ready to [`run`](Tracker::run).
 pub struct Tracker {
-    endpoint: quinn::Endpoint,
+    /// One per listen address, `listen` first.
+    endpoints: Vec<quinn::Endpoint>,
     ctx: Arc<SessionContext>,
     connections: Arc<ConnectionCounter>,
     node_id: NodeId,
@@ -112,29 +126,25 @@ impl Tracker {
             None => qpeer_certs::server_config(&config.identity, &[ALPN])?,
         };
         server_config.transport_config(Arc::new(transport_config(&config.limits)?));
-        let socket = std::net::UdpSocket::bind(config.listen)
-            .map_err(|source| TrackerError::Bind { addr: config.listen, source })?;
-        enlarge_receive_buffer(&socket);
-        let endpoint = quinn::Endpoint::new(
-            qpeer_certs::endpoint_config(&config.identity),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| TrackerError::Bind { addr: config.listen, source })?;
+        let mut endpoints = Vec::new();
+        for addr in std::iter::once(config.listen).chain(config.extra_listen.iter().copied()) {
+            endpoints.push(bind_endpoint(addr, &config.identity, &server_config)?);
+        }
+        let listen_addrs: Vec<SocketAddr> = endpoints.iter().filter_map(|e| e.local_addr().ok()).collect();
         let tracker = Self {
-            endpoint,
+            endpoints,
             node_id: config.identity.node_id(),
             ca_mode,
             connections: ConnectionCounter::new(config.limits.max_connections_per_ip),
-            ctx: Arc::new(SessionContext::new(config.limits, sink.clone())),
+            ctx: Arc::new(SessionContext::new(config.limits, sink.clone(), listen_addrs.clone())),
             events,
         };
-        let addr = tracker.local_addr();
-        sink.emit(ServerEvent::Listening { addr });
-        sink.emit(ServerEvent::Reachable { tracker: tracker.tracker_string() });
-        if addr.ip().is_unspecified() && !tracker.ca_mode {
-            sink.emit(ServerEvent::ListeningEverywhere { node_id: tracker.node_id, port: addr.port() });
+        for addr in listen_addrs {
+            sink.emit(ServerEvent::Listening { addr });
+            sink.emit(ServerEvent::Reachable { tracker: tracker.tracker_string_for(addr) });
+            if addr.ip().is_unspecified() && !tracker.ca_mode {
+                sink.emit(ServerEvent::ListeningEverywhere { node_id: tracker.node_id, port: addr.port() });
+            }
         }
         Ok(tracker)
     }
@@ -146,8 +156,14 @@ impl Tracker {
         self.events.take()
     }
 
+    /// The first listen address (`TrackerConfig::listen`).
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.local_addrs().first().copied().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Every listen address, `TrackerConfig::listen` first.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.ctx.listen_addrs.clone()
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -156,7 +172,11 @@ impl Tracker {
 
     /// What a node passes as `--tracker`: `ID@IP:PORT`, or `IP:PORT` in CA mode.
     pub fn tracker_string(&self) -> String {
-        let addr = self.local_addr();
+        self.tracker_string_for(self.local_addr())
+    }
+
+    /// [`Tracker::tracker_string`] for one listen address.
+    fn tracker_string_for(&self, addr: SocketAddr) -> String {
         if self.ca_mode {
             addr.to_string()
         } else {
@@ -176,28 +196,74 @@ impl Tracker {
 
     /// Serves until `shutdown` resolves, then closes every connection with
     /// [`close_code::SHUTDOWN`] and waits (bounded) for the endpoint to go idle.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        // Events nobody took before now never will be: stop keeping them.
+        drop(self.events.take());
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tokio::pin!(shutdown);
+        for endpoint in &self.endpoints {
+            let acceptor = Acceptor {
+                endpoint: endpoint.clone(),
+                local: endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+                ctx: self.ctx.clone(),
+                connections: self.connections.clone(),
+            };
+            tasks.spawn(acceptor.run(cancel.clone(), tasks.clone()));
+        }
+        shutdown.await;
+        tracing::info!("tracker shutting down");
+        cancel.cancel();
+        for endpoint in &self.endpoints {
+            endpoint.close(close_code::SHUTDOWN.into(), b"tracker shutting down");
+        }
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            tasks.wait().await;
+            for endpoint in &self.endpoints {
+                endpoint.wait_idle().await;
+            }
+        })
+        .await;
+    }
+}
+
+/// Binds one listen address: its UDP socket and quinn endpoint.
+fn bind_endpoint(
+    addr: SocketAddr,
+    identity: &Identity,
+    server_config: &quinn::ServerConfig,
+) -> Result<quinn::Endpoint, TrackerError> {
+    let socket = std::net::UdpSocket::bind(addr).map_err(|source| TrackerError::Bind { addr, source })?;
+    enlarge_receive_buffer(&socket);
+    quinn::Endpoint::new(
+        qpeer_certs::endpoint_config(identity),
+        Some(server_config.clone()),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TrackerError::Bind { addr, source })
+}
+
+/// The accept loop of one endpoint; every endpoint's sessions share `ctx` and the
+/// per-address counts.
+struct Acceptor {
+    endpoint: quinn::Endpoint,
+    local: SocketAddr,
+    ctx: Arc<SessionContext>,
+    connections: Arc<ConnectionCounter>,
+}
+
+impl Acceptor {
+    async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
         loop {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = cancel.cancelled() => return,
                 incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
+                    let Some(incoming) = incoming else { return };
                     self.admit(incoming, &cancel, &tasks);
                 }
             }
         }
-        tracing::info!("tracker shutting down");
-        cancel.cancel();
-        self.endpoint.close(close_code::SHUTDOWN.into(), b"tracker shutting down");
-        tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(3), async {
-            tasks.wait().await;
-            self.endpoint.wait_idle().await;
-        })
-        .await;
     }
 
     /// Starts a session for `incoming`, asks it to prove its address first, or refuses it
@@ -209,6 +275,7 @@ impl Tracker {
             Admission::Admit(slot) => {
                 tasks.spawn(serve_incoming(
                     self.ctx.clone(),
+                    self.local,
                     incoming,
                     slot,
                     cancel.child_token(),

@@ -15,7 +15,7 @@ use qpeer_wire::codec::CodecError;
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::tracker::{
     ClientFrame, ErrorKind, ServerFrame, MAX_CANDIDATES, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_PEERS_PAGE,
-    PROTOCOL_VERSION,
+    MAX_TRACKER_ADDRS, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::directory::Listing;
 use crate::events::{EventSink, ServerEvent};
 use crate::limits::{ConnectionSlot, Limits, TokenBucket};
-use crate::registry::{Entered, Outbox, Registry, SessionHandle};
+use crate::registry::{Entered, NodeReach, Outbox, Registry};
 use crate::relay::{Relay, RelayClient};
 
 /// Time allowed for a TLS handshake.
@@ -36,6 +36,10 @@ const MIGRATION_CHECK: Duration = Duration::from_secs(1);
 /// Frames queued for one node's control stream.
 const OUTBOX: usize = 16;
 
+/// How long an `Observe` connection is left for the node to close after the answer (so the
+/// answer is not lost to our close) before the tracker closes it.
+const OBSERVE_LINGER: Duration = Duration::from_secs(2);
+
 /// What every session shares.
 #[derive(Debug)]
 pub struct SessionContext {
@@ -43,18 +47,33 @@ pub struct SessionContext {
     pub relay: Arc<Relay>,
     pub limits: Limits,
     pub events: EventSink,
+    /// Every address the tracker listens on (one endpoint each), told to nodes in
+    /// `Registered` so that they can measure their NAT's mapping.
+    pub listen_addrs: Vec<SocketAddr>,
     next_connection_id: AtomicU64,
 }
 
 impl SessionContext {
-    pub fn new(limits: Limits, events: EventSink) -> Self {
+    pub fn new(limits: Limits, events: EventSink, listen_addrs: Vec<SocketAddr>) -> Self {
         Self {
             registry: Registry::default(),
             relay: Arc::default(),
             limits,
             events,
+            listen_addrs,
             next_connection_id: AtomicU64::new(1),
         }
+    }
+
+    /// The listen addresses a node that arrived at `local` is told about: the others, and
+    /// only specific ones (a node cannot aim at an unspecified bind).
+    fn other_addrs(&self, local: SocketAddr) -> Vec<SocketAddr> {
+        self.listen_addrs
+            .iter()
+            .map(|addr| canonical(*addr))
+            .filter(|addr| !addr.ip().is_unspecified() && *addr != canonical(local))
+            .take(MAX_TRACKER_ADDRS)
+            .collect()
     }
 }
 
@@ -66,10 +85,12 @@ enum Fault {
     NoControlStream,
     #[error("no Register frame in time")]
     NoRegister,
-    #[error("the first frame must be Register")]
+    #[error("the first frame must be Register or Observe")]
     NotRegister,
     #[error("Register sent twice")]
     RegisteredTwice,
+    #[error("Observe must be the first frame")]
+    LateObserve,
     #[error("protocol version {0} is not supported; this tracker speaks {PROTOCOL_VERSION}")]
     UnsupportedVersion(u16),
     #[error("{0} candidates; at most {MAX_CANDIDATES}")]
@@ -95,6 +116,7 @@ impl Fault {
             Self::Stream(StreamError::PartialTimeout(_)) => close_code::TIMEOUT,
             Self::NotRegister
             | Self::RegisteredTwice
+            | Self::LateObserve
             | Self::TooManyCandidates(_)
             | Self::BadName
             | Self::Stream(_) => close_code::PROTOCOL_VIOLATION,
@@ -106,10 +128,11 @@ fn close(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
 
-/// Completes the handshake of a connection the accept loop admitted (`slot` counts it
-/// against its address until it ends) and serves it.
+/// Completes the handshake of a connection the accept loop of the endpoint at `local`
+/// admitted (`slot` counts it against its address until it ends) and serves it.
 pub async fn serve_incoming(
     ctx: Arc<SessionContext>,
+    local: SocketAddr,
     incoming: quinn::Incoming,
     mut slot: ConnectionSlot,
     cancel: CancellationToken,
@@ -140,7 +163,7 @@ pub async fn serve_incoming(
         }
     };
     let connection_id = ctx.next_connection_id.fetch_add(1, Ordering::Relaxed);
-    NodeSession { ctx, conn, node_id, remote, connection_id }.run(cancel, tasks).await;
+    NodeSession { ctx, conn, node_id, remote, local, connection_id }.run(cancel, tasks).await;
     drop(slot);
 }
 
@@ -151,12 +174,21 @@ struct RegisterRequest {
     incarnation: u64,
 }
 
+/// What a connection's first frame asks for.
+enum FirstFrame {
+    Register(RegisterRequest),
+    /// Only the address it arrives from; it does not register.
+    Observe,
+}
+
 /// One node's connection.
 struct NodeSession {
     ctx: Arc<SessionContext>,
     conn: quinn::Connection,
     node_id: NodeId,
     remote: SocketAddr,
+    /// The tracker's address this connection arrived at.
+    local: SocketAddr,
     connection_id: u64,
 }
 
@@ -176,8 +208,9 @@ impl NodeSession {
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
         tasks.spawn(write_outbox(self.conn.clone(), send, outbox_rx));
 
-        let request = match self.read_register(&mut reader, &cancel).await {
-            Ok(Some(request)) => request,
+        let request = match self.read_first(&mut reader, &cancel).await {
+            Ok(Some(FirstFrame::Register(request))) => request,
+            Ok(Some(FirstFrame::Observe)) => return self.observe(outbox).await,
             Ok(None) => return,
             Err(fault) => return self.close(&fault),
         };
@@ -185,7 +218,9 @@ impl NodeSession {
             Ok(entered) => entered,
             Err(fault) => return self.close(&fault),
         };
-        let _ = outbox.send(Box::new(ServerFrame::Registered { version: PROTOCOL_VERSION, observed })).await;
+        let others = self.ctx.other_addrs(self.local);
+        let registered = ServerFrame::Registered { version: PROTOCOL_VERSION, observed, others };
+        let _ = outbox.send(Box::new(registered)).await;
         let active = self.ctx.registry.len();
         self.ctx.events.emit(ServerEvent::Connected { remote: self.remote, node: self.node_id, active });
 
@@ -212,12 +247,24 @@ impl NodeSession {
         close(&self.conn, fault.close_code(), &fault.to_string());
     }
 
-    /// Waits for `Register` and checks it. `None`: the connection ended first.
-    async fn read_register(
+    /// Answers an `Observe` connection with the address it arrives from, then closes it. It
+    /// never touches the registry: the node's registered connection stays as it is.
+    async fn observe(&self, outbox: Outbox) {
+        let observed = canonical(self.conn.remote_address());
+        let _ = outbox.send(Box::new(ServerFrame::Observation { observed })).await;
+        // Dropping the queue makes the writer finish the stream after the answer; the node
+        // closes once it has read it, and a node that does not is closed after a while.
+        drop(outbox);
+        let _ = tokio::time::timeout(OBSERVE_LINGER, self.conn.closed()).await;
+        close(&self.conn, close_code::NORMAL, "observed");
+    }
+
+    /// Waits for `Register` (checked) or `Observe`. `None`: the connection ended first.
+    async fn read_first(
         &self,
         reader: &mut FrameReader<quinn::RecvStream>,
         cancel: &CancellationToken,
-    ) -> Result<Option<RegisterRequest>, Fault> {
+    ) -> Result<Option<FirstFrame>, Fault> {
         let first = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
             first = tokio::time::timeout(self.ctx.limits.register_timeout, reader.next::<ClientFrame>()) => first,
@@ -227,8 +274,15 @@ impl NodeSession {
             Ok(None) | Err(StreamError::Read(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let ClientFrame::Register { version, candidates, name, incarnation } = frame else {
-            return Err(Fault::NotRegister);
+        let (version, candidates, name, incarnation) = match frame {
+            ClientFrame::Register { version, candidates, name, incarnation } => {
+                (version, candidates, name, incarnation)
+            }
+            ClientFrame::Observe { version } if version == PROTOCOL_VERSION => {
+                return Ok(Some(FirstFrame::Observe))
+            }
+            ClientFrame::Observe { version } => return Err(Fault::UnsupportedVersion(version)),
+            _ => return Err(Fault::NotRegister),
         };
         if version != PROTOCOL_VERSION {
             return Err(Fault::UnsupportedVersion(version));
@@ -237,7 +291,7 @@ impl NodeSession {
         if name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN || n.chars().any(char::is_control)) {
             return Err(Fault::BadName);
         }
-        Ok(Some(RegisterRequest { candidates, name, incarnation }))
+        Ok(Some(FirstFrame::Register(RegisterRequest { candidates, name, incarnation })))
     }
 
     /// Enters the node in the registry (closing an older connection of it) and attaches it
@@ -253,7 +307,7 @@ impl NodeSession {
             unix_now(),
         );
         let observed = listing.addrs.observed;
-        let session = SessionHandle { connection: self.conn.clone(), outbox: outbox.clone() };
+        let session = NodeReach { connection: self.conn.clone(), outbox: outbox.clone() };
         let entered = self.ctx.registry.lock().register(self.node_id, listing, session, limits.max_nodes);
         match entered {
             Entered::Registered => {}
@@ -295,6 +349,15 @@ impl NodeSession {
             };
             let reply = match frame {
                 ClientFrame::Register { .. } => return Err(Fault::RegisteredTwice),
+                ClientFrame::Observe { .. } => return Err(Fault::LateObserve),
+                ClientFrame::Mapping { mapping } => {
+                    self.ctx.registry.lock().directory_mut().set_mapping(
+                        &self.node_id,
+                        self.connection_id,
+                        mapping,
+                    );
+                    continue;
+                }
                 ClientFrame::ListPeers { request_id, after, limit } => {
                     let limit = usize::from(limit.clamp(1, MAX_PEERS_PAGE));
                     let (peers, next) = self.ctx.registry.lock().directory().page(after, limit);
@@ -341,6 +404,7 @@ impl NodeSession {
             peer: self.node_id,
             addrs: me.addrs.clone(),
             incarnation: me.incarnation,
+            mapping: me.mapping,
         };
         let Some(peer) = nodes.directory().get(&target) else {
             return ServerFrame::NotFound { request_id, target };
@@ -350,6 +414,7 @@ impl NodeSession {
             peer: target,
             addrs: peer.addrs.clone(),
             incarnation: peer.incarnation,
+            mapping: peer.mapping,
         };
         if !nodes.send(&target, to_target) {
             return error(ErrorKind::Busy, "the target's queue is full; retry shortly");

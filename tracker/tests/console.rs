@@ -26,9 +26,15 @@ impl Drop for Tracker {
 
 impl Tracker {
     fn start() -> Self {
+        Self::start_on(&["127.0.0.1:0"])
+    }
+
+    /// A tracker with one `--listen` per address.
+    fn start_on(listen: &[&str]) -> Self {
         let home = tempfile::tempdir().expect("home");
         let mut child = Command::new(env!("CARGO_BIN_EXE_qpeer-tracker"))
-            .args(["--listen", "127.0.0.1:0", "--home"])
+            .args(listen.iter().flat_map(|addr| ["--listen", addr]))
+            .arg("--home")
             .arg(home.path())
             .stdout(Stdio::piped())
             .spawn()
@@ -48,27 +54,34 @@ impl Tracker {
     fn next_line(&self) -> String {
         self.lines.recv_timeout(Duration::from_secs(10)).expect("a console line within 10 s")
     }
+
+    /// The next `[LISTENING] Server is listening on ADDR` line and the `[TRACKER]` line after
+    /// it, which must name the same port.
+    fn listening(&self) -> (SocketAddr, TrackerAddr) {
+        let listening = self.next_line();
+        let bound: SocketAddr = listening
+            .strip_prefix("[LISTENING] Server is listening on ")
+            .unwrap_or_else(|| panic!("unexpected line {listening:?}"))
+            .parse()
+            .expect("a socket address");
+        let tracker_line = self.next_line();
+        let tracker_addr: TrackerAddr = tracker_line
+            .strip_prefix("[TRACKER] ")
+            .unwrap_or_else(|| panic!("unexpected line {tracker_line:?}"))
+            .parse()
+            .expect("ID@IP:PORT");
+        assert_eq!(tracker_addr.port, bound.port());
+        (bound, tracker_addr)
+    }
 }
 
 #[tokio::test]
 async fn console_lines_follow_the_documented_order() {
     let tracker = Tracker::start();
     assert_eq!(tracker.next_line(), "[STARTING] tracker server is starting...");
-    let listening = tracker.next_line();
-    let bound: SocketAddr = listening
-        .strip_prefix("[LISTENING] Server is listening on ")
-        .unwrap_or_else(|| panic!("unexpected line {listening:?}"))
-        .parse()
-        .expect("a socket address");
+    let (bound, tracker_addr) = tracker.listening();
     assert_eq!(bound.ip(), Ipv4Addr::LOCALHOST);
     assert_ne!(bound.port(), 0, "the actually bound port is printed");
-    let tracker_line = tracker.next_line();
-    let tracker_addr: TrackerAddr = tracker_line
-        .strip_prefix("[TRACKER] ")
-        .unwrap_or_else(|| panic!("unexpected line {tracker_line:?}"))
-        .parse()
-        .expect("ID@IP:PORT");
-    assert_eq!(tracker_addr.port, bound.port());
     let tracker_id = tracker_addr.node_id.expect("pinned form");
 
     let endpoint = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into()).expect("endpoint");
@@ -105,4 +118,17 @@ async fn console_lines_follow_the_documented_order() {
     let exit = tracker.child.wait().expect("wait");
     assert_eq!(exit.code(), Some(0), "a SIGTERM'd tracker exits 0");
     assert_eq!(tracker.next_line(), "[STOPPED] tracker server stopped");
+}
+
+#[test]
+fn each_listen_address_gets_its_lines() {
+    let tracker = Tracker::start_on(&["127.0.0.1:0", "127.0.0.2:0"]);
+    assert_eq!(tracker.next_line(), "[STARTING] tracker server is starting...");
+    let mut ids = Vec::new();
+    for ip in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)] {
+        let (bound, addr) = tracker.listening();
+        assert_eq!(bound.ip(), ip);
+        ids.push(addr.node_id.expect("pinned form"));
+    }
+    assert_eq!(ids[0], ids[1], "the same identity on every address");
 }

@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 struct RunningTracker {
     stats: qpeer_tracker::server::TrackerStats,
     addr: SocketAddr,
+    /// Every listen address, `addr` first.
+    addrs: Vec<SocketAddr>,
     id: qpeer_certs::NodeId,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -23,18 +25,25 @@ struct RunningTracker {
 
 impl RunningTracker {
     async fn start(limits: Limits) -> Self {
+        Self::start_on(limits, Vec::new()).await
+    }
+
+    /// A tracker on 127.0.0.1 and on each of `extra` too.
+    async fn start_on(limits: Limits, extra: Vec<SocketAddr>) -> Self {
         let identity = Arc::new(Identity::generate().expect("identity"));
         let mut config = TrackerConfig::new((Ipv4Addr::LOCALHOST, 0).into(), identity);
         config.limits = limits;
+        config.extra_listen = extra;
         let tracker = Tracker::bind(config).expect("bind tracker");
         let (stop, stopped) = oneshot::channel::<()>();
         let addr = tracker.local_addr();
+        let addrs = tracker.local_addrs();
         let id = tracker.node_id();
         let stats = tracker.stats();
         let task = tokio::spawn(tracker.run(async {
             let _ = stopped.await;
         }));
-        Self { stats, addr, id, stop: Some(stop), task }
+        Self { stats, addr, addrs, id, stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
@@ -64,12 +73,21 @@ impl std::fmt::Debug for TestNode {
 }
 
 async fn register(tracker: &RunningTracker, identity: Identity) -> Result<TestNode, ClientError> {
+    register_at(tracker, tracker.addr, identity).await
+}
+
+/// Registers at one of the tracker's addresses.
+async fn register_at(
+    tracker: &RunningTracker,
+    at: SocketAddr,
+    identity: Identity,
+) -> Result<TestNode, ClientError> {
     let endpoint = endpoint();
     let candidates = vec![endpoint.local_addr().expect("addr")];
     let (client, intros) = TrackerClient::connect(
         &endpoint,
         &identity,
-        tracker.addr,
+        at,
         PINNED_SERVER_NAME,
         &ServerTrust::Pinned(tracker.id),
         RegisterInfo { candidates, name: Some("test".into()), incarnation: 1 },
@@ -445,7 +463,7 @@ async fn console_events_arrive_in_order_only_when_asked_for() {
     let task = tokio::spawn(tracker.run(async {
         let _ = stopped.await;
     }));
-    let running = RunningTracker { stats, addr, id, stop: Some(stop), task };
+    let running = RunningTracker { stats, addr, addrs: vec![addr], id, stop: Some(stop), task };
     let mut lines = Vec::new();
     for _ in 0..3 {
         lines.push(next_line(&mut events).await);
@@ -575,5 +593,88 @@ async fn a_link_member_cannot_use_another_pairs_link() {
     assert_eq!(tracker.stats.relayed_bytes(), 0);
     assert!(tracker.stats.relay_dropped() >= 1);
     assert!(c.intros.try_recv().is_err());
+    tracker.stop().await;
+}
+
+/// A second loopback address (Linux routes all of 127/8 to `lo`).
+fn second_loopback() -> SocketAddr {
+    (Ipv4Addr::new(127, 0, 0, 2), 0).into()
+}
+
+#[tokio::test]
+async fn a_tracker_on_two_addresses_shares_one_registry_and_tells_nodes_the_other() {
+    let tracker = RunningTracker::start_on(Limits::default(), vec![second_loopback()]).await;
+    assert_eq!(tracker.addrs.len(), 2);
+    let (first, second) = (tracker.addrs[0], tracker.addrs[1]);
+    let a = register_at(&tracker, first, Identity::generate().expect("identity")).await.expect("a");
+    let b = register_at(&tracker, second, Identity::generate().expect("identity")).await.expect("b");
+    assert_eq!(a.client.other_addrs(), &[second]);
+    assert_eq!(b.client.other_addrs(), &[first]);
+    assert_eq!(a.client.list_all().await.expect("list").len(), 2);
+    let intro = a.client.introduce(b.identity.node_id()).await.expect("introduce across addresses");
+    assert_eq!(intro.addrs.observed, b.client.observed_addr());
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn unspecified_binds_are_not_told_to_nodes() {
+    let tracker = RunningTracker::start_on(Limits::default(), vec![(Ipv4Addr::UNSPECIFIED, 0).into()]).await;
+    let a = node(&tracker).await;
+    assert!(a.client.other_addrs().is_empty());
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn observe_answers_from_the_same_endpoint_without_replacing_the_registration() {
+    let tracker = RunningTracker::start_on(Limits::default(), vec![second_loopback()]).await;
+    let a = node(&tracker).await;
+    let other = a.client.other_addrs()[0];
+    let config = TrackerClient::config(&a.identity, &ServerTrust::Pinned(tracker.id)).expect("config");
+    let observed = TrackerClient::observe(
+        &a.endpoint,
+        config,
+        other,
+        PINNED_SERVER_NAME,
+        &ServerTrust::Pinned(tracker.id),
+    )
+    .await
+    .expect("observe");
+    // One socket, no NAT: both addresses see the same source.
+    assert_eq!(observed, a.client.observed_addr());
+    // The registration is untouched: still listed, still answering.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.client.connection().close_reason().is_none());
+    assert_eq!(tracker.stats.registered(), 1);
+    assert_eq!(a.client.list_all().await.expect("list").len(), 1);
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn observe_pins_the_tracker_id() {
+    let tracker = RunningTracker::start_on(Limits::default(), vec![second_loopback()]).await;
+    let a = node(&tracker).await;
+    let impostor = Identity::generate().expect("identity").node_id();
+    let trust = ServerTrust::Pinned(impostor);
+    let config = TrackerClient::config(&a.identity, &trust).expect("config");
+    let result =
+        TrackerClient::observe(&a.endpoint, config, tracker.addrs[1], PINNED_SERVER_NAME, &trust).await;
+    assert!(matches!(result, Err(ClientError::WrongTracker { .. })), "{result:?}");
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn an_announced_mapping_reaches_peers_in_introductions() {
+    use qpeer_wire::tracker::Mapping;
+    let tracker = RunningTracker::start(Limits::default()).await;
+    let a = node(&tracker).await;
+    let mut b = node(&tracker).await;
+    a.client.announce_mapping(Mapping::EndpointDependent).await.expect("announce");
+    // A request on the same stream: the tracker has read the announcement once it answers.
+    a.client.list_all().await.expect("list");
+    let intro = b.client.introduce(a.identity.node_id()).await.expect("introduce");
+    assert_eq!(intro.mapping, Mapping::EndpointDependent);
+    let at_a_side = a.client.introduce(b.identity.node_id()).await.expect("introduce back");
+    assert_eq!(at_a_side.mapping, Mapping::Unknown);
+    let _ = next_introduction(&mut b).await;
     tracker.stop().await;
 }

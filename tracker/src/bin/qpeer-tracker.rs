@@ -25,9 +25,11 @@ use tokio_util::sync::CancellationToken;
 #[command(version, about, long_about)]
 struct Cli {
     /// UDP address to listen on. Default: [::]:4433 (IPv6 and IPv4) where the system has
-    /// IPv6, else 0.0.0.0:4433. Use 127.0.0.1:0 for a random local port.
-    #[arg(long, env = "QPEER_TRACKER_LISTEN")]
-    listen: Option<SocketAddr>,
+    /// IPv6, else 0.0.0.0:4433. Use 127.0.0.1:0 for a random local port. Give it more than
+    /// once to listen on several addresses with the same identity: nodes then measure how
+    /// their NAT maps them (`qpeer netcheck`).
+    #[arg(long, env = "QPEER_TRACKER_LISTEN", value_delimiter = ',')]
+    listen: Vec<SocketAddr>,
     /// Home directory holding the tracker's identity key (default: $QPEER_HOME, else
     /// ~/.local/share/qpeer).
     #[arg(long, env = "QPEER_HOME")]
@@ -109,8 +111,9 @@ async fn main() -> Result<()> {
             "{flag} must be a positive number of seconds, got {value}"
         );
     }
-    let listen = cli.listen.unwrap_or_else(default_listen);
-    let mut config = TrackerConfig::new(listen, identity);
+    let mut listen = cli.listen.into_iter();
+    let mut config = TrackerConfig::new(listen.next().unwrap_or_else(default_listen), identity);
+    config.extra_listen = listen.collect();
     config.certificate = certificate;
     config.limits = limits;
     config.console = true;

@@ -148,6 +148,19 @@ mod tests {
                 .prop_map(|(request_id, after, limit)| ClientFrame::ListPeers { request_id, after, limit }),
             (any::<u64>(), node_id())
                 .prop_map(|(request_id, target)| ClientFrame::Introduce { request_id, target }),
+            (any::<u64>(), node_id())
+                .prop_map(|(request_id, peer)| ClientFrame::RelayRequest { request_id, peer }),
+            any::<u16>().prop_map(|version| ClientFrame::Observe { version }),
+            mapping().prop_map(|mapping| ClientFrame::Mapping { mapping }),
+        ]
+    }
+
+    fn mapping() -> impl Strategy<Value = Mapping> {
+        prop_oneof![
+            Just(Mapping::Unknown),
+            Just(Mapping::None),
+            Just(Mapping::EndpointIndependent),
+            Just(Mapping::EndpointDependent),
         ]
     }
 
@@ -159,19 +172,22 @@ mod tests {
         let kind =
             prop_oneof![Just(ErrorKind::RateLimited), Just(ErrorKind::InvalidRequest), Just(ErrorKind::Busy)];
         prop_oneof![
-            (any::<u16>(), addr())
-                .prop_map(|(version, observed)| ServerFrame::Registered { version, observed }),
+            (any::<u16>(), addr(), prop::collection::vec(addr(), 0..MAX_TRACKER_ADDRS)).prop_map(
+                |(version, observed, others)| ServerFrame::Registered { version, observed, others }
+            ),
             (any::<u64>(), prop::collection::vec(peer, 0..8), prop::option::of(node_id()))
                 .prop_map(|(request_id, peers, next)| ServerFrame::Peers { request_id, peers, next }),
-            (prop::option::of(any::<u64>()), node_id(), addrs, any::<u64>()).prop_map(
-                |(request_id, peer, addrs, incarnation)| ServerFrame::Introduction {
+            (prop::option::of(any::<u64>()), node_id(), addrs, any::<u64>(), mapping()).prop_map(
+                |(request_id, peer, addrs, incarnation, mapping)| ServerFrame::Introduction {
                     request_id,
                     peer,
                     addrs,
-                    incarnation
+                    incarnation,
+                    mapping
                 }
             ),
             addr().prop_map(|observed| ServerFrame::Observed { observed }),
+            addr().prop_map(|observed| ServerFrame::Observation { observed }),
             (any::<u64>(), node_id())
                 .prop_map(|(request_id, target)| ServerFrame::NotFound { request_id, target }),
             (any::<u64>(), kind, ".{0,30}").prop_map(|(request_id, kind, message)| ServerFrame::Error {
@@ -222,6 +238,18 @@ mod tests {
                 .expect("encode");
         body.push(0);
         assert_eq!(decode_body::<ClientFrame>(&body), Err(CodecError::TrailingBytes(1)));
+    }
+
+    /// The example bytes of docs/PROTOCOL.md section 2.13 for the version-3 frames.
+    #[test]
+    fn version_3_frames_encode_as_documented() {
+        let observe = encode_frame(&ClientFrame::Observe { version: PROTOCOL_VERSION }, MAX_FRAME_LEN);
+        assert_eq!(observe.expect("encode"), [0, 0, 0, 2, 5, 3]);
+        let mapping = ClientFrame::Mapping { mapping: Mapping::EndpointDependent };
+        assert_eq!(encode_frame(&mapping, MAX_FRAME_LEN).expect("encode"), [0, 0, 0, 2, 6, 3]);
+        let observed: SocketAddr = "203.0.113.7:40000".parse().expect("addr");
+        let observation = encode_frame(&ServerFrame::Observation { observed }, MAX_FRAME_LEN);
+        assert_eq!(observation.expect("encode"), [0, 0, 0, 9, 8, 0, 0xcb, 0, 0x71, 7, 0xfb, 0x40, 0x9c]);
     }
 
     proptest! {

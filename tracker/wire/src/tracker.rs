@@ -13,10 +13,13 @@ pub const ALPN: &[u8] = b"qpeer-tracker/1";
 
 /// Protocol version carried in `Register` and `Registered`. A tracker closes a connection whose
 /// version it does not speak with [`crate::close_code::UNSUPPORTED_VERSION`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Hard upper bound of a frame body in bytes. A tracker may be configured lower, never higher.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Most other listen addresses a tracker tells a node in `Registered`.
+pub const MAX_TRACKER_ADDRS: usize = 8;
 
 /// Most candidate addresses a node may register.
 pub const MAX_CANDIDATES: usize = 16;
@@ -33,7 +36,7 @@ pub const MAX_PEERS_PAGE: u16 = 256;
 /// Frames a node sends to the tracker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
-    /// First frame on the control stream, exactly once.
+    /// First frame on the control stream, exactly once (or [`ClientFrame::Observe`] instead).
     Register {
         version: u16,
         /// Local interface addresses with the endpoint's port (for same-LAN peers).
@@ -55,6 +58,29 @@ pub enum ClientFrame {
     /// The node's local addresses changed (it moved to another network or interface):
     /// replaces the candidates it registered. At most [`MAX_CANDIDATES`].
     Candidates { candidates: Vec<SocketAddr> },
+    /// Instead of `Register`, as the first and only frame of a connection that does not
+    /// register: the tracker answers [`ServerFrame::Observation`] and closes the connection.
+    /// A node sends it from its one socket to another address of the tracker, to compare the
+    /// addresses its NAT maps it to (see [`Mapping`]).
+    Observe { version: u16 },
+    /// What the node learnt of its NAT: given to peers in introductions.
+    Mapping { mapping: Mapping },
+}
+
+/// How a node's NAT maps its socket, as the node measured it: the address the tracker sees
+/// from two tracker addresses, compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Mapping {
+    /// Not measured (a tracker with one address, or the check failed).
+    #[default]
+    Unknown,
+    /// No NAT: the tracker sees one of the node's own addresses.
+    None,
+    /// Both tracker addresses see the same public address: a peer can punch toward it.
+    EndpointIndependent,
+    /// Each destination gets a mapping of its own (a symmetric NAT): an address the tracker
+    /// saw is useless to a peer, so two such nodes cannot punch toward each other.
+    EndpointDependent,
 }
 
 /// One directory entry.
@@ -90,12 +116,21 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerFrame {
     /// Reply to `Register`: the address the tracker sees the node at (its NAT mapping).
-    Registered { version: u16, observed: SocketAddr },
+    /// `others` are the tracker's other listen addresses (at most [`MAX_TRACKER_ADDRS`]; the
+    /// same identity answers on each), for [`ClientFrame::Observe`].
+    Registered { version: u16, observed: SocketAddr, others: Vec<SocketAddr> },
     /// Reply to `ListPeers`. `next` is the cursor for the following page, if any.
     Peers { request_id: u64, peers: Vec<PeerInfo>, next: Option<NodeId> },
     /// An introduction. `request_id` is set on the reply to the node that asked, and `None` on
     /// the copy sent at the same moment to the node that was asked for.
-    Introduction { request_id: Option<u64>, peer: NodeId, addrs: PeerAddrs, incarnation: u64 },
+    /// `mapping` is what the peer announced with [`ClientFrame::Mapping`].
+    Introduction {
+        request_id: Option<u64>,
+        peer: NodeId,
+        addrs: PeerAddrs,
+        incarnation: u64,
+        mapping: Mapping,
+    },
     /// Reply to `Introduce` when the target is not registered.
     NotFound { request_id: u64, target: NodeId },
     /// A request failed; the connection stays open.
@@ -108,4 +143,7 @@ pub enum ServerFrame {
     /// The node's connection now arrives from another address (its NAT rebound, or it moved):
     /// the tracker gives this address to peers from now on.
     Observed { observed: SocketAddr },
+    /// Reply to `Observe`: the address this connection arrives from. The tracker then closes
+    /// the connection with [`crate::close_code::NORMAL`].
+    Observation { observed: SocketAddr },
 }

@@ -43,9 +43,10 @@ pub struct NodeOpts {
     /// Verify a HOST:PORT tracker's certificate against this CA (PEM) instead of its id.
     #[arg(long, value_name = "FILE", global = true)]
     pub tracker_ca: Option<PathBuf>,
-    /// UDP address of the node's single socket.
-    #[arg(long, default_value = "0.0.0.0:0", global = true)]
-    pub bind: SocketAddr,
+    /// UDP address of the node's single socket. Default: [::]:0 dual-stack (IPv6 and IPv4),
+    /// or 0.0.0.0:0 where the system has no IPv6.
+    #[arg(long, global = true)]
+    pub bind: Option<SocketAddr>,
     /// Name shown to other nodes in `qpeer peers`.
     #[arg(long, global = true)]
     pub name: Option<String>,
@@ -129,6 +130,17 @@ pub enum Command {
         /// Home directory (default: $QPEER_HOME, else ~/.local/share/qpeer).
         #[arg(long, env = "QPEER_HOME")]
         home: Option<PathBuf>,
+    },
+    /// What kind of network this machine is on: whether UDP reaches the tracker, how the NAT
+    /// maps the node's socket (measured at two tracker addresses), public addresses, RTT to
+    /// the tracker, whether its relay answers, and what to expect of connections to peers.
+    /// Runs on a throwaway identity, so a running `qpeer listen` on the home is not disturbed.
+    Netcheck {
+        #[command(flatten)]
+        node: NodeOpts,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the whole thing locally: a tracker and two nodes on 127.0.0.1 with throwaway
     /// identities; alice sends bob a generated 64 MiB file, which bob verifies by BLAKE3.

@@ -14,11 +14,7 @@ use qpeer_node::Node;
 use qpeer_wire::control::Command;
 
 use crate::progress::mib;
-use crate::render::Output;
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
+use crate::render::{ms, Output};
 
 /// Runs a one-shot command (`status` needs what only a listener knows: see [`status`]).
 pub async fn run(node: &Node, command: Command, out: &dyn Output) -> Result<()> {

@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod control;
 mod demo;
+mod netcheck;
 mod progress;
 mod render;
 
@@ -67,12 +68,12 @@ pub fn describe(error: &anyhow::Error) -> String {
     text
 }
 
-fn builder(opts: &NodeOpts, events: &Events) -> qpeer_node::NodeBuilder {
-    let mut builder = Node::builder()
-        .bind_addr(opts.bind)
-        .events(events.clone())
-        .relay_only(opts.relay_only)
-        .no_relay(opts.no_relay);
+pub fn builder(opts: &NodeOpts, events: &Events) -> qpeer_node::NodeBuilder {
+    let mut builder =
+        Node::builder().events(events.clone()).relay_only(opts.relay_only).no_relay(opts.no_relay);
+    if let Some(bind) = opts.bind {
+        builder = builder.bind_addr(bind);
+    }
     if let Some(home) = &opts.home {
         builder = builder.home(home);
     }
@@ -243,6 +244,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Netcheck { node, json } => netcheck::run(&node, json).await,
         Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
     }
 }

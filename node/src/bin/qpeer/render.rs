@@ -91,9 +91,9 @@ impl<S: Sink> Console<S> {
         loop {
             match screen.events.try_recv() {
                 Ok(event) => self.render(screen, &event),
-                Err(TryRecvError::Lagged(missed)) => {
-                    tracing::warn!("{missed} events were not shown: the console fell behind")
-                }
+                Err(TryRecvError::Lagged(missed)) => screen
+                    .sink
+                    .line(&format!("[WARNING] {missed} events were not shown: the console fell behind")),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
             }
         }
@@ -149,7 +149,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn ms(duration: std::time::Duration) -> f64 {
+pub fn ms(duration: std::time::Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
@@ -162,13 +162,24 @@ pub fn event_line(event: &NodeEvent) -> Option<String> {
         ),
         NodeEvent::Registered { id, observed } => format!("[REGISTERED] observed {observed} as {id}"),
         NodeEvent::Observed { observed, was } => format!("[OBSERVED] {observed} (was {was})"),
-        NodeEvent::Replaced { reason } => format!("[REPLACED] {reason}"),
+        NodeEvent::Replaced { detail } => {
+            format!("[REPLACED] {}", qpeer_node::NodeError::Replaced { detail: detail.clone() })
+        }
         NodeEvent::PeerConnected { peer, path, rtt } => {
             format!("[PEER CONNECTED] {peer} {path} rtt {:.1} ms", ms(*rtt))
         }
-        NodeEvent::PeerDisconnected { peer, reason } => format!("[PEER DISCONNECTED] {peer} ({reason})"),
+        NodeEvent::PeerDisconnected { peer, reason } => {
+            format!("[PEER DISCONNECTED] {peer} ({})", qpeer_wire::io::describe_close(reason))
+        }
         NodeEvent::PathChanged { peer, path, was } => format!("[PATH] {peer} {path} (was {was})"),
         NodeEvent::Transfer(event) => return transfer_line(event),
+        NodeEvent::NatChecked(report) => {
+            format!(
+                "[NETCHECK] mapping {}: {}",
+                qpeer_node::netcheck::mapping_name(report.mapping),
+                report.verdict()
+            )
+        }
     })
 }
 
