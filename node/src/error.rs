@@ -52,8 +52,19 @@ pub enum NodeError {
         last_error.as_ref().map_or_else(|| "no answer yet".to_string(), ToString::to_string)
     )]
     RegistrationTimeout { timeout: Duration, last_error: Option<Arc<NodeError>> },
+    /// Neither the home tracker nor (when it is in a DHT) a home record knows the node.
     #[error("node {0} is not registered with the tracker")]
     PeerNotFound(NodeId),
+    /// The peer's home record, as the DHT gave it, does not hold up.
+    #[error("the home record of {peer} was refused: {source}")]
+    RecordRefused { peer: NodeId, source: qpeer_wire::record::RecordError },
+    /// The peer's home record names a tracker that does not hold it (it moved, or the
+    /// record is stale).
+    #[error("the home record of {peer} names tracker {tracker}, which does not hold it")]
+    StaleRecord { peer: NodeId, tracker: NodeId },
+    /// The tracker a peer's home record names cannot be visited.
+    #[error("cannot visit tracker {tracker}: {source}")]
+    Visit { tracker: NodeId, source: Box<NodeError> },
     #[error("cannot reach {peer} within {timeout:?}: {reason}")]
     Unreachable { peer: NodeId, timeout: Duration, reason: Unreachable },
     #[error("connection to {peer} failed: {source}")]
@@ -99,6 +110,7 @@ pub enum TrackerRequest {
     List,
     Introduce,
     Relay,
+    Resolve,
 }
 
 impl std::fmt::Display for TrackerRequest {
@@ -107,6 +119,7 @@ impl std::fmt::Display for TrackerRequest {
             TrackerRequest::List => "list",
             TrackerRequest::Introduce => "introduce",
             TrackerRequest::Relay => "relay",
+            TrackerRequest::Resolve => "resolve",
         })
     }
 }

@@ -39,6 +39,14 @@ pub enum NodeEvent {
     Transfer(TransferEvent),
     /// The network check after a registration finished (see [`crate::netcheck`]).
     NatChecked(crate::netcheck::NetReport),
+    /// Registered with `tracker` as our home: with several trackers, the one chosen (lowest
+    /// `rtt`, as measured just before; ties go to the first listed).
+    HomeChosen { tracker: NodeId, host_port: String, rtt: Option<Duration> },
+    /// Our home record's state changed (published, republished, failed).
+    RecordChanged(crate::records::RecordState),
+    /// `peer`, unknown to our home tracker, was found through its home record: it lives on
+    /// `tracker` at `addr` (record `seq`); the DHT lookup took `took`.
+    PeerResolved { peer: NodeId, tracker: NodeId, addr: SocketAddr, seq: i64, took: Duration },
 }
 
 /// The sending end of a node's events; clones share one channel. Give one to

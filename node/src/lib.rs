@@ -10,17 +10,20 @@
 //! - [`peer`]: [`PeerConnection`]: streams to a verified peer, ping.
 //! - [`transfer`]: sending and receiving files and directories (BLAKE3-verified, resumable).
 //! - [`error`]: typed errors ([`NodeError`] and its parts).
+//! - [`records`]: home records, ours (published) and peers' (resolved, verified, cached).
 //!
 //! Inside (a newcomer's reading order):
 //! - `shared`: what the node's tasks share, grouped by owner.
-//! - `tracker_link`: keeps the node registered with its tracker; routes what it says.
+//! - `tracker_link`: chooses the home among the node's trackers, keeps it registered
+//!   there (moving on when it dies) and routes what it says.
+//! - `visits`: registrations at other nodes' home trackers, to meet peers living there.
 //! - `registry` and `session`: one actor per peer (its connection, the handshake in
 //!   progress, who waits), by NodeId.
 //! - `streams`: handshakes to their session, a connection's streams by kind.
 //! - `paths`: the path table: each session's virtual address and current best path.
 //! - `socket`: `PathSocket`, the one UDP socket with the path layer inside.
 //! - `prober`: sends and answers path probes, re-chooses paths.
-//! - `relay_link`: queues to and from the tracker's relay.
+//! - `relay_link`: queues to and from the trackers' relays, a slot per tracker connection.
 //! - `transport`: QUIC settings of the endpoint and of peer connections.
 //! - `candidates`: which local addresses to register and which peer addresses to try.
 //! - `known_trackers`: tracker ids trusted on first use.
@@ -77,6 +80,7 @@ pub mod node;
 mod paths;
 pub mod peer;
 mod prober;
+pub mod records;
 mod registry;
 mod relay_link;
 mod session;
@@ -86,6 +90,7 @@ mod streams;
 mod tracker_link;
 pub mod transfer;
 mod transport;
+mod visits;
 
 pub use error::NodeError;
 pub use events::{Events, NodeEvent};
@@ -95,6 +100,8 @@ pub use node::{AcceptHandle, Node, NodeBuilder, DEFAULT_CONNECT_TIMEOUT};
 pub use paths::PeerPath;
 pub use peer::PeerConnection;
 pub use qpeer_wire::tracker::Mapping;
+pub use records::RecordState;
+pub use tracker_link::HomeTracker;
 
 /// Random bytes that need not be secret (a probe's tx, a process's incarnation). The system
 /// RNG does not fail on supported platforms; zeros would still be valid values.

@@ -150,7 +150,9 @@ async fn observe(
     // The path layer passes only packets of known tracker addresses.
     shared.table.lock().allow_pass(addr);
     let config = TrackerClient::config(&shared.identity, &trust.trust)?;
-    TrackerClient::observe(&shared.endpoint, config, addr, &trust.server_name, &trust.trust).await
+    TrackerClient::observe(&shared.endpoint, config, addr, &trust.server_name, &trust.trust)
+        .await
+        .map(|answer| answer.observed)
 }
 
 /// Whether the tracker's relay answers. A relay request for ourselves is never granted (we

@@ -44,7 +44,7 @@ pub struct NodeBuilder {
     identity: Option<Arc<Identity>>,
     /// `None`: dual-stack `[::]:0`, or `0.0.0.0:0` without IPv6 (see `bind_socket`).
     bind: Option<SocketAddr>,
-    tracker: Option<TrackerAddr>,
+    trackers: Vec<TrackerAddr>,
     tracker_ca: Option<PathBuf>,
     name: Option<String>,
     events: Option<Events>,
@@ -59,7 +59,7 @@ impl Default for NodeBuilder {
             home: None,
             identity: None,
             bind: None,
-            tracker: None,
+            trackers: Vec::new(),
             tracker_ca: None,
             name: None,
             events: None,
@@ -93,8 +93,17 @@ impl NodeBuilder {
         self
     }
 
+    /// Adds a tracker. With several, the node chooses its home among them (the lowest RTT;
+    /// ties go to the one added first), registers only there, and moves to the next when its
+    /// home dies. Peers on the others are found through their home records.
     pub fn tracker(mut self, tracker: TrackerAddr) -> Self {
-        self.tracker = Some(tracker);
+        self.trackers.push(tracker);
+        self
+    }
+
+    /// Sets the trackers (see [`NodeBuilder::tracker`]), in order of preference on ties.
+    pub fn trackers(mut self, trackers: impl IntoIterator<Item = TrackerAddr>) -> Self {
+        self.trackers = trackers.into_iter().collect();
         self
     }
 
@@ -204,7 +213,9 @@ impl Node {
             Some(identity) => identity,
             None => Arc::new(Identity::load_or_create(&home)?),
         };
-        let tracker = config.tracker.ok_or(NodeError::NoTracker)?;
+        if config.trackers.is_empty() {
+            return Err(NodeError::NoTracker);
+        }
         let roots = match &config.tracker_ca {
             Some(path) => Some(qpeer_certs::config::load_ca_roots(path)?),
             None => None,
@@ -257,6 +268,8 @@ impl Node {
             table,
             prober: prober.clone(),
             relay,
+            records: Default::default(),
+            visits: Default::default(),
             accepted,
             accepted_rx: tokio::sync::Mutex::new(accepted_rx),
             home: home_lock,
@@ -266,7 +279,7 @@ impl Node {
         });
         let link = TrackerLink {
             shared: shared.clone(),
-            tracker,
+            trackers: config.trackers,
             roots,
             known: KnownTrackers::in_home(&home),
             name: config.name,
@@ -306,6 +319,16 @@ impl Node {
     /// The address the tracker observes us at, once registered.
     pub fn observed_addr(&self) -> Option<SocketAddr> {
         self.shared.tracker.observed_addr()
+    }
+
+    /// The tracker the node is registered with as its home (or was last).
+    pub fn home_tracker(&self) -> Option<crate::HomeTracker> {
+        self.shared.tracker.home()
+    }
+
+    /// Where the node's home record stands (see [`crate::records`]).
+    pub fn record_state(&self) -> crate::RecordState {
+        self.shared.tracker.record()
     }
 
     /// The local address of the current tracker connection (the single-socket check).

@@ -21,6 +21,8 @@ use qpeer_certs::NodeId;
 use qpeer_wire::canonical;
 use qpeer_wire::probe::TX_LEN;
 
+use crate::relay_link::RelayLink;
+
 /// First octet of virtual addresses.
 const VIRTUAL_OCTET: u8 = 240;
 /// Port of virtual addresses (any non-zero value; quinn refuses port 0).
@@ -100,7 +102,7 @@ pub enum Route {
     /// Not a session's address (the tracker): the socket, unchanged.
     Pass,
     Direct(SocketAddr),
-    Relay(u32),
+    Relay(RelayLink),
     /// The session has no path yet: keep the packet until it has one.
     Wait(NodeId),
     /// An address of no session (a session that ended): drop.
@@ -191,7 +193,7 @@ impl Direct {
 #[derive(Debug)]
 struct Session {
     virtual_addr: SocketAddr,
-    relay_link: Option<u32>,
+    relay_link: Option<RelayLink>,
     direct: Vec<Direct>,
     path: PeerPath,
     changed: Instant,
@@ -247,7 +249,7 @@ pub struct PathTable {
     sessions: HashMap<NodeId, Session>,
     by_virtual: HashMap<SocketAddr, NodeId>,
     by_direct: HashMap<SocketAddr, NodeId>,
-    by_link: HashMap<u32, NodeId>,
+    by_link: HashMap<RelayLink, NodeId>,
     /// Addresses the node talks QUIC to without a session: its tracker.
     pass: HashSet<SocketAddr>,
     /// Where valid pings of peers without a session came from, and when.
@@ -437,8 +439,9 @@ impl PathTable {
         session.heard = None;
     }
 
-    /// The relay link the tracker opened to `peer`.
-    pub fn set_link(&mut self, peer: &NodeId, link: u32) {
+    /// The relay link a tracker opened to `peer` (a bare id: on the home tracker).
+    pub fn set_link(&mut self, peer: &NodeId, link: impl Into<RelayLink>) {
+        let link = link.into();
         let Some(session) = self.sessions.get_mut(peer) else { return };
         if let Some(old) = session.relay_link.replace(link) {
             self.by_link.remove(&old);
@@ -446,11 +449,13 @@ impl PathTable {
         self.by_link.insert(link, *peer);
     }
 
-    /// Every relay link is gone (the tracker connection that carried them closed).
-    pub fn clear_links(&mut self) {
-        self.by_link.clear();
+    /// Every relay link of `slot` is gone (the tracker connection that carried them closed).
+    pub fn clear_links(&mut self, slot: u16) {
+        self.by_link.retain(|link, _| link.slot != slot);
         for session in self.sessions.values_mut() {
-            session.relay_link = None;
+            if session.relay_link.is_some_and(|link| link.slot == slot) {
+                session.relay_link = None;
+            }
         }
     }
 
@@ -516,8 +521,8 @@ impl PathTable {
 
     /// The virtual address of the session a relay link belongs to; notes that the peer was
     /// heard from.
-    pub fn link_arrival(&mut self, link: u32, now: Instant) -> Option<SocketAddr> {
-        let peer = self.by_link.get(&link)?;
+    pub fn link_arrival(&mut self, link: impl Into<RelayLink>, now: Instant) -> Option<SocketAddr> {
+        let peer = self.by_link.get(&link.into())?;
         let session = self.sessions.get_mut(peer)?;
         session.heard = Some(now);
         Some(session.virtual_addr)
@@ -708,7 +713,7 @@ mod tests {
             table.reevaluate(now),
             vec![PathChange { peer, path: PeerPath::Relayed, was: PeerPath::Waiting }]
         );
-        assert_eq!(table.route(virt, now), Route::Relay(7));
+        assert_eq!(table.route(virt, now), Route::Relay(7.into()));
         assert_eq!(table.take_waiting(&peer).len(), 1);
         assert_eq!(table.link_arrival(7, now), Some(virt));
         assert!(table.heard_within(&peer, Duration::ZERO, now));

@@ -15,18 +15,18 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use qpeer_certs::NodeId;
 use qpeer_tracker::client::Introduction;
-use qpeer_tracker::ClientError;
 use qpeer_wire::close_code;
 use qpeer_wire::tracker::Mapping;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::candidates::dial_targets;
-use crate::error::{HandshakeError, NodeError, TrackerRequest, Unreachable};
+use crate::error::{HandshakeError, NodeError, Unreachable};
 use crate::events::NodeEvent;
 use crate::paths::PeerPath;
 use crate::peer::PeerConnection;
 use crate::shared::Shared;
+use crate::visits::{self, Visit};
 
 /// Inbox depth of a peer actor.
 const INBOX: usize = 64;
@@ -50,8 +50,12 @@ const REDIAL_AFTER: Duration = Duration::from_millis(250);
 pub(crate) enum Command {
     /// A caller wants a connection.
     Connect(oneshot::Sender<Result<PeerConnection, NodeError>>),
-    /// The tracker introduced the peer (asked by us or by the peer).
-    Introduced(Introduction),
+    /// A tracker introduced the peer (asked by us or by the peer): our home (`None`), or the
+    /// peer's home that we visit.
+    Introduced(Introduction, Option<Arc<Visit>>),
+    /// Our home does not know the peer: its home record is being looked up (the connect
+    /// timeout starts again once it is found).
+    Locating,
     /// Our introduction request failed.
     IntroduceFailed(NodeError),
     /// The peer started a handshake to our session address.
@@ -97,6 +101,10 @@ pub(crate) struct PeerActor {
     /// When waiting callers give up.
     deadline: Option<Instant>,
     introducing: bool,
+    /// The connect deadline is suspended while the peer's home record is looked up.
+    locating: bool,
+    /// The peer lives on another tracker, which we visit (`None`: our home).
+    via: Option<Arc<Visit>>,
     handshaking: bool,
     last_error: Option<HandshakeError>,
     peer_incarnation: Option<u64>,
@@ -127,6 +135,8 @@ impl PeerActor {
             waiters: Vec::new(),
             deadline: None,
             introducing: false,
+            locating: false,
+            via: None,
             handshaking: false,
             last_error: None,
             peer_incarnation: None,
@@ -270,8 +280,20 @@ impl PeerActor {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Connect(reply) => self.on_connect(reply),
-            Command::Introduced(intro) => self.on_introduced(intro),
+            Command::Introduced(intro, via) => {
+                self.restart_deadline();
+                self.on_introduced(intro, via);
+            }
+            Command::Locating => {
+                // Looking the peer up in the DHT may take a while: that time does not count
+                // against the connect timeout, which starts again when the peer is found.
+                if self.deadline.is_some() {
+                    self.deadline = None;
+                    self.locating = true;
+                }
+            }
             Command::IntroduceFailed(e) => {
+                self.locating = false;
                 self.introducing = false;
                 let live = self.conn.as_ref().filter(|c| c.is_open()).cloned();
                 match live {
@@ -334,17 +356,15 @@ impl PeerActor {
         }
         self.introducing = true;
         let (shared, peer, inbox) = (self.shared.clone(), self.peer, self.inbox_tx.clone());
+        let via = self.via.clone();
         self.shared.tasks.spawn(async move {
-            let result = async {
-                let client = shared.tracker_client().await?;
-                client.introduce(peer).await.map_err(|source| match source {
-                    ClientError::NotFound(id) => NodeError::PeerNotFound(id),
-                    source => NodeError::TrackerRequest { request: TrackerRequest::Introduce, source },
-                })
-            };
+            let locating = inbox.clone();
+            let result = visits::introduce(&shared, peer, via, move || {
+                let _ = locating.try_send(Command::Locating);
+            });
             let command = tokio::select! {
                 result = result => match result {
-                    Ok(intro) => Command::Introduced(intro),
+                    Ok((intro, via)) => Command::Introduced(intro, via),
                     Err(e) => Command::IntroduceFailed(e),
                 },
                 _ = shared.cancel.cancelled() => return,
@@ -353,10 +373,19 @@ impl PeerActor {
         });
     }
 
-    fn on_introduced(&mut self, intro: Introduction) {
+    /// After a lookup suspended the connect deadline: waiting callers get a full timeout from now.
+    fn restart_deadline(&mut self) {
+        if std::mem::take(&mut self.locating) && !self.waiters.is_empty() {
+            self.deadline = Instant::now().checked_add(self.shared.connect_timeout);
+        }
+    }
+
+    fn on_introduced(&mut self, intro: Introduction, via: Option<Arc<Visit>>) {
         if intro.requested {
             self.introducing = false;
         }
+        // Where the peer was last met is where to ask for it next.
+        self.via = via;
         let restarted = self.peer_incarnation.is_some_and(|known| known != intro.incarnation);
         {
             let mut table = self.shared.table.lock();
@@ -379,7 +408,7 @@ impl PeerActor {
         }
         // Probe now, not at the next tick: the peer probes us at this very moment.
         self.shared.prober.tick();
-        self.shared.ask_for_relay(self.peer);
+        self.shared.ask_for_relay(self.peer, self.via.clone());
         self.peer_incarnation = Some(intro.incarnation);
         let live = self.conn.as_ref().filter(|c| c.is_open()).cloned();
         if restarted {

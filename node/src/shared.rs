@@ -19,10 +19,13 @@ use crate::home::HomeLock;
 use crate::paths::{PathChange, PathTable, PeerPath};
 use crate::peer::PeerConnection;
 use crate::prober::Prober;
+use crate::records::RecordCache;
 use crate::registry::SessionRegistry;
 use crate::relay_link::RelayHub;
 use crate::tracker_link::TrackerStatus;
 use crate::transport::PeerTransport;
+use crate::visits::Visit;
+use crate::visits::Visits;
 
 /// New connections waiting for [`crate::Node::accept`].
 pub(crate) const ACCEPT_QUEUE: usize = 64;
@@ -40,6 +43,10 @@ pub(crate) struct Shared {
     pub(crate) table: Arc<Mutex<PathTable>>,
     pub(crate) prober: Arc<Prober>,
     pub(crate) relay: Arc<RelayHub>,
+    /// Peers' home records, verified.
+    pub(crate) records: RecordCache,
+    /// Connections to other nodes' home trackers.
+    pub(crate) visits: Visits,
     pub(crate) accepted: mpsc::Sender<PeerConnection>,
     pub(crate) accepted_rx: tokio::sync::Mutex<mpsc::Receiver<PeerConnection>>,
     pub(crate) home: HomeLock,
@@ -80,14 +87,18 @@ impl Shared {
 
     /// Asks the tracker, in the background, for a relay link to `peer`: it opens once the peer
     /// asks too, and carries the session while no direct path works.
-    pub(crate) fn ask_for_relay(self: &Arc<Self>, peer: NodeId) {
+    /// `via`: the visited tracker the peer lives on (`None`: our home).
+    pub(crate) fn ask_for_relay(self: &Arc<Self>, peer: NodeId, via: Option<Arc<Visit>>) {
         if !self.table.lock().policy().relay {
             return;
         }
         let shared = self.clone();
         self.tasks.spawn(async move {
             let request = async {
-                let client = shared.tracker_client().await?;
+                let client = match via {
+                    Some(visit) => visit.client.clone(),
+                    None => shared.tracker_client().await?,
+                };
                 client
                     .request_relay(peer)
                     .await

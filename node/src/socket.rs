@@ -24,7 +24,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
 use crate::paths::{is_virtual, Arrival, PathTable, Route};
-use crate::relay_link::RelayHub;
+use crate::relay_link::{RelayHub, RelayLink};
 
 /// A probe datagram and where it came from, for the prober.
 pub type ProbeDatagram = (SocketAddr, [u8; PROBE_LEN]);
@@ -82,7 +82,7 @@ impl PathSocket {
         }
     }
 
-    fn send_relayed(&self, link: u32, transmit: &Transmit<'_>) {
+    fn send_relayed(&self, link: RelayLink, transmit: &Transmit<'_>) {
         // A transmit may hold several packets (GSO): the relay carries them one by one.
         let size = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
         for packet in transmit.contents.chunks(size) {
@@ -101,9 +101,9 @@ impl PathSocket {
         while filled < bufs.len().min(meta.len()) {
             let next =
                 if filled == 0 { self.hub.poll_inbound(cx) } else { Poll::Ready(self.hub.try_inbound()) };
-            let Poll::Ready(Some(frame)) = next else { break };
+            let Poll::Ready(Some((link, frame))) = next else { break };
             // A link of no session (one that closed) has nobody to deliver to.
-            let Some(addr) = self.table.lock().link_arrival(frame.link(), Instant::now()) else { continue };
+            let Some(addr) = self.table.lock().link_arrival(link, Instant::now()) else { continue };
             let packet = frame.packet();
             let buf = &mut bufs[filled];
             let len = packet.len().min(buf.len());

@@ -285,3 +285,44 @@ impl World {
         self.logs.dump()
     }
 }
+
+/// Starts one `qpeer-tracker --listen <IP>:4433 --home <name> <extra>` per entry, each on its
+/// (public) host, all before waiting for any of them (trackers that name each other, as DHT
+/// bootstrap nodes, come up together), then waits for each one's `[TRACKER]` line.
+pub fn start_trackers_on(lab: &Lab, trackers: Vec<(Host, String, Vec<String>)>) -> Result<Vec<LabTracker>> {
+    let mut started = Vec::new();
+    for (host, name, extra) in trackers {
+        let mut args =
+            vec!["--listen".into(), format!("{}:4433", host.addr), "--home".into(), home(lab, &name)];
+        args.extend(extra);
+        let process = lab.spawn(&host, &bin_dir()?.join("qpeer-tracker"), &args)?;
+        started.push((process, host, name));
+    }
+    let mut ready = Vec::new();
+    for (process, host, name) in started {
+        let line = process
+            .stdout
+            .wait_for(Duration::from_secs(10), |l| l.starts_with("[TRACKER] "))
+            .with_context(|| format!("tracker {name} did not start\nstderr:\n{}", process.stderr.text()))?;
+        let addr = line.trim_start_matches("[TRACKER] ").to_string();
+        ready.push(LabTracker { process, host, addr, addr6: None });
+    }
+    Ok(ready)
+}
+
+/// Starts `qpeer <args> --home <home>` with one `--tracker` per entry of `trackers`, in that
+/// order, in `host`'s namespace.
+pub fn spawn_qpeer_trackers(
+    lab: &Lab,
+    host: &Host,
+    home: &str,
+    trackers: &[String],
+    args: &[String],
+) -> Result<Process> {
+    let mut all = args.to_vec();
+    all.extend(["--home".into(), home.into()]);
+    for tracker in trackers {
+        all.extend(["--tracker".into(), tracker.clone()]);
+    }
+    lab.spawn(host, &bin_dir()?.join("qpeer"), &all)
+}

@@ -4,8 +4,10 @@
 //! - [`TestTracker`]: an in-process tracker on `127.0.0.1:0` that can be stopped and restarted
 //!   on the same address with the same identity.
 //! - [`node`]: a node bound to `127.0.0.1:0` with a throwaway home.
+//! - [`dht`]: trackers joined by a private DHT, in one process.
 //! - Tests live in `tests/tests/`.
 
+pub mod dht;
 pub mod lab;
 pub mod lab_run;
 pub mod procs;

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use qpeer_certs::{peer_node_id, Identity, NodeId, ServerTrust};
 use qpeer_wire::close_code;
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
+use qpeer_wire::record::SignedRecord;
 use qpeer_wire::tracker::{
     ClientFrame, ErrorKind, Mapping, PeerAddrs, PeerInfo, ServerFrame, ALPN, MAX_FRAME_LEN, MAX_PEERS_PAGE,
     PROTOCOL_VERSION,
@@ -21,6 +22,10 @@ use tokio_util::task::TaskTracker;
 
 /// How long a request waits for the tracker's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a DHT request (publish, resolve) through the tracker may take: DHT queries walk
+/// the network and wait for slow nodes.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Most entries [`TrackerClient::list_all`] collects.
 pub const MAX_LISTED: usize = 100_000;
@@ -61,6 +66,16 @@ pub struct RegisterInfo {
     pub name: Option<String>,
     /// The node process's incarnation (see [`ClientFrame::Register`]).
     pub incarnation: u64,
+    /// Register as a visitor (this tracker is not our home; see [`ClientFrame::Register`]).
+    pub visitor: bool,
+}
+
+/// What the tracker said of a record it published for us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub seq: i64,
+    /// How many DHT nodes stored it.
+    pub stored_on: u32,
 }
 
 /// An introduction: a peer we should punch toward right now.
@@ -83,14 +98,39 @@ pub struct Introduction {
 pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// With several trackers a node has somewhere else to go, so it notices a dead home (one that
+/// vanished without closing: a crash, a pulled cable) within [`FAILOVER_IDLE_TIMEOUT`],
+/// at the price of a keep-alive every [`FAILOVER_KEEP_ALIVE`].
+pub const FAILOVER_KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Transport settings of a node's tracker connection.
 pub fn client_transport() -> quinn::TransportConfig {
+    transport_with(KEEP_ALIVE, IDLE_TIMEOUT)
+}
+
+/// Transport settings of a node's tracker connection when it has other trackers to move to.
+pub fn failover_transport() -> quinn::TransportConfig {
+    transport_with(FAILOVER_KEEP_ALIVE, FAILOVER_IDLE_TIMEOUT)
+}
+
+fn transport_with(keep_alive: Duration, idle_timeout: Duration) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
-    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+    transport.keep_alive_interval(Some(keep_alive));
+    if let Ok(idle) = idle_timeout.try_into() {
         transport.max_idle_timeout(Some(idle));
     }
     transport
+}
+
+/// The answer to [`TrackerClient::observe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The address the tracker saw the connection come from.
+    pub observed: SocketAddr,
+    /// QUIC's round-trip estimate of the connection (acknowledgement delays taken out, so
+    /// less noisy than a wall-clock measurement of the handshake).
+    pub rtt: Duration,
 }
 
 /// What the tracker tells a node without being asked.
@@ -180,6 +220,7 @@ impl TrackerClient {
                 candidates: info.candidates,
                 name: info.name,
                 incarnation: info.incarnation,
+                visitor: info.visitor,
             },
             MAX_FRAME_LEN,
         )
@@ -241,7 +282,7 @@ impl TrackerClient {
         addr: SocketAddr,
         server_name: &str,
         trust: &ServerTrust,
-    ) -> Result<SocketAddr, ClientError> {
+    ) -> Result<Observed, ClientError> {
         let (connection, _) = open(endpoint, config, addr, server_name, trust).await?;
         let answer = async {
             let (mut send, recv) = connection.open_bi().await?;
@@ -249,7 +290,9 @@ impl TrackerClient {
             write_frame(&mut send, &ClientFrame::Observe { version: PROTOCOL_VERSION }, MAX_FRAME_LEN)
                 .await?;
             match reader.next::<ServerFrame>().await {
-                Ok(Some(ServerFrame::Observation { observed })) => Ok(observed),
+                Ok(Some(ServerFrame::Observation { observed })) => {
+                    Ok(Observed { observed, rtt: connection.rtt() })
+                }
                 Ok(Some(other)) => {
                     Err(ClientError::UnexpectedFrame { expected: "Observation", got: Box::new(other) })
                 }
@@ -304,6 +347,14 @@ impl TrackerClient {
     }
 
     async fn request(&self, build: impl FnOnce(u64) -> ClientFrame) -> Result<ServerFrame, ClientError> {
+        self.request_within(REQUEST_TIMEOUT, build).await
+    }
+
+    async fn request_within(
+        &self,
+        timeout: Duration,
+        build: impl FnOnce(u64) -> ClientFrame,
+    ) -> Result<ServerFrame, ClientError> {
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(request_id, tx);
@@ -315,10 +366,10 @@ impl TrackerClient {
             self.pending.lock().remove(&request_id);
             return Err(e.into());
         }
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, rx).await;
+        let answer = tokio::time::timeout(timeout, rx).await;
         self.pending.lock().remove(&request_id);
         match answer {
-            Err(_) => Err(ClientError::Timeout(REQUEST_TIMEOUT)),
+            Err(_) => Err(ClientError::Timeout(timeout)),
             Ok(Err(_)) => Err(self
                 .connection
                 .close_reason()
@@ -370,6 +421,30 @@ impl TrackerClient {
         let mut send = self.send.lock().await;
         write_frame(&mut *send, &ClientFrame::Candidates { candidates }, MAX_FRAME_LEN).await?;
         Ok(())
+    }
+
+    /// Asks the tracker to publish our home record (which must name it) in its DHT. Waits
+    /// for the DHT's answer, up to [`PUBLISH_TIMEOUT`].
+    pub async fn publish(&self, record: SignedRecord) -> Result<Published, ClientError> {
+        let frame = self
+            .request_within(PUBLISH_TIMEOUT, |request_id| ClientFrame::Publish { request_id, record })
+            .await?;
+        match frame {
+            ServerFrame::Published { seq, stored_on, .. } => Ok(Published { seq, stored_on }),
+            other => Err(ClientError::UnexpectedFrame { expected: "Published", got: Box::new(other) }),
+        }
+    }
+
+    /// The most recent home record of `node` that the tracker's DHT holds, unverified: the
+    /// caller checks it ([`SignedRecord::verify`]). Waits up to [`PUBLISH_TIMEOUT`].
+    pub async fn resolve(&self, node: NodeId) -> Result<Option<SignedRecord>, ClientError> {
+        match self
+            .request_within(PUBLISH_TIMEOUT, |request_id| ClientFrame::Resolve { request_id, node })
+            .await?
+        {
+            ServerFrame::Resolved { record, .. } => Ok(record),
+            other => Err(ClientError::UnexpectedFrame { expected: "Resolved", got: Box::new(other) }),
+        }
     }
 
     /// Asks the tracker to introduce us to `target`. The target receives our addresses at the
@@ -464,7 +539,9 @@ async fn read_frames(
             ServerFrame::Peers { request_id, .. }
             | ServerFrame::NotFound { request_id, .. }
             | ServerFrame::Error { request_id, .. }
-            | ServerFrame::RelayAccepted { request_id } => *request_id,
+            | ServerFrame::RelayAccepted { request_id }
+            | ServerFrame::Published { request_id, .. }
+            | ServerFrame::Resolved { request_id, .. } => *request_id,
             ServerFrame::Observed { observed: now } => {
                 let was = std::mem::replace(&mut *observed.lock(), *now);
                 if events.try_send(TrackerEvent::Observed { observed: *now, was }).is_err() {

@@ -22,6 +22,9 @@ pub struct Listing {
     pub registered_at: u64,
     /// What the node announced of its NAT (`ClientFrame::Mapping`), for introductions.
     pub mapping: Mapping,
+    /// Registered as a visitor (its home is another tracker): introduced and relayed like
+    /// any node, but not listed.
+    pub visitor: bool,
 }
 
 impl Listing {
@@ -44,6 +47,7 @@ impl Listing {
             name,
             registered_at,
             mapping: Mapping::Unknown,
+            visitor: false,
         }
     }
 }
@@ -126,12 +130,13 @@ impl Directory {
     }
 
     /// A page of up to `limit` nodes after `after`, and the cursor of the next page.
+    /// Visitors are not listed: this tracker is not their home.
     pub fn page(&self, after: Option<NodeId>, limit: usize) -> (Vec<PeerInfo>, Option<NodeId>) {
         let start = match after {
             Some(id) => Bound::Excluded(id),
             None => Bound::Unbounded,
         };
-        let mut iter = self.nodes.range((start, Bound::Unbounded));
+        let mut iter = self.nodes.range((start, Bound::Unbounded)).filter(|(_, l)| !l.visitor);
         let peers: Vec<PeerInfo> = iter
             .by_ref()
             .take(limit)
@@ -271,5 +276,22 @@ mod tests {
         let (last, next) = dir.page(Some(node(4)), 2);
         assert_eq!(last.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![node(5)]);
         assert_eq!(next, None);
+    }
+
+    #[test]
+    fn visitors_are_never_listed() {
+        let mut dir = Directory::default();
+        for byte in 1..=4 {
+            let mut l = listing(u64::from(byte), "198.51.100.7:1", &[]);
+            l.visitor = byte % 2 == 0;
+            dir.register(node(byte), l, 10);
+        }
+        let (first, next) = dir.page(None, 1);
+        assert_eq!(first.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![node(1)]);
+        assert_eq!(next, Some(node(1)));
+        let (last, next) = dir.page(next, 1);
+        assert_eq!(last.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![node(3)]);
+        assert_eq!(next, None, "the visitor after it is no next page");
+        assert!(dir.get(&node(2)).is_some(), "a visitor is still reachable");
     }
 }

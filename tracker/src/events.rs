@@ -3,7 +3,7 @@
 //! itself prints nothing.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use qpeer_certs::NodeId;
 use qpeer_wire::io::describe_close;
@@ -22,8 +22,9 @@ pub enum ServerEvent {
     /// `[HINT]`: bound to the unspecified address, so the printed address is not one nodes
     /// can use.
     ListeningEverywhere { node_id: NodeId, port: u16 },
-    /// `[NEW CONNECTION]` and `[ACTIVE CONNECTIONS]`: a node registered.
-    Connected { remote: SocketAddr, node: NodeId, active: usize },
+    /// `[NEW CONNECTION]` and `[ACTIVE CONNECTIONS]`: a node registered. A `visitor` (its
+    /// home is another tracker) is marked `(visitor)` on the line.
+    Connected { remote: SocketAddr, node: NodeId, active: usize, visitor: bool },
     /// `[DISCONNECTED]`, then `[ACTIVE CONNECTIONS]` when `active` is set: a registered
     /// node's connection ended. `active` is `None` when a newer connection of the same node
     /// had already replaced it (the node stays registered).
@@ -39,6 +40,24 @@ pub enum ServerEvent {
     RelayClosed { a: NodeId, b: NodeId, link: u32, bytes_ab: u64, bytes_ba: u64 },
     /// `[MIGRATED]`: a node's connection now arrives from another address.
     Migrated { node: NodeId, now: SocketAddr, was: SocketAddr },
+    /// `[DHT] listening on ADDR (bootstrap: A, B | none | public)`: the DHT node started.
+    DhtListening { addr: SocketAddrV4, bootstrap: Vec<SocketAddrV4>, public: bool },
+    /// `[PUBLISHED] <node> seq N on K DHT nodes`: a node's home record is in the DHT;
+    /// `stored_on` DHT nodes acknowledged storing it.
+    Published { node: NodeId, seq: i64, stored_on: u32 },
+    /// `[PUBLISH REFUSED] <node>: <reason>`: a record was refused, or the DHT did not take it.
+    PublishRefused { node: NodeId, reason: String },
+    /// `[RESOLVED] <node> → tracker <tracker> seq N`, or `[RESOLVED] <node>: no record`.
+    Resolved { node: NodeId, found: Option<ResolvedRecord> },
+}
+
+/// What a resolved record said, for the console line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedRecord {
+    pub seq: i64,
+    /// The home tracker it names; `None` when its value does not decode (the asker, which
+    /// verifies records, drops it).
+    pub tracker: Option<NodeId>,
 }
 
 impl fmt::Display for ServerEvent {
@@ -51,10 +70,11 @@ impl fmt::Display for ServerEvent {
                 f,
                 "[HINT] listening on every address: nodes use {node_id}@<this machine's public IP>:{port}"
             ),
-            Self::Connected { remote, node, active } => write!(
+            Self::Connected { remote, node, active, visitor } => write!(
                 f,
-                "[NEW CONNECTION] {remote} connected. node {}\n[ACTIVE CONNECTIONS] {active}",
-                node.short()
+                "[NEW CONNECTION] {remote} connected. node {}{}\n[ACTIVE CONNECTIONS] {active}",
+                node.short(),
+                if *visitor { " (visitor)" } else { "" }
             ),
             Self::Disconnected { remote, node, close, active } => {
                 let reason = close.as_ref().map_or_else(|| "closed".into(), describe_close);
@@ -75,6 +95,29 @@ impl fmt::Display for ServerEvent {
             ),
             Self::Migrated { node, now, was } => {
                 write!(f, "[MIGRATED] node {} now at {now} (was {was})", node.short())
+            }
+            Self::DhtListening { addr, bootstrap, public } => {
+                let nodes: Vec<String> = bootstrap.iter().map(ToString::to_string).collect();
+                let via = match (public, nodes.is_empty()) {
+                    (true, true) => "public".to_string(),
+                    (true, false) => format!("public, {}", nodes.join(", ")),
+                    (false, true) => "none".to_string(),
+                    (false, false) => nodes.join(", "),
+                };
+                write!(f, "[DHT] listening on {addr} (bootstrap: {via})")
+            }
+            Self::Published { node, seq, stored_on } => {
+                write!(f, "[PUBLISHED] {} seq {seq} on {stored_on} DHT nodes", node.short())
+            }
+            Self::PublishRefused { node, reason } => {
+                write!(f, "[PUBLISH REFUSED] {}: {reason}", node.short())
+            }
+            Self::Resolved { node, found: None } => write!(f, "[RESOLVED] {}: no record", node.short()),
+            Self::Resolved { node, found: Some(ResolvedRecord { seq, tracker: Some(tracker) }) } => {
+                write!(f, "[RESOLVED] {} \u{2192} tracker {} seq {seq}", node.short(), tracker.short())
+            }
+            Self::Resolved { node, found: Some(ResolvedRecord { seq, tracker: None }) } => {
+                write!(f, "[RESOLVED] {}: seq {seq}, a record that does not decode", node.short())
             }
         }
     }
@@ -113,8 +156,14 @@ mod tests {
         let remote: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
         let short = node.short();
         assert_eq!(
-            ServerEvent::Connected { remote, node, active: 3 }.to_string(),
+            ServerEvent::Connected { remote, node, active: 3, visitor: false }.to_string(),
             format!("[NEW CONNECTION] 127.0.0.1:5000 connected. node {short}\n[ACTIVE CONNECTIONS] 3")
+        );
+        assert_eq!(
+            ServerEvent::Connected { remote, node, active: 3, visitor: true }.to_string(),
+            format!(
+                "[NEW CONNECTION] 127.0.0.1:5000 connected. node {short} (visitor)\n[ACTIVE CONNECTIONS] 3"
+            )
         );
         assert_eq!(
             ServerEvent::Disconnected { remote, node, close: None, active: Some(2) }.to_string(),
@@ -133,6 +182,46 @@ mod tests {
         assert_eq!(
             ServerEvent::RelayClosed { a: node, b: node, link: 9, bytes_ab: 1, bytes_ba: 2 }.to_string(),
             format!("[RELAY] {short} <-> {short} closed (link 9, 1 + 2 bytes relayed)")
+        );
+    }
+
+    #[test]
+    fn dht_lines() {
+        let node = NodeId::from_bytes([0xab; 32]);
+        let tracker = NodeId::from_bytes([0xcd; 32]);
+        let (n, t) = (node.short(), tracker.short());
+        let addr: SocketAddrV4 = "127.0.0.1:6881".parse().expect("addr");
+        let other: SocketAddrV4 = "127.0.0.1:6882".parse().expect("addr");
+        let listening =
+            |bootstrap: Vec<SocketAddrV4>, public| ServerEvent::DhtListening { addr, bootstrap, public };
+        assert_eq!(
+            listening(vec![other, other], false).to_string(),
+            "[DHT] listening on 127.0.0.1:6881 (bootstrap: 127.0.0.1:6882, 127.0.0.1:6882)"
+        );
+        assert_eq!(
+            listening(vec![], false).to_string(),
+            "[DHT] listening on 127.0.0.1:6881 (bootstrap: none)"
+        );
+        assert_eq!(
+            listening(vec![], true).to_string(),
+            "[DHT] listening on 127.0.0.1:6881 (bootstrap: public)"
+        );
+        assert_eq!(
+            ServerEvent::Published { node, seq: 7, stored_on: 3 }.to_string(),
+            format!("[PUBLISHED] {n} seq 7 on 3 DHT nodes")
+        );
+        assert_eq!(
+            ServerEvent::PublishRefused { node, reason: "stale".into() }.to_string(),
+            format!("[PUBLISH REFUSED] {n}: stale")
+        );
+        let found = ResolvedRecord { seq: 7, tracker: Some(tracker) };
+        assert_eq!(
+            ServerEvent::Resolved { node, found: Some(found) }.to_string(),
+            format!("[RESOLVED] {n} \u{2192} tracker {t} seq 7")
+        );
+        assert_eq!(
+            ServerEvent::Resolved { node, found: None }.to_string(),
+            format!("[RESOLVED] {n}: no record")
         );
     }
 

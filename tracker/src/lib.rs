@@ -12,6 +12,8 @@
 //! - `rendezvous`: pure state: recent introductions and relay requests.
 //! - `relay`: relay links and per-node queues, owned by the relay; each node's
 //!   `RelayClient` (reader and writer) runs on its own session.
+//! - [`dht`]: [`DhtConfig`] and the tracker's Mainline DHT node (the `mainline` crate), which
+//!   publishes and resolves the nodes' signed home records as BEP 44 mutable items.
 //! - [`limits`]: [`Limits`], per-address connection counts, token buckets.
 //! - [`events`]: [`ServerEvent`], what the tracker reports; the binary prints them.
 //! - [`client`]: [`TrackerClient`], used by nodes over their own quinn endpoint.
@@ -19,10 +21,13 @@
 //!
 //! Tasks: the accept loop owns one task per connection (in the server's `TaskTracker`,
 //! cancelled on shutdown); a session owns its control-stream writer task, and serves its
-//! relay streams and migration checks inside its own task.
+//! relay streams and migration checks inside its own task. A session's DHT requests
+//! (publish, resolve) run as tasks in the server's `TaskTracker`, cancelled when the session
+//! ends; the DHT itself runs on mainline's own thread, which stops when the tracker is dropped.
 
 pub mod addr;
 pub mod client;
+pub mod dht;
 pub mod directory;
 pub mod events;
 pub mod limits;
@@ -34,6 +39,7 @@ mod sessions;
 
 pub use addr::TrackerAddr;
 pub use client::{ClientError, TrackerClient, TrackerEvent};
+pub use dht::DhtConfig;
 pub use events::{ServerEvent, ServerEvents};
 pub use limits::Limits;
 pub use server::{Tracker, TrackerConfig, TrackerError};

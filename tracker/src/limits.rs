@@ -33,6 +33,11 @@ pub struct Limits {
     pub relay_bytes_per_sec: u32,
     /// Relay packets per second one node may send.
     pub relay_packets_per_sec: u32,
+    /// DHT requests (`Publish`, `Resolve`) one node may make per second (sustained): each
+    /// walks the DHT.
+    pub dht_requests_per_sec: u32,
+    /// DHT requests one node may make in a burst.
+    pub dht_request_burst: u32,
 }
 
 impl Default for Limits {
@@ -48,6 +53,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(45),
             relay_bytes_per_sec: 64 << 20,
             relay_packets_per_sec: 100_000,
+            dht_requests_per_sec: 2,
+            dht_request_burst: 10,
         }
     }
 }
@@ -56,6 +63,11 @@ impl Limits {
     /// The bucket pacing one node's introduction requests.
     pub fn introduction_bucket(&self, now: Instant) -> TokenBucket {
         TokenBucket::new(self.introductions_per_sec, self.introduction_burst, now)
+    }
+
+    /// The bucket pacing one node's DHT requests (publish and resolve together).
+    pub fn dht_bucket(&self, now: Instant) -> TokenBucket {
+        TokenBucket::new(self.dht_requests_per_sec, self.dht_request_burst, now)
     }
 
     /// The buckets pacing what one node sends through the relay: bursts of a quarter

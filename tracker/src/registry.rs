@@ -56,6 +56,9 @@ pub struct Nodes {
     directory: Directory,
     sessions: HashMap<NodeId, NodeReach>,
     rendezvous: Rendezvous,
+    /// The newest home record sequence number this tracker published for each registered
+    /// node (only registered nodes publish, so it is bounded by them).
+    published: HashMap<NodeId, i64>,
 }
 
 impl Nodes {
@@ -104,7 +107,22 @@ impl Nodes {
         }
         self.sessions.remove(node_id);
         self.rendezvous.forget(node_id);
+        self.published.remove(node_id);
         true
+    }
+
+    /// The newest record sequence number published here for `node_id`.
+    pub fn published_seq(&self, node_id: &NodeId) -> Option<i64> {
+        self.published.get(node_id).copied()
+    }
+
+    /// Notes that `node_id`'s record `seq` is published, if `connection_id` still registers
+    /// it (a node gone since is forgotten, not remembered again).
+    pub fn note_published(&mut self, node_id: NodeId, connection_id: u64, seq: i64) {
+        if self.directory.get(&node_id).is_some_and(|l| l.connection_id == connection_id) {
+            let newest = self.published.entry(node_id).or_insert(seq);
+            *newest = (*newest).max(seq);
+        }
     }
 
     /// Queues `frame` for `node_id`'s control stream without waiting; false when the node is

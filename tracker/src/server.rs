@@ -7,7 +7,7 @@
 //! register at any of them, and observe from another how its NAT maps it.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::dht::{DhtConfig, DhtError, TrackerDht};
 use crate::events::{EventSink, ServerEvent, ServerEvents};
 use crate::limits::{Admission, ConnectionCounter, Limits};
 use crate::sessions::{serve_incoming, SessionContext};
@@ -35,6 +36,9 @@ pub struct TrackerConfig {
     /// Keep the console's events ([`ServerEvent`]: `[STARTING]`, `[NEW CONNECTION]`, …) from
     /// `bind` on, for [`Tracker::events`]. Off, none are kept. Nothing is printed either way.
     pub console: bool,
+    /// Run a Mainline DHT node, to publish and resolve home records for the nodes. `None`:
+    /// the tracker serves its own nodes only and answers those requests `NoDht`.
+    pub dht: Option<DhtConfig>,
 }
 
 impl TrackerConfig {
@@ -46,6 +50,7 @@ impl TrackerConfig {
             certificate: None,
             limits: Limits::default(),
             console: false,
+            dht: None,
         }
     }
 }
@@ -57,6 +62,8 @@ pub enum TrackerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] qpeer_certs::TlsError),
+    #[error(transparent)]
+    Dht(#[from] DhtError),
     #[error("invalid idle timeout: {0}")]
     IdleTimeout(#[from] quinn::VarIntBoundsExceeded),
 }
@@ -131,12 +138,22 @@ impl Tracker {
             endpoints.push(bind_endpoint(addr, &config.identity, &server_config)?);
         }
         let listen_addrs: Vec<SocketAddr> = endpoints.iter().filter_map(|e| e.local_addr().ok()).collect();
+        let (dht, dht_started) = match &config.dht {
+            Some(dht_config) => {
+                let (dht, started) = TrackerDht::start(dht_config)?;
+                (Some(dht), Some(started))
+            }
+            None => (None, None),
+        };
+        let node_id = config.identity.node_id();
+        let mut ctx = SessionContext::new(config.limits, sink.clone(), listen_addrs.clone(), node_id);
+        ctx.dht = dht;
         let tracker = Self {
             endpoints,
-            node_id: config.identity.node_id(),
+            node_id,
             ca_mode,
-            connections: ConnectionCounter::new(config.limits.max_connections_per_ip),
-            ctx: Arc::new(SessionContext::new(config.limits, sink.clone(), listen_addrs.clone())),
+            connections: ConnectionCounter::new(ctx.limits.max_connections_per_ip),
+            ctx: Arc::new(ctx),
             events,
         };
         for addr in listen_addrs {
@@ -145,6 +162,9 @@ impl Tracker {
             if addr.ip().is_unspecified() && !tracker.ca_mode {
                 sink.emit(ServerEvent::ListeningEverywhere { node_id: tracker.node_id, port: addr.port() });
             }
+        }
+        if let Some(started) = dht_started {
+            sink.emit(started);
         }
         Ok(tracker)
     }
@@ -168,6 +188,12 @@ impl Tracker {
 
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// Where the tracker's DHT node listens (other trackers bootstrap from it), when it runs
+    /// one ([`TrackerConfig::dht`]).
+    pub fn dht_addr(&self) -> Option<SocketAddrV4> {
+        self.ctx.dht.as_ref().map(|dht| dht.addr)
     }
 
     /// What a node passes as `--tracker`: `ID@IP:PORT`, or `IP:PORT` in CA mode.
@@ -224,6 +250,10 @@ impl Tracker {
             }
         })
         .await;
+        // Its UDP socket closes with it (a stats handle may keep the rest alive).
+        if let Some(dht) = &self.ctx.dht {
+            dht.stop();
+        }
     }
 }
 

@@ -13,16 +13,18 @@ use qpeer_wire::canonical;
 use qpeer_wire::close_code;
 use qpeer_wire::codec::CodecError;
 use qpeer_wire::io::{write_frame, FrameReader, StreamError};
+use qpeer_wire::record::{HomeRecord, RecordError, SignedRecord};
 use qpeer_wire::tracker::{
     ClientFrame, ErrorKind, ServerFrame, MAX_CANDIDATES, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_PEERS_PAGE,
     MAX_TRACKER_ADDRS, PROTOCOL_VERSION,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::dht::{PublishError, TrackerDht};
 use crate::directory::Listing;
-use crate::events::{EventSink, ServerEvent};
+use crate::events::{EventSink, ResolvedRecord, ServerEvent};
 use crate::limits::{ConnectionSlot, Limits, TokenBucket};
 use crate::registry::{Entered, NodeReach, Outbox, Registry};
 use crate::relay::{Relay, RelayClient};
@@ -40,6 +42,14 @@ const OUTBOX: usize = 16;
 /// answer is not lost to our close) before the tracker closes it.
 const OBSERVE_LINGER: Duration = Duration::from_secs(2);
 
+/// DHT requests one session may have in flight (a publish counts; only one publish at a
+/// time); more are answered `Busy`.
+const SESSION_DHT_QUERIES: usize = 4;
+
+/// How long the tracker lets one DHT query run before it answers `Busy` (within the client's
+/// own timeout, `client::PUBLISH_TIMEOUT`).
+const DHT_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What every session shares.
 #[derive(Debug)]
 pub struct SessionContext {
@@ -50,17 +60,23 @@ pub struct SessionContext {
     /// Every address the tracker listens on (one endpoint each), told to nodes in
     /// `Registered` so that they can measure their NAT's mapping.
     pub listen_addrs: Vec<SocketAddr>,
+    /// The tracker's own identity: the tracker a record published here must name.
+    pub tracker_id: NodeId,
+    /// The tracker's DHT node, when it runs one.
+    pub dht: Option<TrackerDht>,
     next_connection_id: AtomicU64,
 }
 
 impl SessionContext {
-    pub fn new(limits: Limits, events: EventSink, listen_addrs: Vec<SocketAddr>) -> Self {
+    pub fn new(limits: Limits, events: EventSink, listen_addrs: Vec<SocketAddr>, tracker_id: NodeId) -> Self {
         Self {
             registry: Registry::default(),
             relay: Arc::default(),
             limits,
             events,
             listen_addrs,
+            tracker_id,
+            dht: None,
             next_connection_id: AtomicU64::new(1),
         }
     }
@@ -172,6 +188,7 @@ struct RegisterRequest {
     candidates: Vec<SocketAddr>,
     name: Option<String>,
     incarnation: u64,
+    visitor: bool,
 }
 
 /// What a connection's first frame asks for.
@@ -179,6 +196,20 @@ enum FirstFrame {
     Register(RegisterRequest),
     /// Only the address it arrives from; it does not register.
     Observe,
+}
+
+/// What paces and owns one session's DHT requests.
+struct DhtRequests {
+    bucket: TokenBucket,
+    /// [`SESSION_DHT_QUERIES`] slots.
+    slots: Arc<Semaphore>,
+    /// One publish at a time: mainline refuses a second put of the same item meanwhile.
+    publishing: Arc<Semaphore>,
+    /// A visitor may not publish.
+    visitor: bool,
+    /// Cancelled when the session ends: its DHT tasks stop then.
+    cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// One node's connection.
@@ -214,6 +245,7 @@ impl NodeSession {
             Ok(None) => return,
             Err(fault) => return self.close(&fault),
         };
+        let visitor = request.visitor;
         let (relay, observed) = match self.enter(request, &outbox) {
             Ok(entered) => entered,
             Err(fault) => return self.close(&fault),
@@ -222,7 +254,23 @@ impl NodeSession {
         let registered = ServerFrame::Registered { version: PROTOCOL_VERSION, observed, others };
         let _ = outbox.send(Box::new(registered)).await;
         let active = self.ctx.registry.len();
-        self.ctx.events.emit(ServerEvent::Connected { remote: self.remote, node: self.node_id, active });
+        self.ctx.events.emit(ServerEvent::Connected {
+            remote: self.remote,
+            node: self.node_id,
+            active,
+            visitor,
+        });
+        // The session's DHT requests run as tasks of their own, cancelled when it ends.
+        let dht_cancel = cancel.child_token();
+        let _dht_guard = dht_cancel.clone().drop_guard();
+        let mut dht = DhtRequests {
+            bucket: self.ctx.limits.dht_bucket(Instant::now()),
+            slots: Arc::new(Semaphore::new(SESSION_DHT_QUERIES)),
+            publishing: Arc::new(Semaphore::new(1)),
+            visitor,
+            cancel: dht_cancel,
+            tasks: tasks.clone(),
+        };
 
         let migrations = async {
             self.follow_migrations(&outbox).await;
@@ -231,7 +279,7 @@ impl NodeSession {
         // The relay streams are served inside this task (no task per idle node for them).
         let outcome = tokio::select! {
             _ = cancel.cancelled() => Err(Fault::Shutdown),
-            outcome = self.serve(&mut reader, &outbox) => outcome,
+            outcome = self.serve(&mut reader, &outbox, &mut dht) => outcome,
             _ = relay.serve(&self.conn) => Ok(()),
             _ = migrations => Ok(()),
             _ = self.conn.closed() => Ok(()),
@@ -274,9 +322,9 @@ impl NodeSession {
             Ok(None) | Err(StreamError::Read(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let (version, candidates, name, incarnation) = match frame {
-            ClientFrame::Register { version, candidates, name, incarnation } => {
-                (version, candidates, name, incarnation)
+        let (version, candidates, name, incarnation, visitor) = match frame {
+            ClientFrame::Register { version, candidates, name, incarnation, visitor } => {
+                (version, candidates, name, incarnation, visitor)
             }
             ClientFrame::Observe { version } if version == PROTOCOL_VERSION => {
                 return Ok(Some(FirstFrame::Observe))
@@ -291,14 +339,14 @@ impl NodeSession {
         if name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN || n.chars().any(char::is_control)) {
             return Err(Fault::BadName);
         }
-        Ok(Some(FirstFrame::Register(RegisterRequest { candidates, name, incarnation })))
+        Ok(Some(FirstFrame::Register(RegisterRequest { candidates, name, incarnation, visitor })))
     }
 
     /// Enters the node in the registry (closing an older connection of it) and attaches it
     /// to the relay. Returns its relay client and the address it is seen at.
     fn enter(&self, request: RegisterRequest, outbox: &Outbox) -> Result<(RelayClient, SocketAddr), Fault> {
         let limits = &self.ctx.limits;
-        let listing = Listing::new(
+        let mut listing = Listing::new(
             self.connection_id,
             self.conn.remote_address(),
             request.candidates,
@@ -306,6 +354,7 @@ impl NodeSession {
             request.name,
             unix_now(),
         );
+        listing.visitor = request.visitor;
         let observed = listing.addrs.observed;
         let session = NodeReach { connection: self.conn.clone(), outbox: outbox.clone() };
         let entered = self.ctx.registry.lock().register(self.node_id, listing, session, limits.max_nodes);
@@ -339,7 +388,12 @@ impl NodeSession {
     }
 
     /// Answers requests until the node finishes its stream or breaks the protocol.
-    async fn serve(&self, reader: &mut FrameReader<quinn::RecvStream>, outbox: &Outbox) -> Result<(), Fault> {
+    async fn serve(
+        &self,
+        reader: &mut FrameReader<quinn::RecvStream>,
+        outbox: &Outbox,
+        dht: &mut DhtRequests,
+    ) -> Result<(), Fault> {
         let mut introductions = self.ctx.limits.introduction_bucket(Instant::now());
         loop {
             let frame = match reader.next::<ClientFrame>().await {
@@ -367,6 +421,18 @@ impl NodeSession {
                     self.introduce(request_id, target, &mut introductions)
                 }
                 ClientFrame::RelayRequest { request_id, peer } => self.relay_request(request_id, peer),
+                ClientFrame::Publish { request_id, record } => {
+                    match self.publish(request_id, record, dht, outbox) {
+                        Some(refused) => refused,
+                        None => continue,
+                    }
+                }
+                ClientFrame::Resolve { request_id, node } => {
+                    match self.resolve(request_id, node, dht, outbox) {
+                        Some(refused) => refused,
+                        None => continue,
+                    }
+                }
                 ClientFrame::Candidates { candidates } => {
                     check_candidates(&candidates)?;
                     self.ctx.registry.lock().directory_mut().update_candidates(
@@ -381,6 +447,146 @@ impl NodeSession {
                 return Ok(());
             }
         }
+    }
+
+    /// Checks a record to publish and starts its DHT put, which answers `Published` (or an
+    /// error) when it returns. `Some`: the request is refused at once with this reply.
+    fn publish(
+        &self,
+        request_id: u64,
+        record: SignedRecord,
+        dht: &mut DhtRequests,
+        outbox: &Outbox,
+    ) -> Option<ServerFrame> {
+        let error = |kind, message: String| Some(ServerFrame::Error { request_id, kind, message });
+        let refuse = |kind, reason: String| {
+            self.ctx.events.emit(ServerEvent::PublishRefused { node: self.node_id, reason: reason.clone() });
+            error(kind, reason)
+        };
+        if dht.visitor {
+            return refuse(
+                ErrorKind::InvalidRequest,
+                "a visitor cannot publish: this tracker is not its home".to_string(),
+            );
+        }
+        if self.ctx.dht.is_none() {
+            return error(ErrorKind::NoDht, "this tracker is not in a DHT".to_string());
+        }
+        if !dht.bucket.try_take(Instant::now()) {
+            return error(ErrorKind::RateLimited, "too many DHT requests; slow down".to_string());
+        }
+        if let Err(e) = self.check_record(&record) {
+            return refuse(ErrorKind::BadRecord, e.to_string());
+        }
+        let Ok(publishing) = dht.publishing.clone().try_acquire_owned() else {
+            return error(
+                ErrorKind::Busy,
+                "a publish of this node is still in flight; retry shortly".to_string(),
+            );
+        };
+        let Some(slots) = self.query_slots(dht) else {
+            return error(ErrorKind::Busy, "too many DHT requests in flight; retry shortly".to_string());
+        };
+        let (ctx, outbox, cancel) = (self.ctx.clone(), outbox.clone(), dht.cancel.clone());
+        let (node, connection_id) = (self.node_id, self.connection_id);
+        dht.tasks.spawn(async move {
+            let _held = (publishing, slots);
+            let Some(tracker_dht) = ctx.dht.as_ref() else { return };
+            let put = tokio::select! {
+                _ = cancel.cancelled() => return,
+                put = tokio::time::timeout(DHT_QUERY_TIMEOUT, tracker_dht.publish(&record)) => put,
+            };
+            let seq = record.seq;
+            let reply = match put {
+                Ok(Ok(stored_on)) => {
+                    ctx.registry.lock().note_published(node, connection_id, seq);
+                    ctx.events.emit(ServerEvent::Published { node, seq, stored_on });
+                    ServerFrame::Published { request_id, seq, stored_on }
+                }
+                Ok(Err(e)) => {
+                    let kind = match e {
+                        PublishError::NotMostRecent | PublishError::SignatureLength => ErrorKind::BadRecord,
+                        PublishError::Conflict | PublishError::Failed(_) | PublishError::Stopped => {
+                            ErrorKind::Busy
+                        }
+                    };
+                    ctx.events.emit(ServerEvent::PublishRefused { node, reason: e.to_string() });
+                    ServerFrame::Error { request_id, kind, message: e.to_string() }
+                }
+                Err(_) => {
+                    let message = format!("the DHT did not store the record within {DHT_QUERY_TIMEOUT:?}");
+                    ctx.events.emit(ServerEvent::PublishRefused { node, reason: message.clone() });
+                    ServerFrame::Error { request_id, kind: ErrorKind::Busy, message }
+                }
+            };
+            let _ = outbox.send(Box::new(reply)).await;
+        });
+        None
+    }
+
+    /// A record may be published here when this connection's node signed it, it is good
+    /// now, it names this tracker, and it is newer than the last one published here.
+    fn check_record(&self, record: &SignedRecord) -> Result<(), RecordError> {
+        let home = record.verify(&self.node_id, unix_now())?;
+        if home.tracker != self.ctx.tracker_id {
+            return Err(RecordError::OtherTracker { named: home.tracker, this: self.ctx.tracker_id });
+        }
+        record.check_newer(self.ctx.registry.lock().published_seq(&self.node_id))
+    }
+
+    /// A slot of this session's and one of the tracker's DHT queries.
+    fn query_slots(&self, dht: &DhtRequests) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let session = dht.slots.clone().try_acquire_owned().ok()?;
+        let tracker = self.ctx.dht.as_ref()?.query_slot()?;
+        Some((session, tracker))
+    }
+
+    /// Starts looking up `node`'s record in the DHT; answers `Resolved` when the lookup
+    /// ends. `Some`: the request is refused at once with this reply.
+    fn resolve(
+        &self,
+        request_id: u64,
+        node: NodeId,
+        dht: &mut DhtRequests,
+        outbox: &Outbox,
+    ) -> Option<ServerFrame> {
+        let error =
+            |kind, message: &str| Some(ServerFrame::Error { request_id, kind, message: message.to_string() });
+        if self.ctx.dht.is_none() {
+            return error(ErrorKind::NoDht, "this tracker is not in a DHT");
+        }
+        if !dht.bucket.try_take(Instant::now()) {
+            return error(ErrorKind::RateLimited, "too many DHT requests; slow down");
+        }
+        let Some(slots) = self.query_slots(dht) else {
+            return error(ErrorKind::Busy, "too many DHT requests in flight; retry shortly");
+        };
+        let (ctx, outbox, cancel) = (self.ctx.clone(), outbox.clone(), dht.cancel.clone());
+        dht.tasks.spawn(async move {
+            let _held = slots;
+            let Some(tracker_dht) = ctx.dht.as_ref() else { return };
+            let found = tokio::select! {
+                _ = cancel.cancelled() => return,
+                found = tokio::time::timeout(DHT_QUERY_TIMEOUT, tracker_dht.resolve(&node)) => found,
+            };
+            let reply = match found {
+                Ok(record) => {
+                    let found = record.as_ref().map(|r| ResolvedRecord {
+                        seq: r.seq,
+                        tracker: HomeRecord::decode(&r.value).ok().map(|home| home.tracker),
+                    });
+                    ctx.events.emit(ServerEvent::Resolved { node, found });
+                    ServerFrame::Resolved { request_id, record }
+                }
+                Err(_) => ServerFrame::Error {
+                    request_id,
+                    kind: ErrorKind::Busy,
+                    message: format!("the DHT lookup did not end within {DHT_QUERY_TIMEOUT:?}"),
+                },
+            };
+            let _ = outbox.send(Box::new(reply)).await;
+        });
+        None
     }
 
     /// Sends both introductions under one lock, so both nodes learn of each other at once.

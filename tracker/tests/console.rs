@@ -31,9 +31,15 @@ impl Tracker {
 
     /// A tracker with one `--listen` per address.
     fn start_on(listen: &[&str]) -> Self {
+        Self::start_with(listen, &[])
+    }
+
+    /// A tracker with one `--listen` per address and `args` after them.
+    fn start_with(listen: &[&str], args: &[&str]) -> Self {
         let home = tempfile::tempdir().expect("home");
         let mut child = Command::new(env!("CARGO_BIN_EXE_qpeer-tracker"))
             .args(listen.iter().flat_map(|addr| ["--listen", addr]))
+            .args(args)
             .arg("--home")
             .arg(home.path())
             .stdout(Stdio::piped())
@@ -131,4 +137,51 @@ fn each_listen_address_gets_its_lines() {
         ids.push(addr.node_id.expect("pinned form"));
     }
     assert_eq!(ids[0], ids[1], "the same identity on every address");
+}
+
+#[test]
+fn dht_options_print_the_dht_line() {
+    // The first node of a private DHT: it contacts nobody.
+    let first = Tracker::start_with(&["127.0.0.1:0"], &["--dht-listen", "127.0.0.1:0"]);
+    assert_eq!(first.next_line(), "[STARTING] tracker server is starting...");
+    first.listening();
+    let line = first.next_line();
+    let addr = line
+        .strip_prefix("[DHT] listening on ")
+        .and_then(|rest| rest.strip_suffix(" (bootstrap: none)"))
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+    let addr: std::net::SocketAddrV4 = addr.parse().expect("the DHT's address");
+    assert_ne!(addr.port(), 0, "the actually bound port is printed");
+
+    // Joining through it (repeated and comma-separated flags).
+    let seed = addr.to_string();
+    let both = format!("{seed},{seed}");
+    let args = ["--dht-listen", "127.0.0.1:0", "--dht-bootstrap", &both, "--dht-bootstrap", &seed];
+    let second = Tracker::start_with(&["127.0.0.1:0"], &args);
+    second.next_line();
+    second.listening();
+    let line = second.next_line();
+    assert!(line.ends_with(&format!("(bootstrap: {seed}, {seed}, {seed})")), "{line}");
+}
+
+#[test]
+fn bad_dht_options_fail_with_one_clear_line() {
+    for args in [
+        &["--dht-listen", "[::1]:6881"][..],
+        &["--dht-listen", "127.0.0.1"],
+        &["--dht-bootstrap", "127.0.0.1:1,nowhere"],
+        &["--dht", "private"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_qpeer-tracker")).args(args).output().expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: invalid value"), "{args:?}: {stderr}");
+        assert!(
+            first.contains("IPv4 address and port")
+                || first.contains("possible values: public")
+                || stderr.contains("[possible values: public]"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

@@ -90,7 +90,7 @@ async fn register_at(
         at,
         PINNED_SERVER_NAME,
         &ServerTrust::Pinned(tracker.id),
-        RegisterInfo { candidates, name: Some("test".into()), incarnation: 1 },
+        RegisterInfo { candidates, name: Some("test".into()), incarnation: 1, visitor: false },
     )
     .await?;
     Ok(TestNode { identity, endpoint, client, intros })
@@ -297,6 +297,7 @@ async fn bad_frames_close_only_the_offender() {
             candidates: vec![],
             name: None,
             incarnation: 0,
+            visitor: false,
         },
         qpeer_wire::tracker::MAX_FRAME_LEN,
     )
@@ -640,7 +641,7 @@ async fn observe_answers_from_the_same_endpoint_without_replacing_the_registrati
     .await
     .expect("observe");
     // One socket, no NAT: both addresses see the same source.
-    assert_eq!(observed, a.client.observed_addr());
+    assert_eq!(observed.observed, a.client.observed_addr());
     // The registration is untouched: still listed, still answering.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(a.client.connection().close_reason().is_none());

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release --bins
-//! cargo run --release -p qpeer-tests --bin qpeer-bench -- <transfer|relay|connect|tracker|transfer-rss|all> [--smoke]
+//! cargo run --release -p qpeer-tests --bin qpeer-bench -- <transfer|relay|connect|tracker|transfer-rss|dht|all> [--smoke]
 //! ```
 //! `--smoke` runs each scenario small, for CI: it checks that they work, not how fast.
 
@@ -17,7 +17,7 @@ use qpeer_tests::lab::bin_dir;
 use qpeer_tracker::TrackerClient;
 
 fn usage() -> ! {
-    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|all> [--smoke] [--gib N] [--nodes N,N,...] [--in-flight N]");
+    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|dht|all> [--smoke] [--gib N] [--nodes N,N,...] [--in-flight N]");
     std::process::exit(2)
 }
 
@@ -59,11 +59,12 @@ fn main() -> Result<()> {
             "connect" => runtime.block_on(connect(if smoke { 20 } else { 200 })),
             "tracker" => runtime.block_on(tracker(&levels, inflight)),
             "transfer-rss" => transfer_rss(mib(2, 16)),
+            "dht" => runtime.block_on(dht(if smoke { 2 } else { 20 })),
             _ => usage(),
         }
     };
     if scenario == "all" {
-        for name in ["transfer", "relay", "connect", "tracker", "transfer-rss"] {
+        for name in ["transfer", "relay", "connect", "tracker", "transfer-rss", "dht"] {
             run(name)?;
         }
         Ok(())
@@ -389,6 +390,68 @@ async fn connect(rounds: usize) -> Result<()> {
     );
     a.shutdown().await;
     b.shutdown().await;
+    Ok(())
+}
+
+/// Across trackers: three trackers in a private DHT on loopback; b lives on tracker 2; a
+/// fresh node on tracker 1 (nothing cached) resolves b's record and connects, `rounds` times.
+/// Also what b's record costs the DHT.
+async fn dht(rounds: usize) -> Result<()> {
+    use qpeer_node::NodeEvent;
+    use qpeer_tests::dht::{node_on, published, trackers};
+    use qpeer_wire::record::{HomeRecord, RECORD_TTL_SECS, REPUBLISH_SECS};
+
+    let mut trackers = trackers(3)?;
+    let b_home = tempfile::tempdir()?;
+    let started = Instant::now();
+    let b = node_on(&[&trackers[1]], b_home.path(), false).await?;
+    published(&b, 0).await?;
+    let publish_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (mut resolve, mut connect) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let home = tempfile::tempdir()?;
+        let a = node_on(&[&trackers[0]], home.path(), false).await?;
+        let mut events = a.events().subscribe();
+        let started = Instant::now();
+        a.connect(b.id()).await?.ping(1).await?;
+        connect.push(started.elapsed());
+        while let Ok(event) = events.try_recv() {
+            if let NodeEvent::PeerResolved { took, .. } = event {
+                resolve.push(took);
+            }
+        }
+        a.shutdown().await;
+    }
+    anyhow::ensure!(
+        resolve.len() == rounds,
+        "every round resolved b's record ({} of {rounds})",
+        resolve.len()
+    );
+    resolve.sort();
+    connect.sort();
+    // b's record as published: its tracker's one address.
+    let home = b.home_tracker().ok_or_else(|| anyhow::anyhow!("b is not registered"))?;
+    let record = HomeRecord {
+        tracker: home.id.ok_or_else(|| anyhow::anyhow!("no tracker id"))?,
+        addrs: vec![home.addr],
+        issued_at: 0,
+        ttl_secs: RECORD_TTL_SECS,
+    };
+    let value = record.encode()?.len();
+    println!(
+        "{{\"scenario\":\"dht\",\"cores\":{},\"rounds\":{rounds},\"publish_ms\":{publish_ms:.1},\"resolve_p50_ms\":{:.1},\"resolve_max_ms\":{:.1},\"connect_p50_ms\":{:.1},\"connect_max_ms\":{:.1},\"record_value_bytes\":{value},\"bep44_item_bytes\":{},\"republish_s\":{REPUBLISH_SECS},\"ttl_s\":{RECORD_TTL_SECS}}}",
+        cores(),
+        percentile(&resolve, 0.5),
+        percentile(&resolve, 1.0),
+        percentile(&connect, 0.5),
+        percentile(&connect, 1.0),
+        // What a DHT node stores: key, signature, sequence number, value (salt: 10 bytes).
+        32 + 64 + 8 + 10 + value,
+    );
+    b.shutdown().await;
+    for tracker in &mut trackers {
+        tracker.stop().await;
+    }
     Ok(())
 }
 

@@ -2,15 +2,15 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use qpeer_certs::{resolve_home, Identity};
-use qpeer_tracker::{Limits, ServerEvents, Tracker, TrackerConfig};
+use qpeer_tracker::{DhtConfig, Limits, ServerEvents, Tracker, TrackerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// The qpeer tracker: nodes register with it over mutual TLS (QUIC, ALPN qpeer-tracker/1).
@@ -21,6 +21,11 @@ use tokio_util::sync::CancellationToken;
 /// the tracker can neither read nor alter them, and relays only between two nodes that both
 /// asked for it. On start it prints the `[TRACKER] ID@IP:PORT` string that nodes
 /// pass as `--tracker` (or QPEER_TRACKER).
+///
+/// Several trackers share the load and stand in for each other through the BitTorrent
+/// Mainline DHT (--dht-listen, --dht-bootstrap, --dht public): each publishes the home records
+/// its nodes sign and resolves other nodes' records, so that a node on one tracker reaches a
+/// node on another by its NodeId alone. Without these options the tracker serves alone.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -71,6 +76,55 @@ struct Cli {
     /// Seconds without packets after which a node is dropped (nodes send keep-alives).
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
+    /// Run a Mainline DHT node on this IPv4 UDP address (IP:PORT; port 0 picks one). With no
+    /// --dht-bootstrap and no --dht public, this is the first node of a private DHT: other
+    /// trackers join through it. Default, when another --dht option is given: 0.0.0.0:6881.
+    #[arg(long, value_name = "ADDR", value_parser = parse_dht_addr)]
+    dht_listen: Option<SocketAddrV4>,
+    /// Join a DHT through these nodes only (IPv4 IP:PORT; repeat the flag or separate with
+    /// commas), such as the other trackers' --dht-listen addresses: a private DHT.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',', value_parser = parse_dht_addr)]
+    dht_bootstrap: Vec<SocketAddrV4>,
+    /// `public`: join the public Mainline network through its well-known bootstrap nodes
+    /// (and any --dht-bootstrap nodes too).
+    #[arg(long, value_name = "NETWORK")]
+    dht: Option<DhtNetwork>,
+    /// DHT requests (publish, resolve) one node may make per second (sustained).
+    #[arg(long, default_value_t = Limits::default().dht_requests_per_sec)]
+    dht_requests_per_sec: u32,
+    /// DHT requests one node may make in a burst.
+    #[arg(long, default_value_t = Limits::default().dht_request_burst)]
+    dht_request_burst: u32,
+}
+
+/// Which DHT `--dht` joins.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DhtNetwork {
+    /// The public BitTorrent Mainline DHT.
+    Public,
+}
+
+/// Where the DHT node listens when --dht-listen is not given.
+const DEFAULT_DHT_LISTEN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6881);
+
+/// An IPv4 socket address, with an error that says what is wanted.
+fn parse_dht_addr(text: &str) -> Result<SocketAddrV4, String> {
+    text.trim().parse().map_err(|_| {
+        format!("'{text}' is not an IPv4 address and port such as 192.0.2.1:6881 (the DHT speaks IPv4 only)")
+    })
+}
+
+/// The DHT configuration the --dht options ask for; `None` without any of them.
+fn dht_config(
+    listen: Option<SocketAddrV4>,
+    bootstrap: Vec<SocketAddrV4>,
+    network: Option<DhtNetwork>,
+) -> Option<DhtConfig> {
+    if listen.is_none() && bootstrap.is_empty() && network.is_none() {
+        return None;
+    }
+    let listen = listen.unwrap_or(DEFAULT_DHT_LISTEN);
+    Some(DhtConfig { listen, bootstrap, public: network == Some(DhtNetwork::Public) })
 }
 
 #[tokio::main]
@@ -102,6 +156,8 @@ async fn main() -> Result<()> {
         partial_frame_timeout: Duration::from_secs_f64(cli.frame_timeout.clamp(0.1, 3600.0)),
         relay_bytes_per_sec: cli.relay_bytes_per_sec,
         relay_packets_per_sec: cli.relay_packets_per_sec,
+        dht_requests_per_sec: cli.dht_requests_per_sec,
+        dht_request_burst: cli.dht_request_burst,
     };
     for (flag, value) in
         [("--register-timeout", cli.register_timeout), ("--frame-timeout", cli.frame_timeout)]
@@ -117,6 +173,7 @@ async fn main() -> Result<()> {
     config.certificate = certificate;
     config.limits = limits;
     config.console = true;
+    config.dht = dht_config(cli.dht_listen, cli.dht_bootstrap, cli.dht);
     let mut tracker = Tracker::bind(config).context("tracker failed to start")?;
     let events = tracker.events().context("the tracker keeps no console events")?;
     let stopped = CancellationToken::new();

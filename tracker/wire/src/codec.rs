@@ -134,13 +134,11 @@ mod tests {
                 any::<u16>(),
                 prop::collection::vec(addr(), 0..MAX_CANDIDATES),
                 prop::option::of("[a-z0-9 é]{0,20}"),
-                any::<u64>()
+                any::<u64>(),
+                any::<bool>()
             )
-                .prop_map(|(version, candidates, name, incarnation)| ClientFrame::Register {
-                    version,
-                    candidates,
-                    name,
-                    incarnation
+                .prop_map(|(version, candidates, name, incarnation, visitor)| {
+                    ClientFrame::Register { version, candidates, name, incarnation, visitor }
                 }),
             prop::collection::vec(addr(), 0..MAX_CANDIDATES)
                 .prop_map(|candidates| ClientFrame::Candidates { candidates }),
@@ -152,7 +150,27 @@ mod tests {
                 .prop_map(|(request_id, peer)| ClientFrame::RelayRequest { request_id, peer }),
             any::<u16>().prop_map(|version| ClientFrame::Observe { version }),
             mapping().prop_map(|mapping| ClientFrame::Mapping { mapping }),
+            (any::<u64>(), signed_record())
+                .prop_map(|(request_id, record)| ClientFrame::Publish { request_id, record }),
+            (any::<u64>(), node_id())
+                .prop_map(|(request_id, node)| ClientFrame::Resolve { request_id, node }),
         ]
+    }
+
+    /// Records as they travel: the bytes need not verify (the receiver checks them).
+    fn signed_record() -> impl Strategy<Value = crate::record::SignedRecord> {
+        (
+            node_id(),
+            any::<i64>(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            prop::collection::vec(any::<u8>(), 64),
+        )
+            .prop_map(|(node, seq, value, signature)| crate::record::SignedRecord {
+                node,
+                seq,
+                value,
+                signature,
+            })
     }
 
     fn mapping() -> impl Strategy<Value = Mapping> {
@@ -169,8 +187,14 @@ mod tests {
             .prop_map(|(node_id, name, registered_at)| PeerInfo { node_id, name, registered_at });
         let addrs = (addr(), prop::collection::vec(addr(), 0..4))
             .prop_map(|(observed, candidates)| PeerAddrs { observed, candidates });
-        let kind =
-            prop_oneof![Just(ErrorKind::RateLimited), Just(ErrorKind::InvalidRequest), Just(ErrorKind::Busy)];
+        let kind = prop_oneof![
+            Just(ErrorKind::RateLimited),
+            Just(ErrorKind::InvalidRequest),
+            Just(ErrorKind::Busy),
+            Just(ErrorKind::NotIntroduced),
+            Just(ErrorKind::NoDht),
+            Just(ErrorKind::BadRecord),
+        ];
         prop_oneof![
             (any::<u16>(), addr(), prop::collection::vec(addr(), 0..MAX_TRACKER_ADDRS)).prop_map(
                 |(version, observed, others)| ServerFrame::Registered { version, observed, others }
@@ -197,6 +221,11 @@ mod tests {
             }),
             any::<u64>().prop_map(|request_id| ServerFrame::RelayAccepted { request_id }),
             (node_id(), any::<u32>()).prop_map(|(peer, link)| ServerFrame::RelayReady { peer, link }),
+            (any::<u64>(), any::<i64>(), any::<u32>()).prop_map(|(request_id, seq, stored_on)| {
+                ServerFrame::Published { request_id, seq, stored_on }
+            }),
+            (any::<u64>(), prop::option::of(signed_record()))
+                .prop_map(|(request_id, record)| ServerFrame::Resolved { request_id, record }),
         ]
     }
 
@@ -240,11 +269,16 @@ mod tests {
         assert_eq!(decode_body::<ClientFrame>(&body), Err(CodecError::TrailingBytes(1)));
     }
 
-    /// The example bytes of docs/PROTOCOL.md section 2.13 for the version-3 frames.
+    /// The example bytes of docs/PROTOCOL.md section 2.13 (protocol version 4).
     #[test]
-    fn version_3_frames_encode_as_documented() {
+    fn frames_encode_as_documented() {
+        assert_eq!(PROTOCOL_VERSION, 4);
         let observe = encode_frame(&ClientFrame::Observe { version: PROTOCOL_VERSION }, MAX_FRAME_LEN);
-        assert_eq!(observe.expect("encode"), [0, 0, 0, 2, 5, 3]);
+        assert_eq!(observe.expect("encode"), [0, 0, 0, 2, 5, 4]);
+        let resolve = ClientFrame::Resolve { request_id: 2, node: NodeId::from_bytes([0xab; 32]) };
+        let mut expected = vec![0, 0, 0, 34, 8, 2];
+        expected.extend([0xab; 32]);
+        assert_eq!(encode_frame(&resolve, MAX_FRAME_LEN).expect("encode"), expected);
         let mapping = ClientFrame::Mapping { mapping: Mapping::EndpointDependent };
         assert_eq!(encode_frame(&mapping, MAX_FRAME_LEN).expect("encode"), [0, 0, 0, 2, 6, 3]);
         let observed: SocketAddr = "203.0.113.7:40000".parse().expect("addr");

@@ -8,6 +8,7 @@
 //! - [`peer`]: the node ↔ node protocol: ALPN and stream kinds.
 //! - [`transfer`]: the file transfer protocol on peer streams.
 //! - [`probe`]: the signed path probe datagrams.
+//! - [`record`]: home records, signed by nodes, published in the Mainline DHT.
 //! - [`control`]: the local control socket between `qpeer` processes.
 //! - [`close_code`]: QUIC close codes of both protocols.
 //! - [`io`] (feature `io`): the thin edge that moves these bytes over tokio and quinn
@@ -22,6 +23,7 @@ pub mod control;
 pub mod io;
 pub mod peer;
 pub mod probe;
+pub mod record;
 pub mod relay_frame;
 pub mod tracker;
 pub mod transfer;

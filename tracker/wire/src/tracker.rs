@@ -8,12 +8,14 @@ use std::net::SocketAddr;
 use qpeer_certs::NodeId;
 use serde::{Deserialize, Serialize};
 
+use crate::record::SignedRecord;
+
 /// ALPN of the node ↔ tracker protocol.
 pub const ALPN: &[u8] = b"qpeer-tracker/1";
 
 /// Protocol version carried in `Register` and `Registered`. A tracker closes a connection whose
 /// version it does not speak with [`crate::close_code::UNSUPPORTED_VERSION`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Hard upper bound of a frame body in bytes. A tracker may be configured lower, never higher.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -46,6 +48,9 @@ pub enum ClientFrame {
         /// A random number the node's process chose at start, passed to peers in
         /// introductions: a peer whose incarnation changed has restarted.
         incarnation: u64,
+        /// A visitor: a node whose home is another tracker, come to meet a node that lives
+        /// here (found through its home record). A visitor is not listed and may not publish.
+        visitor: bool,
     },
     /// A page of registered nodes, ordered by NodeId, starting after `after`. `limit` is
     /// clamped to 1..=[`MAX_PEERS_PAGE`].
@@ -65,6 +70,13 @@ pub enum ClientFrame {
     Observe { version: u16 },
     /// What the node learnt of its NAT: given to peers in introductions.
     Mapping { mapping: Mapping },
+    /// Publish the node's own home record, which must name this tracker, in the DHT.
+    /// Answered by [`ServerFrame::Published`] once the DHT stored it (or an error:
+    /// [`ErrorKind::NoDht`], [`ErrorKind::BadRecord`]).
+    Publish { request_id: u64, record: SignedRecord },
+    /// Look up `node`'s home record in the DHT: answered by [`ServerFrame::Resolved`]. The
+    /// asker verifies the record itself; the tracker only carries it.
+    Resolve { request_id: u64, node: NodeId },
 }
 
 /// How a node's NAT maps its socket, as the node measured it: the address the tracker sees
@@ -110,6 +122,11 @@ pub enum ErrorKind {
     Busy,
     /// A relay was requested for a node we were not recently introduced to.
     NotIntroduced,
+    /// This tracker is not in a DHT: it serves its own nodes only.
+    NoDht,
+    /// A record to publish was refused (see the message: its signature, its sequence
+    /// number, or the tracker it names).
+    BadRecord,
 }
 
 /// Frames the tracker sends to a node.
@@ -146,4 +163,9 @@ pub enum ServerFrame {
     /// Reply to `Observe`: the address this connection arrives from. The tracker then closes
     /// the connection with [`crate::close_code::NORMAL`].
     Observation { observed: SocketAddr },
+    /// Reply to `Publish`: the record with sequence number `seq` is stored on `stored_on` DHT
+    /// nodes.
+    Published { request_id: u64, seq: i64, stored_on: u32 },
+    /// Reply to `Resolve`: the most recent record the DHT holds for the node, unchecked.
+    Resolved { request_id: u64, record: Option<SignedRecord> },
 }

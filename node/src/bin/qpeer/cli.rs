@@ -38,8 +38,11 @@ pub struct NodeOpts {
     pub home: Option<PathBuf>,
     /// Tracker: ID@HOST:PORT (pinned id, as printed by qpeer-tracker), HOST:PORT with
     /// --tracker-ca, or HOST:PORT alone (trust on first use, saved in HOME/known_trackers).
-    #[arg(long, env = "QPEER_TRACKER", global = true)]
-    pub tracker: Option<TrackerAddr>,
+    /// Repeat it (or give QPEER_TRACKER a comma-separated list) for several trackers: the node
+    /// registers with the fastest (ties: the first given) and moves to the next when it dies;
+    /// peers on any tracker of a shared DHT are found by NodeId.
+    #[arg(long, env = "QPEER_TRACKER", global = true, value_delimiter = ',', value_name = "TRACKER")]
+    pub tracker: Vec<TrackerAddr>,
     /// Verify a HOST:PORT tracker's certificate against this CA (PEM) instead of its id.
     #[arg(long, value_name = "FILE", global = true)]
     pub tracker_ca: Option<PathBuf>,

@@ -114,6 +114,16 @@ pub async fn send_files(
 pub fn status(node: &Node, tracker: &str, transfers: &[ActiveReceive], out: &dyn Output) {
     out.line(&format!("node:     {} (running, home {})", node.id(), node.home().display()));
     out.line(&format!("tracker:  {tracker}"));
+    match node.home_tracker() {
+        Some(home) => out.line(&format!(
+            "home:     {} at {} ({})",
+            home.id.map_or_else(|| "a CA-verified tracker".to_string(), |id| id.to_string()),
+            home.host_port,
+            home.addr
+        )),
+        None => out.line("home:     - (not registered yet)"),
+    }
+    out.line(&format!("record:   {}", node.record_state()));
     match node.observed_addr() {
         Some(addr) => out.line(&format!("observed: {addr} (registered {} time(s))", node.registrations())),
         None => out.line("observed: - (not registered right now)"),

@@ -77,9 +77,7 @@ pub fn builder(opts: &NodeOpts, events: &Events) -> qpeer_node::NodeBuilder {
     if let Some(home) = &opts.home {
         builder = builder.home(home);
     }
-    if let Some(tracker) = &opts.tracker {
-        builder = builder.tracker(tracker.clone());
-    }
+    builder = builder.trackers(opts.tracker.iter().cloned());
     if let Some(ca) = &opts.tracker_ca {
         builder = builder.tracker_ca(ca);
     }
@@ -167,7 +165,7 @@ async fn listen(
     let cancel = CancellationToken::new();
     let served = control::Served {
         node: node.clone(),
-        tracker: opts.tracker.as_ref().map(ToString::to_string).unwrap_or_default(),
+        tracker: opts.tracker.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         receiver: receiver.clone(),
     };
     let control_server = tokio::spawn(control::serve(served, cancel.clone()));

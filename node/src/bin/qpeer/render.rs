@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use qpeer_certs::NodeId;
 use qpeer_node::transfer::{Direction, TransferEvent};
-use qpeer_node::{Events, NodeEvent};
+use qpeer_node::{Events, NodeEvent, RecordState};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 
@@ -180,6 +180,26 @@ pub fn event_line(event: &NodeEvent) -> Option<String> {
                 report.verdict()
             )
         }
+        NodeEvent::HomeChosen { tracker, host_port, rtt } => match rtt {
+            Some(rtt) => {
+                format!("[HOME] tracker {} at {host_port} (answered in {:.1} ms)", tracker.short(), ms(*rtt))
+            }
+            None => format!("[HOME] tracker {} at {host_port}", tracker.short()),
+        },
+        NodeEvent::RecordChanged(state) => match state {
+            RecordState::Published { seq, stored_on } => {
+                format!("[RECORD] published seq {seq} on {stored_on} DHT nodes")
+            }
+            RecordState::Failed { reason } => format!("[RECORD] publish failed ({reason}); retrying"),
+            // A tracker that serves alone is the ordinary case: `qpeer status` tells.
+            RecordState::NoDht | RecordState::Unpublished => return None,
+        },
+        NodeEvent::PeerResolved { peer, tracker, addr, seq, took } => format!(
+            "[RESOLVED] {} lives on tracker {} at {addr} (seq {seq}, {:.0} ms)",
+            peer.short(),
+            tracker.short(),
+            ms(*took)
+        ),
     })
 }
 
