@@ -298,15 +298,14 @@ async fn raw_offer(entries: Vec<OfferEntry>) -> Result<ControlFrame> {
 
 #[tokio::test]
 async fn hostile_offers_are_refused() -> Result<()> {
-    let file = |path: &str| OfferEntry { path: path.into(), kind: EntryKind::File { size: 1 } };
+    let entry = |path: &str, kind| OfferEntry { path: path.into(), kind, meta: Default::default() };
+    let file = |path: &str| entry(path, EntryKind::File { size: 1 });
     for entries in [
         vec![file("../x")],
         vec![file("/etc/x")],
         vec![file("ok/../../x")],
-        vec![
-            OfferEntry { path: "d".into(), kind: EntryKind::Directory },
-            OfferEntry { path: "d/link".into(), kind: EntryKind::Symlink { target: "/etc".into() } },
-        ],
+        // A file inside a link: it would be written through the link.
+        vec![entry("l", EntryKind::Symlink { target: "d".into() }), file("l/x")],
     ] {
         let shown = format!("{entries:?}");
         match raw_offer(entries).await? {

@@ -15,6 +15,18 @@
 //! counts as received). A `.part` left by an interrupted transfer is continued by the next
 //! send of the same file; if the whole file then does not match, the `.part` is discarded and
 //! the file is sent again from the start.
+//!
+//! Metadata (docs/SECURITY.md): a received file gets the sender's permission bits masked to
+//! `0o777` (never setuid, setgid or sticky) with the owner's read bit kept, and the sender's
+//! mtime, both set on the verified `.part` before it is linked into place. A directory this
+//! transfer created gets its mode (masked to `0o777`, owner `rwx` kept) and mtime when the
+//! sender finishes. Symlinks inside a sent directory travel as links, never followed: the
+//! sender leaves out those whose target is absolute or leaves the directory, the receiver
+//! creates only those whose target stays inside the receive folder (see
+//! [`sanitize::check_link_target`]), refusing the others one by one. Nothing is ever written
+//! through a symlink: parents are checked to be real directories, files are opened with
+//! `O_NOFOLLOW`, a `.part` with other hard links is never continued, and the final name is
+//! made with `link(2)`, which does not follow or replace anything.
 
 pub mod event;
 pub mod part;
@@ -26,7 +38,7 @@ pub mod send;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use event::{Direction, TransferEvent, TransferProgress};
+pub use event::{rate, Direction, FileProgress, TransferEvent, TransferProgress};
 
 use qpeer_certs::NodeId;
 use qpeer_wire::io::StreamError;
@@ -44,9 +56,12 @@ pub enum TransferError {
     BadSource { path: PathBuf, problem: SourceProblem },
     #[error(transparent)]
     Node(#[from] crate::NodeError),
-    /// The receiver refused the offer or a file, in its words.
+    /// The receiver refused the offer, in its words.
     #[error("the receiver refused the transfer: {0}")]
     Rejected(String),
+    /// The receiver refused one file or symlink, in its words (the rest went on).
+    #[error("refused by the receiver: {0}")]
+    Refused(String),
     /// The receiver could not write a file, in its words.
     #[error("the receiver could not store the file: {0}")]
     ReceiverFailed(String),

@@ -79,6 +79,8 @@ impl Default for AlignedBuf {
     }
 }
 
+/// Opens without following a symlink at `path` (`O_NOFOLLOW`: a link planted as the
+/// `.part` makes the open fail rather than write elsewhere).
 fn open(path: &Path, direct: bool) -> io::Result<File> {
     let mut flags = libc::O_NOFOLLOW;
     if direct {
@@ -116,6 +118,18 @@ impl PartWriter {
             Some(Err(e)) => return Err(e),
             None => (open(path, false)?, false),
         };
+        // Checked on the open handle (no race with the path): a `.part` with another name
+        // elsewhere is never written, so no other file can change through it.
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata()?;
+            if !meta.is_file() || meta.nlink() != 1 {
+                return Err(io::Error::other(format!(
+                    "{} is not a regular file with a single link; it is not written",
+                    path.display()
+                )));
+            }
+        }
         let mut writer = Self {
             path: path.to_path_buf(),
             file,
@@ -243,6 +257,20 @@ mod tests {
         let mut expected = vec![1u8; 100];
         expected.extend([2u8; ALIGN]);
         assert_eq!(std::fs::read(&path).expect("read"), expected);
+    }
+
+    #[test]
+    fn a_linked_part_is_never_written_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("write");
+        let linked = dir.path().join("hard.part");
+        std::fs::hard_link(&victim, &linked).expect("hard link");
+        assert!(PartWriter::open(&linked, 0).is_err());
+        let symlinked = dir.path().join("soft.part");
+        std::os::unix::fs::symlink(&victim, &symlinked).expect("symlink");
+        assert!(PartWriter::open(&symlinked, 0).is_err());
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +14,13 @@ use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::peer::StreamKind;
 use qpeer_wire::tracker::MAX_FRAME_LEN;
 use qpeer_wire::transfer::{
-    ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, TransferId, MAX_ENTRIES, TRANSFER_VERSION,
+    ControlFrame, EntryKind, EntryMeta, FileEnd, FileHeader, FileReply, TransferId, MAX_ENTRIES,
+    MAX_REASON_LEN, TRANSFER_VERSION,
 };
 
 use super::event::{Direction, ProgressCounter, TransferEvent};
 use super::part::{AlignedBuf, PartWriter};
-use super::sanitize::{check_offer, part_path, PathError};
+use super::sanitize::{check_link_target, check_offer, part_path, LinkError, PathError};
 use super::{TransferError, CHUNK};
 use crate::events::Events;
 use crate::PeerConnection;
@@ -29,8 +30,11 @@ use crate::PeerConnection;
 pub enum AcceptPolicy {
     /// Anyone (`--accept-any`).
     Any,
-    /// Only these NodeIds (`--accept-from`, the home's `allowlist` file).
+    /// Only these NodeIds (`--accept-from`, the home's `allowlist` file read once).
     Only(HashSet<NodeId>),
+    /// The NodeIds of an allowlist file, read again whenever it changes, and some more
+    /// (`qpeer listen`: the home's `allowlist` and `--accept-from`).
+    Watched(Arc<WatchedAllowlist>),
 }
 
 impl AcceptPolicy {
@@ -38,7 +42,84 @@ impl AcceptPolicy {
         match self {
             AcceptPolicy::Any => true,
             AcceptPolicy::Only(ids) => ids.contains(peer),
+            AcceptPolicy::Watched(list) => list.allows(peer),
         }
+    }
+
+    /// This policy, allowing `ids` too.
+    pub fn allow_also(self, ids: impl IntoIterator<Item = NodeId>) -> Self {
+        match self {
+            AcceptPolicy::Any => AcceptPolicy::Any,
+            AcceptPolicy::Only(mut only) => {
+                only.extend(ids);
+                AcceptPolicy::Only(only)
+            }
+            AcceptPolicy::Watched(list) => {
+                list.extra.lock().extend(ids);
+                AcceptPolicy::Watched(list)
+            }
+        }
+    }
+}
+
+/// When an allowlist file was last seen changed: its modification time and length (`None`:
+/// no file).
+type FileStamp = Option<(std::time::SystemTime, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// An allowlist file that is read again when it changes (checked at each offer), so that
+/// editing it takes effect without restarting the listener.
+#[derive(Debug)]
+pub struct WatchedAllowlist {
+    path: PathBuf,
+    /// Allowed whatever the file says (`--accept-from`).
+    extra: parking_lot::Mutex<HashSet<NodeId>>,
+    /// The file's ids as last read, and the stamp they were read at.
+    read: parking_lot::Mutex<(FileStamp, HashSet<NodeId>)>,
+}
+
+impl WatchedAllowlist {
+    /// Reads `path` now: a file that does not parse is an error at start (a missing one is
+    /// empty). Later, a change that does not parse keeps the last good list, with a warning.
+    pub fn new(path: impl Into<PathBuf>) -> Result<Self, AllowlistError> {
+        let path = path.into();
+        let stamp = stamp(&path);
+        let ids = read_allowlist(&path)?;
+        Ok(Self { path, extra: Default::default(), read: parking_lot::Mutex::new((stamp, ids)) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The ids allowed now (the file's, read again if it changed, and the extra ones).
+    pub fn current(&self) -> HashSet<NodeId> {
+        let now = stamp(&self.path);
+        let mut read = self.read.lock();
+        if now != read.0 {
+            match read_allowlist(&self.path) {
+                Ok(ids) => {
+                    tracing::info!("{} changed: {} ids allowed", self.path.display(), ids.len());
+                    *read = (now, ids);
+                }
+                Err(e) => {
+                    // Keep the last good list; say so once per change.
+                    tracing::warn!("{e}; keeping the previous allowlist");
+                    read.0 = now;
+                }
+            }
+        }
+        let mut ids = read.1.clone();
+        ids.extend(self.extra.lock().iter().copied());
+        ids
+    }
+
+    pub fn allows(&self, peer: &NodeId) -> bool {
+        self.current().contains(peer)
     }
 }
 
@@ -108,6 +189,33 @@ pub enum OfferRefusal {
     Unsafe(PathError),
     #[error("cannot create {}: {source}", path.display())]
     CreateDirectory { path: PathBuf, source: std::io::Error },
+    #[error("the receiver's folder is not usable: {0}")]
+    Out(ReceiveConfigError),
+}
+
+/// Why a symlink entry was not created. The sender is told its Display (in
+/// [`ControlFrame::EntryRefused`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkRefusal {
+    #[error("symbolic link {} not created: {why}", link.display())]
+    Target { link: PathBuf, why: LinkError },
+    #[error("{} already exists and is not this link; it is not overwritten", .0.display())]
+    Exists(PathBuf),
+    #[error("cannot create the directory for {}: {source}", path.display())]
+    CreateDirectory { path: PathBuf, source: std::io::Error },
+    #[error("cannot create symbolic link {}: {source}", path.display())]
+    Create { path: PathBuf, source: std::io::Error },
+}
+
+/// `--out` (the receive folder) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveConfigError {
+    #[error("{} exists and is not a directory; --out must name a directory (it is created if missing)", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("cannot create the receive folder {}: {source}", path.display())]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("cannot use the receive folder {}: {source}", path.display())]
+    Inspect { path: PathBuf, source: std::io::Error },
 }
 
 /// Why a file was not taken or not stored. The sender is told its Display (in
@@ -188,6 +296,35 @@ pub struct ReceiveConfig {
     pub events: Events,
 }
 
+impl ReceiveConfig {
+    /// Checks `out` without changing anything: it is a directory (a symlink to one is
+    /// fine: the user chose it), or it does not exist and no existing part of its path is a
+    /// file.
+    pub fn validate(&self) -> Result<(), ReceiveConfigError> {
+        let Some(out) = &self.out else { return Ok(()) };
+        for path in out.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_dir() => return Ok(()),
+                Ok(_) => return Err(ReceiveConfigError::NotADirectory(path.to_path_buf())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {}
+                Err(source) => return Err(ReceiveConfigError::Inspect { path: path.to_path_buf(), source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`ReceiveConfig::validate`], then creates `out` if it is missing.
+    pub fn prepare(&self) -> Result<(), ReceiveConfigError> {
+        self.validate()?;
+        if let Some(out) = &self.out {
+            std::fs::create_dir_all(out)
+                .map_err(|source| ReceiveConfigError::Create { path: out.clone(), source })?;
+        }
+        Ok(())
+    }
+}
+
 /// A transfer being received, as `qpeer status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveReceive {
@@ -198,16 +335,42 @@ pub struct ActiveReceive {
     pub bytes: u64,
     pub verified_files: u32,
     pub verified_bytes: u64,
+    /// Bytes so far, counting what is in `.part` files (`progress.done`), files being
+    /// received, rate and ETA: what the last [`TransferEvent::Progress`] would say now.
+    pub progress: super::TransferProgress,
+}
+
+/// One File entry of an accepted offer.
+#[derive(Debug, Clone)]
+struct OfferedFile {
+    rel: PathBuf,
+    /// As offered (`/` separators).
+    path: String,
+    size: u64,
+    meta: EntryMeta,
+}
+
+/// One Symlink entry of an accepted offer.
+#[derive(Debug, Clone)]
+struct OfferedLink {
+    rel: PathBuf,
+    path: String,
+    target: String,
 }
 
 /// One accepted offer.
 struct AcceptedOffer {
     peer: NodeId,
     out: PathBuf,
-    /// (relative path, size) per File entry, by file index.
-    files: Vec<(PathBuf, u64)>,
+    /// The File entries, by file index.
+    files: Vec<OfferedFile>,
+    links: Vec<OfferedLink>,
+    /// Directories this offer created, in offer order, and what the sender says about them.
+    created_dirs: Vec<(PathBuf, EntryMeta)>,
     /// Files and bytes verified so far.
     verified: Mutex<(u32, u64)>,
+    /// Entries refused or failed.
+    refused: Mutex<u32>,
     progress: ProgressCounter,
 }
 
@@ -252,9 +415,10 @@ impl Receiver {
                     peer: offer.peer,
                     into: offer.out.clone(),
                     files: offer.files.len(),
-                    bytes: offer.files.iter().map(|f| f.1).sum(),
+                    bytes: offer.files.iter().map(|f| f.size).sum(),
                     verified_files,
                     verified_bytes,
+                    progress: offer.progress.progress(),
                 }
             })
             .collect()
@@ -304,8 +468,50 @@ impl Receiver {
             self.report_end(transfer_id, &offer, false);
             return;
         }
+        // Symlinks now (no file can be written through them); refusals before the Summary.
+        for link in &offer.links {
+            let made = {
+                let (out, link) = (offer.out.clone(), link.clone());
+                tokio::task::spawn_blocking(move || make_link(&out, &link.rel, &link.target)).await
+            };
+            match made {
+                Ok(Ok(already_here)) => self.report(TransferEvent::Linked {
+                    transfer: transfer_id,
+                    peer,
+                    path: link.rel.clone(),
+                    target: link.target.clone(),
+                    already_here,
+                }),
+                Ok(Err(refusal)) => {
+                    let reason = qpeer_wire::printable(&refusal.to_string(), MAX_REASON_LEN);
+                    *offer.refused.lock() += 1;
+                    self.report(TransferEvent::Refused {
+                        transfer: transfer_id,
+                        peer,
+                        direction: Direction::Receiving,
+                        path: link.path.clone(),
+                        reason: reason.clone(),
+                    });
+                    let frame = ControlFrame::EntryRefused { path: link.path.clone(), reason };
+                    if write_frame(&mut send, &frame, MAX_FRAME_LEN).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
         // Wait for Finish (or the stream / connection ending), then report.
         let finished = matches!(reader.next::<ControlFrame>().await, Ok(Some(ControlFrame::Finish)));
+        if finished {
+            // Directory times last: creating what is inside changed them.
+            let (out, dirs) = (offer.out.clone(), offer.created_dirs.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                for (rel, meta) in dirs.iter().rev() {
+                    set_dir_meta(&out.join(rel), meta);
+                }
+            })
+            .await;
+        }
         let (files, bytes) = *offer.verified.lock();
         if finished {
             let _ = write_frame(&mut send, &ControlFrame::Summary { files, bytes }, MAX_FRAME_LEN).await;
@@ -317,8 +523,34 @@ impl Receiver {
 
     fn report_end(&self, transfer: TransferId, offer: &AcceptedOffer, finished: bool) {
         offer.progress.report();
+        let progress = offer.progress.progress();
         let (files, bytes) = *offer.verified.lock();
-        self.report(TransferEvent::ReceiveEnded { transfer, peer: offer.peer, files, bytes, finished });
+        self.report(TransferEvent::ReceiveEnded {
+            transfer,
+            peer: offer.peer,
+            files,
+            bytes,
+            finished,
+            elapsed: progress.elapsed,
+            received_now: progress.sent_now,
+            already: progress.already,
+            refused: *offer.refused.lock(),
+        });
+    }
+
+    /// We refuse an entry: say so here too, not only to the sender.
+    fn refuse(&self, transfer: TransferId, peer: NodeId, path: String, error: FileError) -> FileReply {
+        let reply = error.refused();
+        if let FileReply::Refused { reason } = &reply {
+            self.report(TransferEvent::Refused {
+                transfer,
+                peer,
+                direction: Direction::Receiving,
+                path,
+                reason: reason.clone(),
+            });
+        }
+        reply
     }
 
     /// Reads and judges an offer.
@@ -347,6 +579,7 @@ impl Receiver {
         let Some(out) = self.config.out.clone() else {
             return Err(OfferRefusal::NotReceiving);
         };
+        self.config.validate().map_err(OfferRefusal::Out)?;
         if !self.config.policy.allows(&peer) {
             return Err(OfferRefusal::NotAllowed(peer));
         }
@@ -355,7 +588,7 @@ impl Receiver {
         loop {
             match reader.next::<ControlFrame>().await {
                 Ok(Some(ControlFrame::Entries(batch))) => {
-                    offer_bytes += batch.iter().map(|e| e.path.len() + 64).sum::<usize>();
+                    offer_bytes += batch.iter().map(super::send::entry_cost).sum::<usize>();
                     if offer_bytes > MAX_OFFER_BYTES {
                         return Err(OfferRefusal::TooLarge);
                     }
@@ -388,15 +621,19 @@ impl Receiver {
 
         let paths = check_offer(&entries).map_err(OfferRefusal::Unsafe)?;
         let mut files = Vec::new();
-        for (entry, path) in entries.iter().zip(paths) {
+        let mut links = Vec::new();
+        let mut created_dirs = Vec::new();
+        for (entry, rel) in entries.into_iter().zip(paths) {
             match entry.kind {
-                EntryKind::File { size } => files.push((path, size)),
-                EntryKind::Directory => {
-                    if let Err(source) = make_dirs(&out, &path) {
-                        return Err(OfferRefusal::CreateDirectory { path, source });
-                    }
+                EntryKind::File { size } => {
+                    files.push(OfferedFile { rel, path: entry.path, size, meta: entry.meta })
                 }
-                EntryKind::Symlink { .. } => {}
+                EntryKind::Directory => match make_dirs(&out, &rel) {
+                    Ok(true) => created_dirs.push((rel, entry.meta)),
+                    Ok(false) => {}
+                    Err(source) => return Err(OfferRefusal::CreateDirectory { path: rel, source }),
+                },
+                EntryKind::Symlink { target } => links.push(OfferedLink { rel, path: entry.path, target }),
             }
         }
         self.report(TransferEvent::OfferAccepted {
@@ -412,11 +649,21 @@ impl Receiver {
             peer,
             Direction::Receiving,
             total_bytes,
+            files.len() as u32,
         );
         progress.report();
         Ok((
             transfer_id,
-            Arc::new(AcceptedOffer { peer, out, files, verified: Mutex::new((0, 0)), progress }),
+            Arc::new(AcceptedOffer {
+                peer,
+                out,
+                files,
+                links,
+                created_dirs,
+                verified: Mutex::new((0, 0)),
+                refused: Mutex::new(0),
+                progress,
+            }),
         ))
     }
 
@@ -442,11 +689,40 @@ impl Receiver {
         let transfer = header.transfer_id;
         let offer = self.offers.lock().get(&transfer).cloned();
         let Some(offer) = offer.filter(|o| o.peer == peer) else {
-            return FileError::UnknownTransfer.refused();
+            return self.refuse(
+                transfer,
+                peer,
+                format!("file #{}", header.index),
+                FileError::UnknownTransfer,
+            );
         };
-        let Some((rel, size)) = offer.files.get(header.index as usize).cloned() else {
-            return FileError::NoSuchFile(header.index).refused();
+        let index = header.index;
+        let Some(entry) = offer.files.get(index as usize).cloned() else {
+            return self.refuse(transfer, peer, format!("file #{index}"), FileError::NoSuchFile(index));
         };
+        offer.progress.start_file(index, &entry.path, entry.size);
+        let reply = self.receive_entry(peer, transfer, &offer, index, &entry, send, reader).await;
+        // After a hash mismatch the sender sends the file again, on a new stream.
+        offer.progress.end_file(index, !matches!(reply, FileReply::HashMismatch));
+        if !matches!(reply, FileReply::Verified { .. } | FileReply::AlreadyComplete | FileReply::HashMismatch)
+        {
+            *offer.refused.lock() += 1;
+        }
+        reply
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn receive_entry(
+        &self,
+        peer: NodeId,
+        transfer: TransferId,
+        offer: &Arc<AcceptedOffer>,
+        index: u32,
+        entry: &OfferedFile,
+        send: &mut quinn::SendStream,
+        reader: FrameReader<quinn::RecvStream>,
+    ) -> FileReply {
+        let (rel, size) = (entry.rel.clone(), entry.size);
         let final_path = offer.out.join(&rel);
         // A sender that reconnects and resumes may find its previous stream still finishing
         // here (the final fsync of what arrived): give that a moment before refusing.
@@ -457,7 +733,7 @@ impl Receiver {
                 break;
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return FileError::Busy(rel).refused();
+                return self.refuse(transfer, peer, entry.path.clone(), FileError::Busy(rel));
             }
         }
         let _busy = BusyGuard { receiver: self, path: final_path.clone() };
@@ -470,24 +746,25 @@ impl Receiver {
         let (offset, hasher) = match prepared {
             Ok(Ok(Prepared::Resume { offset, hasher })) => (offset, hasher),
             Ok(Ok(Prepared::Exists)) => {
-                return self.compare_existing(transfer, &offer, &rel, size, send, reader).await
+                return self.compare_existing(transfer, offer, index, entry, send, reader).await
             }
-            Ok(Err(e)) => return e.refused(),
-            Err(e) => return FileError::Task(e).refused(),
+            Ok(Err(e)) => return self.refuse(transfer, peer, entry.path.clone(), e),
+            Err(e) => return self.refuse(transfer, peer, entry.path.clone(), FileError::Task(e)),
         };
         if write_frame(send, &FileReply::Start { offset }, MAX_FRAME_LEN).await.is_err() {
             return FileError::StreamClosed.failed();
         }
-        offer.progress.add(offset);
-        match write_part(reader, &final_path, offset, size, *hasher, &offer.progress).await {
+        offer.progress.already(index, offset);
+        match write_part(reader, &final_path, index, offset, size, *hasher, &offer.progress).await {
             Ok(WriteOutcome { received, sent }) if received == sent => {
                 let finished = {
                     let final_path = final_path.clone();
-                    tokio::task::spawn_blocking(move || finish(&final_path)).await
+                    let meta = entry.meta;
+                    tokio::task::spawn_blocking(move || finish(&final_path, &meta)).await
                 };
                 match finished {
                     Ok(Ok(())) => {
-                        self.count(&offer, size);
+                        self.count(offer, size);
                         self.report(TransferEvent::Received {
                             transfer,
                             peer,
@@ -505,6 +782,8 @@ impl Receiver {
             Ok(WriteOutcome { .. }) => {
                 self.report(TransferEvent::Corrupt { transfer, peer, path: rel });
                 let _ = std::fs::remove_file(part_path(&final_path));
+                // The sender sends it again from zero: count it again from zero.
+                offer.progress.restart_file(index);
                 FileReply::HashMismatch
             }
             Err(e) => {
@@ -520,16 +799,17 @@ impl Receiver {
         &self,
         transfer: TransferId,
         offer: &AcceptedOffer,
-        rel: &Path,
-        size: u64,
+        index: u32,
+        entry: &OfferedFile,
         send: &mut quinn::SendStream,
         mut reader: FrameReader<quinn::RecvStream>,
     ) -> FileReply {
+        let (rel, size) = (entry.rel.as_path(), entry.size);
         if write_frame(send, &FileReply::Exists, MAX_FRAME_LEN).await.is_err() {
             return FileError::StreamClosed.failed();
         }
         let existing = offer.out.join(rel);
-        let ours = tokio::task::spawn_blocking(move || super::scan::hash_file(&existing));
+        let ours = tokio::task::spawn_blocking(move || super::scan::hash_file_nofollow(&existing));
         // The sender hashes its copy first: allow for a large file on a slow disk.
         let theirs = tokio::time::timeout(HASH_TIMEOUT, reader.next::<FileEnd>());
         let (ours, theirs) = tokio::join!(ours, theirs);
@@ -540,7 +820,7 @@ impl Receiver {
         match ours {
             Ok(Ok(ours)) if ours == theirs => {
                 self.count(offer, size);
-                offer.progress.add(size);
+                offer.progress.already(index, size);
                 self.report(TransferEvent::Received {
                     transfer,
                     peer: offer.peer,
@@ -551,8 +831,18 @@ impl Receiver {
                 });
                 FileReply::AlreadyComplete
             }
-            Ok(Ok(_)) => FileError::OtherContent(rel.to_path_buf()).refused(),
-            Ok(Err(e)) => FileError::Hash { path: rel.to_path_buf(), source: Box::new(e) }.refused(),
+            Ok(Ok(_)) => self.refuse(
+                transfer,
+                offer.peer,
+                entry.path.clone(),
+                FileError::OtherContent(rel.to_path_buf()),
+            ),
+            Ok(Err(e)) => self.refuse(
+                transfer,
+                offer.peer,
+                entry.path.clone(),
+                FileError::Hash { path: rel.to_path_buf(), source: Box::new(e) },
+            ),
             Err(e) => FileError::Task(e).failed(),
         }
     }
@@ -577,12 +867,15 @@ impl Drop for BusyGuard<'_> {
 }
 
 /// Creates `out/rel` and its parents, refusing to pass through anything that is not a real
-/// directory (a symlink planted inside `out` cannot redirect writes).
-fn make_dirs(out: &Path, rel: &Path) -> std::io::Result<()> {
+/// directory (a symlink planted inside `out` cannot redirect writes). Returns whether it
+/// created `out/rel` itself.
+fn make_dirs(out: &Path, rel: &Path) -> std::io::Result<bool> {
     std::fs::create_dir_all(out)?;
     let mut current = out.to_path_buf();
+    let mut created = false;
     for part in rel.components() {
         current.push(part);
+        created = false;
         match std::fs::symlink_metadata(&current) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => {
@@ -591,11 +884,77 @@ fn make_dirs(out: &Path, rel: &Path) -> std::io::Result<()> {
                     format!("{} exists and is not a directory", current.display()),
                 ))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&current)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&current)?;
+                created = true;
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(created)
+}
+
+/// Creates the symlink `out/rel` → `target` if `target` stays inside `out` (blocking).
+/// Returns whether the same link was there already.
+fn make_link(out: &Path, rel: &Path, target: &str) -> Result<bool, LinkRefusal> {
+    check_link_target(rel, target, 0).map_err(|why| LinkRefusal::Target { link: rel.to_path_buf(), why })?;
+    if let Some(parent) = rel.parent() {
+        make_dirs(out, parent)
+            .map_err(|source| LinkRefusal::CreateDirectory { path: rel.to_path_buf(), source })?;
+    }
+    let path = out.join(rel);
+    match std::os::unix::fs::symlink(target, &path) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::read_link(&path) {
+            Ok(existing) if existing == Path::new(target) => Ok(true),
+            _ => Err(LinkRefusal::Exists(rel.to_path_buf())),
+        },
+        Err(source) => Err(LinkRefusal::Create { path: rel.to_path_buf(), source }),
+    }
+}
+
+/// The sender's mtime as a [`std::time::SystemTime`], if it has a valid one.
+fn mtime_of(meta: &EntryMeta) -> Option<std::time::SystemTime> {
+    let mtime = meta.mtime?;
+    if mtime.nanos >= 1_000_000_000 {
+        return None;
+    }
+    let epoch = std::time::UNIX_EPOCH;
+    if mtime.secs >= 0 {
+        epoch.checked_add(Duration::new(mtime.secs as u64, mtime.nanos))
+    } else {
+        epoch
+            .checked_sub(Duration::from_secs(mtime.secs.unsigned_abs()))
+            .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(mtime.nanos))))
+    }
+}
+
+/// Mode bits a received file gets: the sender's rwx bits, never setuid, setgid or sticky,
+/// and always readable by its owner (so a later send can be checked against it).
+pub fn file_mode(sent: u32) -> u32 {
+    (sent & 0o777) | 0o400
+}
+
+/// Mode bits a directory this node created gets: the sender's rwx bits, never setgid or
+/// sticky, and always `rwx` for its owner (so a later send can still write into it).
+pub fn dir_mode(sent: u32) -> u32 {
+    (sent & 0o777) | 0o700
+}
+
+/// Sets a created directory's mode and mtime, through a handle that does not follow a link
+/// (best effort: a directory that cannot take them keeps its own).
+fn set_dir_meta(path: &Path, meta: &EntryMeta) {
+    let Ok(dir) =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY).open(path)
+    else {
+        return;
+    };
+    if let Some(mode) = meta.mode {
+        let _ = dir.set_permissions(std::fs::Permissions::from_mode(dir_mode(mode)));
+    }
+    if let Some(mtime) = mtime_of(meta) {
+        let _ = dir.set_times(std::fs::FileTimes::new().set_modified(mtime));
+    }
 }
 
 enum Prepared {
@@ -630,8 +989,10 @@ fn prepare(out: &Path, rel: &Path, size: u64) -> Result<Prepared, FileError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(source) => return Err(FileError::Check { path: part, source }),
         Ok(meta) if !meta.is_file() => return Err(FileError::PartNotRegular(part)),
-        Ok(meta) if meta.len() > size => {
-            // Longer than the file it should become: it belongs to something else. Start over.
+        Ok(meta) if meta.len() > size || meta.nlink() > 1 => {
+            // Longer than the file it should become: it belongs to something else. With
+            // other hard links, writing it would change another file. Start over (removing
+            // this name leaves any other file alone).
             std::fs::remove_file(&part)
                 .map_err(|source| FileError::ResetPart { part: part.clone(), source })?;
             0
@@ -667,6 +1028,7 @@ struct WriteOutcome {
 async fn write_part(
     reader: FrameReader<quinn::RecvStream>,
     final_path: &Path,
+    index: u32,
     offset: u64,
     size: u64,
     mut hasher: blake3::Hasher,
@@ -718,7 +1080,7 @@ async fn write_part(
             }
         }
         received += buf.len() as u64;
-        progress.add(buf.len() as u64);
+        progress.add(index, buf.len() as u64);
         if !buf.is_empty() && tx.send(buf).await.is_err() {
             break; // The writer failed; its error is reported below.
         }
@@ -750,10 +1112,27 @@ async fn write_part(
     Ok(WriteOutcome { received: *hasher.finalize().as_bytes(), sent })
 }
 
-/// Moves a verified `.part` into place without ever replacing an existing file, then makes
-/// the move durable.
-fn finish(final_path: &Path) -> Result<(), FileError> {
+/// Gives a verified `.part` the sender's mode bits (masked: [`file_mode`]) and mtime, moves
+/// it into place without ever replacing an existing file, then makes the move durable.
+fn finish(final_path: &Path, meta: &EntryMeta) -> Result<(), FileError> {
     let part = part_path(final_path);
+    if meta.mode.is_some() || meta.mtime.is_some() {
+        // Through a handle on the .part itself (never a link): the name then appears with
+        // its final mode and time. Best effort: a file system that takes no modes or times
+        // (some FAT or network mounts) still gets the verified file.
+        let set = open_nofollow(&part).and_then(|file| {
+            if let Some(mode) = meta.mode {
+                file.set_permissions(std::fs::Permissions::from_mode(file_mode(mode)))?;
+            }
+            if let Some(mtime) = mtime_of(meta) {
+                file.set_times(std::fs::FileTimes::new().set_modified(mtime))?;
+            }
+            Ok(())
+        });
+        if let Err(error) = set {
+            tracing::warn!(part = %part.display(), %error, "cannot set the sender's mode or mtime");
+        }
+    }
     std::fs::hard_link(&part, final_path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             FileError::Appeared { path: final_path.to_path_buf(), part: part.clone() }
@@ -768,4 +1147,30 @@ fn finish(final_path: &Path) -> Result<(), FileError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watched_allowlist_follows_its_file_and_keeps_the_last_good_list() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let path = home.path().join("allowlist");
+        let (a, b, c) =
+            (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]), NodeId::from_bytes([3; 32]));
+        std::fs::write(&path, format!("{a}\n")).expect("write");
+        let policy =
+            AcceptPolicy::Watched(Arc::new(WatchedAllowlist::new(&path).expect("reads"))).allow_also([c]);
+        assert!(policy.allows(&a) && policy.allows(&c) && !policy.allows(&b));
+        // Edited while running: b now, a no longer (the length changes, whatever the clock).
+        std::fs::write(&path, format!("# edited\n{b}\n")).expect("write");
+        assert!(policy.allows(&b) && !policy.allows(&a) && policy.allows(&c));
+        // A broken edit keeps what was allowed.
+        std::fs::write(&path, "not an id\n").expect("write");
+        assert!(policy.allows(&b) && !policy.allows(&a));
+        // Removed: only the extra ids.
+        std::fs::remove_file(&path).expect("remove");
+        assert!(!policy.allows(&b) && policy.allows(&c));
+    }
 }

@@ -1,10 +1,12 @@
 //! The sender's side of an offer: walk the paths the user named; hashing files.
 
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use qpeer_wire::transfer::{EntryKind, OfferEntry, MAX_ENTRIES};
+use qpeer_wire::transfer::{EntryKind, EntryMeta, Mtime, OfferEntry, MAX_ENTRIES};
 
+use super::sanitize::{check_link_target, LinkError};
 use super::{SourceProblem, TransferError};
 
 /// A file to send: where it is here and what the offer says about it.
@@ -27,21 +29,37 @@ pub struct Plan {
     pub total_bytes: u64,
     /// Paths inside the named directories that are left out, and why.
     pub skipped: Vec<(PathBuf, Skipped)>,
+    /// Symlink entries in the offer.
+    pub links: usize,
 }
 
 /// Why a path inside a directory being sent is left out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skipped {
-    Symlink,
+    /// A symbolic link whose target is absolute or leads outside the directory being sent:
+    /// it is neither followed nor sent.
+    Symlink(LinkError),
+    /// A symbolic link whose target is not UTF-8.
+    SymlinkNotUtf8,
     NotRegularFile,
 }
 
 impl std::fmt::Display for Skipped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Symlink => "symbolic link (not followed)",
-            Self::NotRegularFile => "not a regular file",
-        })
+        match self {
+            Self::Symlink(why) => write!(f, "symbolic link not sent (not followed): {why}"),
+            Self::SymlinkNotUtf8 => f.write_str("symbolic link not sent: its target is not UTF-8"),
+            Self::NotRegularFile => f.write_str("not a regular file"),
+        }
+    }
+}
+
+/// The mode bits and modification time of `metadata`, as an offer carries them.
+pub fn entry_meta(metadata: &std::fs::Metadata) -> EntryMeta {
+    let nanos = u32::try_from(metadata.mtime_nsec()).ok().filter(|n| *n < 1_000_000_000);
+    EntryMeta {
+        mode: Some(metadata.mode() & 0o7777),
+        mtime: nanos.map(|nanos| Mtime { secs: metadata.mtime(), nanos }),
     }
 }
 
@@ -95,6 +113,19 @@ pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
     Ok(*hasher.finalize().as_bytes())
 }
 
+/// BLAKE3 of a whole file, refusing to follow a symlink at `path` (the receiver's side).
+pub(crate) fn hash_file_nofollow(path: &Path) -> Result<[u8; 32], TransferError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut hasher = blake3::Hasher::new();
+    hash_into(&mut file, u64::MAX, &mut hasher).map_err(io_err(path))?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
 fn utf8_name(path: &Path) -> Result<String, TransferError> {
     path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| TransferError::BadSource {
         path: path.to_path_buf(),
@@ -140,14 +171,23 @@ pub fn scan(paths: &[PathBuf]) -> Result<Plan, TransferError> {
 
 fn add_file(source: &Path, path: String, metadata: &std::fs::Metadata, plan: &mut Plan) {
     let size = metadata.len();
-    plan.entries.push(OfferEntry { path: path.clone(), kind: EntryKind::File { size } });
+    plan.entries.push(OfferEntry {
+        path: path.clone(),
+        kind: EntryKind::File { size },
+        meta: entry_meta(metadata),
+    });
     let modified = metadata.modified().ok();
     plan.files.push(LocalFile { source: source.to_path_buf(), path, size, modified });
     plan.total_bytes += size;
 }
 
 fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
-    plan.entries.push(OfferEntry { path: rel.clone(), kind: EntryKind::Directory });
+    let metadata = std::fs::metadata(dir).map_err(io_err(dir))?;
+    plan.entries.push(OfferEntry {
+        path: rel.clone(),
+        kind: EntryKind::Directory,
+        meta: entry_meta(&metadata),
+    });
     let mut children: Vec<_> =
         std::fs::read_dir(dir).map_err(io_err(dir))?.collect::<Result<Vec<_>, _>>().map_err(io_err(dir))?;
     children.sort_by_key(|e| e.file_name());
@@ -157,7 +197,7 @@ fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
         let child_rel = format!("{rel}/{name}");
         let metadata = std::fs::symlink_metadata(&source).map_err(io_err(&source))?;
         if metadata.file_type().is_symlink() {
-            plan.skipped.push((source, Skipped::Symlink));
+            add_link(source, child_rel, plan)?;
         } else if metadata.is_dir() {
             walk(&source, child_rel, plan)?;
         } else if metadata.is_file() {
@@ -167,4 +207,66 @@ fn walk(dir: &Path, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
         }
     }
     Ok(())
+}
+
+/// A symlink inside a directory being sent: offered as a link (never followed) when its
+/// target is relative and stays inside the directory named on the command line; skipped
+/// otherwise.
+fn add_link(source: PathBuf, rel: String, plan: &mut Plan) -> Result<(), TransferError> {
+    let target = std::fs::read_link(&source).map_err(io_err(&source))?;
+    let Some(target) = target.to_str().map(str::to_string) else {
+        plan.skipped.push((source, Skipped::SymlinkNotUtf8));
+        return Ok(());
+    };
+    match check_link_target(Path::new(&rel), &target, 1) {
+        Ok(()) => {
+            plan.entries.push(OfferEntry {
+                path: rel,
+                kind: EntryKind::Symlink { target },
+                meta: EntryMeta::default(),
+            });
+            plan.links += 1;
+        }
+        Err(why) => plan.skipped.push((source, Skipped::Symlink(why))),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_inside_the_tree_are_offered_and_others_skipped_with_modes_and_times() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+        std::fs::write(tree.join("sub/run.sh"), b"#!/bin/sh\n").expect("write");
+        std::fs::write(dir.path().join("outside"), b"x").expect("write");
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        std::fs::set_permissions(tree.join("sub/run.sh"), std::fs::Permissions::from_mode(0o750))
+            .expect("chmod");
+        symlink("sub/run.sh", tree.join("inside")).expect("link");
+        symlink("../run.sh", tree.join("sub/up")).expect("link");
+        symlink("../outside", tree.join("escapes")).expect("link");
+        symlink("/etc/passwd", tree.join("absolute")).expect("link");
+        let plan = scan(&[tree]).expect("scan");
+        let links: Vec<_> = plan
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EntryKind::Symlink { target } => Some((e.path.as_str(), target.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(links, [("tree/inside", "sub/run.sh"), ("tree/sub/up", "../run.sh")]);
+        assert_eq!(plan.links, 2);
+        let skipped: Vec<_> =
+            plan.skipped.iter().map(|(p, _)| p.file_name().expect("name").to_owned()).collect();
+        assert_eq!(skipped, ["absolute", "escapes"]);
+        assert!(plan.skipped.iter().all(|(_, why)| matches!(why, Skipped::Symlink(_))));
+        let script = plan.entries.iter().find(|e| e.path == "tree/sub/run.sh").expect("the script");
+        assert_eq!(script.meta.mode, Some(0o750));
+        assert!(script.meta.mtime.is_some());
+    }
 }

@@ -9,7 +9,8 @@ use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::peer::StreamKind;
 use qpeer_wire::tracker::MAX_FRAME_LEN;
 use qpeer_wire::transfer::{
-    ControlFrame, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME, TRANSFER_VERSION,
+    ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME,
+    TRANSFER_VERSION,
 };
 use tokio::sync::Semaphore;
 
@@ -32,9 +33,37 @@ pub struct SendReport {
     pub files: usize,
     /// Bytes of all files (whether sent now or already held by the receiver).
     pub total_bytes: u64,
-    /// Bytes actually streamed in this run.
+    /// Bytes actually streamed in this run (retries included).
     pub sent_bytes: u64,
     pub elapsed: Duration,
+    /// Files the receiver already held whole (confirmed by hash; no data sent), and their
+    /// bytes.
+    pub already_there: usize,
+    pub already_there_bytes: u64,
+    /// Files continued from the receiver's `.part`, and the bytes that were in those
+    /// `.part`s (not sent now).
+    pub resumed: usize,
+    pub resumed_bytes: u64,
+    /// Files sent a second time because the receiver's copy did not verify.
+    pub retried: usize,
+    /// Symlinks the receiver created (or already had).
+    pub links: usize,
+}
+
+impl SendReport {
+    /// Bytes per second sent in this run (`sent_bytes / elapsed`).
+    pub fn rate(&self) -> f64 {
+        super::event::rate(self.sent_bytes, self.elapsed)
+    }
+}
+
+/// How one file went.
+#[derive(Debug, Clone, Copy, Default)]
+struct FileResult {
+    sent: u64,
+    resumed_from: u64,
+    already_there: bool,
+    retried: bool,
 }
 
 /// The receiver's words, safe to print.
@@ -76,6 +105,15 @@ async fn next<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// About how many bytes `entry` takes in a frame (and in the receiver's memory).
+pub(crate) fn entry_cost(entry: &OfferEntry) -> usize {
+    let target = match &entry.kind {
+        EntryKind::Symlink { target } => target.len(),
+        _ => 0,
+    };
+    entry.path.len() + target + 64
+}
+
 /// Splits entries into batches that each encode well under the frame limit: at most
 /// [`ENTRIES_PER_FRAME`] entries and about 48 KiB of paths.
 fn entry_batches(entries: &[OfferEntry]) -> Vec<&[OfferEntry]> {
@@ -83,7 +121,7 @@ fn entry_batches(entries: &[OfferEntry]) -> Vec<&[OfferEntry]> {
     let mut batches = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, entry) in entries.iter().enumerate() {
-        let cost = entry.path.len() + 64;
+        let cost = entry_cost(entry);
         if i > start && (bytes + cost > BUDGET || i - start == ENTRIES_PER_FRAME) {
             batches.push(&entries[start..i]);
             (start, bytes) = (i, 0);
@@ -97,9 +135,11 @@ fn entry_batches(entries: &[OfferEntry]) -> Vec<&[OfferEntry]> {
 }
 
 /// Offers `plan` to the peer and sends every file. Succeeds only when the receiver confirmed
-/// every file's hash. Reports on `events`: [`TransferEvent::Progress`] from the start (bytes
-/// the receiver holds; throttled), [`TransferEvent::Retry`], and at the end
-/// [`TransferEvent::Sent`] or [`TransferEvent::SendFailed`].
+/// every file's hash (and created every symlink). Reports on `events`:
+/// [`TransferEvent::Skipped`] for what the scan left out, [`TransferEvent::Progress`] from
+/// the start (bytes the receiver holds; throttled), [`TransferEvent::Retry`],
+/// [`TransferEvent::FileSent`] per file, [`TransferEvent::Refused`] per refused entry, and
+/// at the end [`TransferEvent::Sent`] or [`TransferEvent::SendFailed`].
 pub async fn send(conn: &PeerConnection, plan: Plan, events: &Events) -> Result<SendReport, TransferError> {
     let progress = Arc::new(ProgressCounter::new(
         events.clone(),
@@ -107,8 +147,17 @@ pub async fn send(conn: &PeerConnection, plan: Plan, events: &Events) -> Result<
         conn.node_id(),
         Direction::Sending,
         plan.total_bytes,
+        plan.files.len() as u32,
     ));
     progress.report();
+    for (path, reason) in &plan.skipped {
+        events.transfer(TransferEvent::Skipped {
+            transfer: progress.transfer(),
+            peer: conn.node_id(),
+            path: path.clone(),
+            reason: reason.clone(),
+        });
+    }
     let result = send_plan(conn, plan, &progress).await;
     progress.report();
     let (transfer, peer) = (progress.transfer(), progress.peer());
@@ -161,15 +210,60 @@ async fn send_plan(
         let progress = progress.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let result = send_file(&conn, transfer_id, index as u32, &file, &progress).await;
+            let index = index as u32;
+            progress.start_file(index, &file.path, file.size);
+            let result = send_file(&conn, transfer_id, index, &file, &progress).await;
+            progress.end_file(index, true);
+            match &result {
+                Ok(done) => progress.events().transfer(TransferEvent::FileSent {
+                    transfer: transfer_id,
+                    peer: conn.node_id(),
+                    path: file.path.clone(),
+                    size: file.size,
+                    resumed_from: done.resumed_from,
+                    sent_now: done.sent,
+                    already_there: done.already_there,
+                }),
+                Err(TransferError::Refused(reason)) => progress.events().transfer(TransferEvent::Refused {
+                    transfer: transfer_id,
+                    peer: conn.node_id(),
+                    direction: Direction::Sending,
+                    path: file.path.clone(),
+                    reason: reason.clone(),
+                }),
+                Err(_) => {}
+            }
             (file.path, result)
         });
     }
     let mut failures = Vec::new();
-    let mut sent_bytes = 0;
+    let mut report = SendReport {
+        files: plan.files.len(),
+        total_bytes: plan.total_bytes,
+        sent_bytes: 0,
+        elapsed: Duration::ZERO,
+        already_there: 0,
+        already_there_bytes: 0,
+        resumed: 0,
+        resumed_bytes: 0,
+        retried: 0,
+        links: plan.links,
+    };
+    let sizes: std::collections::HashMap<&str, u64> =
+        plan.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok((_, Ok(sent))) => sent_bytes += sent,
+            Ok((path, Ok(done))) => {
+                report.sent_bytes += done.sent;
+                if done.already_there {
+                    report.already_there += 1;
+                    report.already_there_bytes += sizes.get(path.as_str()).copied().unwrap_or(0);
+                } else if done.resumed_from > 0 {
+                    report.resumed += 1;
+                    report.resumed_bytes += done.resumed_from;
+                }
+                report.retried += usize::from(done.retried);
+            }
             Ok((path, Err(e))) => failures.push((path, e.to_string())),
             Err(e) => failures.push(("<task>".into(), e.to_string())),
         }
@@ -177,33 +271,60 @@ async fn send_plan(
     write_frame(&mut control, &ControlFrame::Finish, MAX_FRAME_LEN)
         .await
         .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
-    let summary = next::<ControlFrame>(conn, &mut replies, REPLY_TIMEOUT).await;
+    // Entries the receiver refused (symlinks) come before its Summary.
+    let summary = loop {
+        match next::<ControlFrame>(conn, &mut replies, REPLY_TIMEOUT).await {
+            Ok(ControlFrame::EntryRefused { path, reason }) => {
+                let (path, reason) = (remote_text(&path), remote_text(&reason));
+                progress.events().transfer(TransferEvent::Refused {
+                    transfer: transfer_id,
+                    peer: conn.node_id(),
+                    direction: Direction::Sending,
+                    path: path.clone(),
+                    reason: reason.clone(),
+                });
+                report.links = report.links.saturating_sub(1);
+                failures.push((path, TransferError::Refused(reason).to_string()));
+            }
+            other => break other,
+        }
+    };
     let _ = control.finish();
     if !failures.is_empty() {
         failures.sort();
-        return Err(TransferError::FilesFailed { total: plan.files.len(), failures });
+        return Err(TransferError::FilesFailed { total: plan.files.len() + plan.links, failures });
     }
     match summary? {
         ControlFrame::Summary { .. } => {}
         other => return Err(unexpected_control(conn, "Summary", other)),
     }
-    Ok(SendReport {
-        files: plan.files.len(),
-        total_bytes: plan.total_bytes,
-        sent_bytes,
-        elapsed: progress.elapsed(),
-    })
+    report.elapsed = progress.elapsed();
+    Ok(report)
 }
 
-/// Sends one file (retrying once from zero after a hash mismatch). Returns the bytes streamed.
+/// After our write failed because the receiver stopped the stream: its reason, if it sends
+/// one soon (it stops the stream and then answers why), else `error`.
+async fn receiver_reason(
+    conn: &PeerConnection,
+    replies: &mut FrameReader<quinn::RecvStream>,
+    error: TransferError,
+) -> TransferError {
+    match next::<FileReply>(conn, replies, Duration::from_secs(5)).await {
+        Ok(FileReply::Failed { reason }) => TransferError::ReceiverFailed(remote_text(&reason)),
+        Ok(FileReply::Refused { reason }) => TransferError::Refused(remote_text(&reason)),
+        _ => error,
+    }
+}
+
+/// Sends one file (retrying once from zero after a hash mismatch).
 async fn send_file(
     conn: &PeerConnection,
     transfer_id: TransferId,
     index: u32,
     file: &LocalFile,
     progress: &ProgressCounter,
-) -> Result<u64, TransferError> {
-    let mut streamed = 0;
+) -> Result<FileResult, TransferError> {
+    let mut result = FileResult::default();
     let mut attempt = 0;
     loop {
         let (mut send, recv) = conn.open_stream(StreamKind::FileData).await?;
@@ -213,26 +334,19 @@ async fn send_file(
             .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
         let hash = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
             FileReply::Start { offset } if offset <= file.size => {
+                progress.already(index, offset);
                 if attempt == 0 {
-                    progress.add(offset);
+                    result.resumed_from = offset;
                 }
-                match stream_file(conn, &mut send, file, offset, progress).await {
+                match stream_file(conn, &mut send, file, index, offset, progress).await {
                     Ok((sent, hash)) => {
-                        streamed += sent;
+                        result.sent += sent;
                         hash
                     }
                     Err(e @ TransferError::Lost { .. }) => {
                         // A receiver that fails (disk full, permissions) stops our stream and
                         // says why on its reply half: prefer its reason to "stopped by peer".
-                        return match next::<FileReply>(conn, &mut replies, Duration::from_secs(5)).await {
-                            Ok(FileReply::Failed { reason }) => {
-                                Err(TransferError::ReceiverFailed(remote_text(&reason)))
-                            }
-                            Ok(FileReply::Refused { reason }) => {
-                                Err(TransferError::Rejected(remote_text(&reason)))
-                            }
-                            _ => Err(e),
-                        };
+                        return Err(receiver_reason(conn, &mut replies, e).await);
                     }
                     // A local failure (the file changed or could not be read): the receiver
                     // sees the stream reset and keeps what arrived.
@@ -253,22 +367,27 @@ async fn send_file(
                     .await
                     .map_err(|e| reader_failed(file, e))??
             }
-            FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
+            FileReply::Refused { reason } => return Err(TransferError::Refused(remote_text(&reason))),
             other => return Err(unexpected_reply(conn, "Start or Exists", other)),
         };
-        write_frame(&mut send, &FileEnd { blake3: hash }, MAX_FRAME_LEN)
-            .await
-            .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
+        if let Err(e) = write_frame(&mut send, &FileEnd { blake3: hash }, MAX_FRAME_LEN).await {
+            // The data may all be buffered before the receiver stopped the stream.
+            return Err(receiver_reason(conn, &mut replies, lost(conn, LinkLoss::Frame(e))).await);
+        }
         let _ = send.finish();
         match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
-            FileReply::Verified { blake3 } if blake3 == hash => return Ok(streamed),
+            FileReply::Verified { blake3 } if blake3 == hash => return Ok(result),
             FileReply::Verified { .. } => return Err(protocol(conn, ProtocolViolation::DifferentHash)),
             FileReply::AlreadyComplete => {
-                progress.add(file.size);
-                return Ok(streamed);
+                progress.already(index, file.size);
+                result.already_there = true;
+                return Ok(result);
             }
             FileReply::HashMismatch if attempt == 0 => {
                 attempt += 1;
+                result.retried = true;
+                // Counted again from zero: progress never passes 100 %.
+                progress.restart_file(index);
                 progress.events().transfer(TransferEvent::Retry {
                     transfer: transfer_id,
                     peer: conn.node_id(),
@@ -282,7 +401,7 @@ async fn send_file(
                 })
             }
             FileReply::Failed { reason } => return Err(TransferError::ReceiverFailed(remote_text(&reason))),
-            FileReply::Refused { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
+            FileReply::Refused { reason } => return Err(TransferError::Refused(remote_text(&reason))),
             other => return Err(unexpected_reply(conn, "a file result", other)),
         }
     }
@@ -299,6 +418,7 @@ async fn stream_file(
     conn: &PeerConnection,
     send: &mut quinn::SendStream,
     file: &LocalFile,
+    index: u32,
     offset: u64,
     progress: &ProgressCounter,
 ) -> Result<(u64, [u8; 32]), TransferError> {
@@ -341,7 +461,7 @@ async fn stream_file(
             .await
             .map_err(|e| lost(conn, LinkLoss::Write(e)))?;
         sent += len;
-        progress.add(len);
+        progress.add(index, len);
     }
     let hash = reader.await.map_err(|e| reader_failed(file, e))??;
     Ok((sent, hash))
@@ -378,7 +498,7 @@ mod tests {
     use qpeer_wire::tracker::MAX_FRAME_LEN;
 
     use super::*;
-    use qpeer_wire::transfer::{EntryKind, MAX_PATH_LEN};
+    use qpeer_wire::transfer::MAX_PATH_LEN;
 
     #[test]
     fn batches_of_long_paths_fit_in_frames() {
@@ -386,11 +506,22 @@ mod tests {
             .map(|i| OfferEntry {
                 path: format!("{i}{}", "x".repeat(MAX_PATH_LEN - 8)),
                 kind: EntryKind::File { size: u64::MAX },
+                meta: Default::default(),
             })
             .collect();
         let batches = entry_batches(&entries);
         assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 200);
         for batch in batches {
+            encode_frame(&ControlFrame::Entries(batch.to_vec()), MAX_FRAME_LEN).expect("fits");
+        }
+        let links: Vec<OfferEntry> = (0..200)
+            .map(|i| OfferEntry {
+                path: format!("{i}{}", "x".repeat(MAX_PATH_LEN - 8)),
+                kind: EntryKind::Symlink { target: "y".repeat(MAX_PATH_LEN) },
+                meta: Default::default(),
+            })
+            .collect();
+        for batch in entry_batches(&links) {
             encode_frame(&ControlFrame::Entries(batch.to_vec()), MAX_FRAME_LEN).expect("fits");
         }
     }

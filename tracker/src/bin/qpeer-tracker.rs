@@ -1,9 +1,10 @@
 //! `qpeer-tracker`: the rendezvous server qpeer nodes register with.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 /// Mainline DHT (--dht-listen, --dht-bootstrap, --dht public): each publishes the home records
 /// its nodes sign and resolves other nodes' records, so that a node on one tracker reaches a
 /// node on another by its NodeId alone. Without these options the tracker serves alone.
+///
+/// Exit codes: 0 stopped by SIGINT or SIGTERM, 1 failure (one line on stderr), 2 bad usage.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(name = "qpeer-tracker", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
     /// UDP address to listen on. Default: [::]:4433 (IPv6 and IPv4) where the system has
     /// IPv6, else 0.0.0.0:4433. Use 127.0.0.1:0 for a random local port. Give it more than
@@ -68,10 +71,10 @@ struct Cli {
     #[arg(long, default_value_t = Limits::default().relay_packets_per_sec)]
     relay_packets_per_sec: u32,
     /// Seconds a new connection has to register before it is closed.
-    #[arg(long, default_value_t = Limits::default().register_timeout.as_secs_f64())]
+    #[arg(long, default_value_t = Limits::default().register_timeout.as_secs_f64(), value_parser = parse_seconds)]
     register_timeout: f64,
     /// Seconds a control frame may take to arrive once its first byte has.
-    #[arg(long, default_value_t = Limits::default().partial_frame_timeout.as_secs_f64())]
+    #[arg(long, default_value_t = Limits::default().partial_frame_timeout.as_secs_f64(), value_parser = parse_seconds)]
     frame_timeout: f64,
     /// Seconds without packets after which a node is dropped (nodes send keep-alives).
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
@@ -95,6 +98,34 @@ struct Cli {
     /// DHT requests one node may make in a burst.
     #[arg(long, default_value_t = Limits::default().dht_request_burst)]
     dht_request_burst: u32,
+}
+
+const EXAMPLES: &str = "Examples:
+  qpeer-tracker                                   # [::]:4433, identity in ~/.local/share/qpeer
+  qpeer-tracker --listen 0.0.0.0:4433 --home /var/lib/qpeer-tracker
+  qpeer-tracker --listen 203.0.113.5:4433 --listen 203.0.113.6:4433   # NAT mapping checks
+  qpeer-tracker --dht-listen 0.0.0.0:6881 --dht-bootstrap 198.51.100.7:6881";
+
+/// A positive, finite number of seconds (at most an hour).
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0 => Ok(seconds),
+        _ => Err(format!("'{text}' is not a number of seconds above 0 and at most 3600")),
+    }
+}
+
+/// An error and its causes on one line, leaving out a cause the text already says (the
+/// library's errors include their source in their message).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Which DHT `--dht` joins.
@@ -128,15 +159,28 @@ fn dht_config(
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Usage errors: clap's message, exit 2.
     let cli = Cli::parse();
+    // No `Error: ... Caused by:` chain and no backtrace, whatever RUST_BACKTRACE says.
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let home = resolve_home(cli.home.as_deref())?;
     let identity = Arc::new(Identity::load_or_create(&home)?);
     let certificate = match (&cli.cert, &cli.key) {
@@ -159,14 +203,6 @@ async fn main() -> Result<()> {
         dht_requests_per_sec: cli.dht_requests_per_sec,
         dht_request_burst: cli.dht_request_burst,
     };
-    for (flag, value) in
-        [("--register-timeout", cli.register_timeout), ("--frame-timeout", cli.frame_timeout)]
-    {
-        anyhow::ensure!(
-            value.is_finite() && value > 0.0,
-            "{flag} must be a positive number of seconds, got {value}"
-        );
-    }
     let mut listen = cli.listen.into_iter();
     let mut config = TrackerConfig::new(listen.next().unwrap_or_else(default_listen), identity);
     config.extra_listen = listen.collect();
@@ -174,7 +210,7 @@ async fn main() -> Result<()> {
     config.limits = limits;
     config.console = true;
     config.dht = dht_config(cli.dht_listen, cli.dht_bootstrap, cli.dht);
-    let mut tracker = Tracker::bind(config).context("tracker failed to start")?;
+    let mut tracker = Tracker::bind(config).context("the tracker cannot start")?;
     let events = tracker.events().context("the tracker keeps no console events")?;
     let stopped = CancellationToken::new();
     let console = tokio::spawn(print_events(events, stopped.clone()));

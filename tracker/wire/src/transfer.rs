@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! control:  S→R Offer, Entries…, OfferEnd      R→S Accept | Reject
+//!                                              R→S EntryRefused…  (after Accept: symlinks)
 //! per file: S→R FileHeader                     R→S Start{offset} | Exists | Refused
 //!           S→R <size - offset raw bytes>       (after Start; none after Exists)
 //!           S→R FileEnd{blake3}, FIN           R→S Verified | HashMismatch | Failed
@@ -21,8 +22,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Version carried in [`ControlFrame::Offer`].
-pub const TRANSFER_VERSION: u16 = 2;
+/// Version carried in [`ControlFrame::Offer`]. 3: entries carry [`EntryMeta`] (mode and
+/// mtime), symlinks are offered ([`EntryKind::Symlink`]) and refused one by one
+/// ([`ControlFrame::EntryRefused`]).
+pub const TRANSFER_VERSION: u16 = 3;
 /// Most entries in one offer.
 pub const MAX_ENTRIES: u32 = 100_000;
 /// Most entries in one [`ControlFrame::Entries`] frame (keeps frames under the codec limit).
@@ -42,9 +45,29 @@ pub enum EntryKind {
     File { size: u64 },
     /// A directory (listed so that empty directories arrive too).
     Directory,
-    /// A symbolic link. Receivers refuse offers that contain one; the variant exists so that
-    /// the refusal is explicit rather than a decoding error.
+    /// A symbolic link to `target`, as the sender's `readlink` gives it (never followed).
+    /// The receiver creates it only when `target` is relative and, resolved from the link's
+    /// own directory, stays inside the receive folder; otherwise it refuses that entry alone
+    /// ([`ControlFrame::EntryRefused`]).
     Symlink { target: String },
+}
+
+/// A modification time: seconds since the Unix epoch (negative before it) and nanoseconds
+/// (`< 1_000_000_000`; a receiver ignores a time whose `nanos` is out of range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mtime {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What the sender's file system says about an entry, to be reproduced by the receiver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryMeta {
+    /// Unix permission bits (`st_mode & 0o7777`); `None`: unknown, the receiver's default.
+    /// Receivers mask it (no setuid, setgid or sticky bit; see docs/SECURITY.md).
+    pub mode: Option<u32>,
+    /// Modification time; `None`: unknown (the receiver's file keeps its write time).
+    pub mtime: Option<Mtime>,
 }
 
 /// One offered path, relative, with `/` separators; the first component is the name of what
@@ -53,6 +76,8 @@ pub enum EntryKind {
 pub struct OfferEntry {
     pub path: String,
     pub kind: EntryKind,
+    /// Mode and mtime (ignored for symlinks).
+    pub meta: EntryMeta,
 }
 
 /// Frames on the control stream.
@@ -72,6 +97,9 @@ pub enum ControlFrame {
     Finish,
     /// R→S: what the receiver holds now from this transfer.
     Summary { files: u32, bytes: u64 },
+    /// R→S, after [`ControlFrame::Accept`] and before [`ControlFrame::Summary`]: the entry at
+    /// `path` (a symlink) was not created, and why. The rest of the transfer goes on.
+    EntryRefused { path: String, reason: String },
 }
 
 /// First frame of a file stream, S→R.
@@ -124,7 +152,11 @@ mod tests {
             Just(EntryKind::Directory),
             ".{0,20}".prop_map(|target| EntryKind::Symlink { target }),
         ];
-        (".{0,40}", kind).prop_map(|(path, kind)| OfferEntry { path, kind })
+        let mtime =
+            prop::option::of((any::<i64>(), any::<u32>()).prop_map(|(secs, nanos)| Mtime { secs, nanos }));
+        let meta =
+            (prop::option::of(any::<u32>()), mtime).prop_map(|(mode, mtime)| EntryMeta { mode, mtime });
+        (".{0,40}", kind, meta).prop_map(|(path, kind, meta)| OfferEntry { path, kind, meta })
     }
 
     fn control() -> impl Strategy<Value = ControlFrame> {
@@ -143,6 +175,7 @@ mod tests {
             ".{0,50}".prop_map(|reason| ControlFrame::Reject { reason }),
             Just(ControlFrame::Finish),
             (any::<u32>(), any::<u64>()).prop_map(|(files, bytes)| ControlFrame::Summary { files, bytes }),
+            (".{0,40}", ".{0,50}").prop_map(|(path, reason)| ControlFrame::EntryRefused { path, reason }),
         ]
     }
 
@@ -170,8 +203,11 @@ mod tests {
 
     #[test]
     fn a_full_entries_frame_of_long_paths_fits_the_frame_limit() {
+        let meta = EntryMeta { mode: Some(u32::MAX), mtime: Some(Mtime { secs: i64::MIN, nanos: u32::MAX }) };
         let long =
-            OfferEntry { path: "é".repeat(MAX_PATH_LEN / 2), kind: EntryKind::File { size: u64::MAX } };
+            OfferEntry {
+                path: "é".repeat(MAX_PATH_LEN / 2), kind: EntryKind::File { size: u64::MAX }, meta
+            };
         let frame = ControlFrame::Entries(vec![long; 8]);
         assert!(encode_frame(&frame, MAX_FRAME_LEN).is_ok());
     }
@@ -202,6 +238,8 @@ mod tests {
             let _ = decode_body::<FileHeader>(&bytes);
             let _ = decode_body::<FileReply>(&bytes);
             let _ = decode_body::<FileEnd>(&bytes);
+            let _ = decode_body::<OfferEntry>(&bytes);
+            let _ = decode_body::<EntryMeta>(&bytes);
         }
 
         #[test]

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use qpeer_certs::NodeId;
 use qpeer_tracker::TrackerAddr;
 
 /// qpeer: direct, end-to-end encrypted QUIC connections between machines behind home NATs.
@@ -23,7 +22,7 @@ use qpeer_tracker::TrackerAddr;
 ///
 /// Exit codes: 0 success, 1 failure (the reason is printed on stderr), 2 bad usage,
 /// 3 `listen` stopped because the same NodeId registered from another process,
-/// 4 `status` found no node running.
+/// 4 `status` found no node running, 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
@@ -89,9 +88,11 @@ pub enum Command {
         /// Accept files from any node.
         #[arg(long, conflicts_with = "accept_from")]
         accept_any: bool,
-        /// Accept files from this NodeId (repeatable).
-        #[arg(long, value_name = "ID")]
-        accept_from: Vec<NodeId>,
+        /// Accept files from this peer (repeatable): a NodeId, a local alias, a name
+        /// registered with the tracker, or a unique id prefix of 6+ hex characters (as for
+        /// `send`).
+        #[arg(long, value_name = "PEER")]
+        accept_from: Vec<String>,
     },
     /// Send files and directories to a peer; exits 0 only when the peer verified every file.
     ///
@@ -100,39 +101,83 @@ pub enum Command {
     Send {
         #[command(flatten)]
         node: NodeOpts,
-        /// The receiving peer's NodeId.
-        peer: NodeId,
+        /// The peer: its NodeId, a local alias (`qpeer alias`), a name it registered with
+        /// (`--name`, as `qpeer peers` lists), or a unique prefix of its NodeId of at least 6
+        /// hex characters. Tried in that order: full id, alias, tracker name, id prefix; a name
+        /// or prefix that fits more than one node is refused, listing them (exit 2).
+        peer: String,
         /// Files and directories to send.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Print only the result.
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Print one JSON summary object at the end instead of text (no progress): files,
+        /// total_bytes, sent_bytes, elapsed_s, rate_bytes_per_s, ok, error.
+        #[arg(long)]
+        json: bool,
     },
-    /// List the nodes registered with the tracker, one per line, id first.
+    /// List the nodes registered with the tracker, one per line, id first, with name,
+    /// registration time and local aliases.
     Peers {
         #[command(flatten)]
         node: NodeOpts,
+        /// Print one JSON array of {id, name, aliases, registered_at, registered, self}.
+        #[arg(long)]
+        json: bool,
     },
     /// Connect to a peer and measure round trips; each reply says which path it took.
     Ping {
         #[command(flatten)]
         node: NodeOpts,
-        /// The peer's NodeId.
-        peer: NodeId,
-        /// Number of pings.
-        #[arg(long, short = 'c', default_value_t = 4)]
+        /// The peer: its NodeId, a local alias (`qpeer alias`), a name it registered with
+        /// (`--name`, as `qpeer peers` lists), or a unique prefix of its NodeId of at least 6
+        /// hex characters. Tried in that order: full id, alias, tracker name, id prefix; a name
+        /// or prefix that fits more than one node is refused, listing them (exit 2).
+        peer: String,
+        /// Number of pings (at least 1).
+        #[arg(long, short = 'c', default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
-        /// Seconds between pings.
-        #[arg(long, short = 'i', default_value_t = 1.0)]
+        /// Seconds between pings (0 to 3600; fractions such as 0.2 allowed).
+        #[arg(long, short = 'i', default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
+        /// Print JSON, one object per line: {"type":"reply",...} per reply, then
+        /// {"type":"summary",...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Local names for peers, kept in HOME/aliases: `qpeer alias` lists them, `qpeer alias
+    /// NAME ID` adds one (an existing name is replaced only with --force), `qpeer alias
+    /// --remove NAME` removes one. An alias works wherever a peer is named (`send`, `ping`,
+    /// `--accept-from`).
+    Alias {
+        /// Home directory (default: $QPEER_HOME, else ~/.local/share/qpeer).
+        #[arg(long, env = "QPEER_HOME")]
+        home: Option<PathBuf>,
+        /// The alias (not 6+ hex characters, which would read as an id prefix).
+        #[arg(requires = "id")]
+        name: Option<String>,
+        /// The peer's full NodeId (or another alias).
+        id: Option<String>,
+        /// Replace an existing alias of that name.
+        #[arg(long, requires = "name")]
+        force: bool,
+        /// Remove this alias.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["name", "id", "force"])]
+        remove: Option<String>,
     },
     /// Show whether a node runs on this home: its NodeId, tracker, observed address, peers
-    /// with path and RTT, and transfers in progress. Exits 4 when no node runs.
+    /// with path and RTT, and transfers both ways with bytes so far (a one-shot `qpeer send`
+    /// running a node of its own is shown too). Exits 4 when nothing runs.
     Status {
         /// Home directory (default: $QPEER_HOME, else ~/.local/share/qpeer).
         #[arg(long, env = "QPEER_HOME")]
         home: Option<PathBuf>,
+        /// Print one JSON object: state ("listening", "one-shot" or "not running"), id, home,
+        /// tracker, observed, peers [{id, path, direct, rtt_ms, path_age_s}], transfers
+        /// [{direction, peer, done_bytes, total_bytes, sent_now_bytes, files_done, files, ...}].
+        #[arg(long)]
+        json: bool,
     },
     /// What kind of network this machine is on: whether UDP reaches the tracker, how the NAT
     /// maps the node's socket (measured at two tracker addresses), public addresses, RTT to
@@ -148,4 +193,23 @@ pub enum Command {
     /// Run the whole thing locally: a tracker and two nodes on 127.0.0.1 with throwaway
     /// identities; alice sends bob a generated 64 MiB file, which bob verifies by BLAKE3.
     Demo,
+    /// Print a shell completion script for bash, zsh or fish on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the qpeer(1) man page (roff) on stdout, or write every page into a directory.
+    Man {
+        /// Write qpeer.1 and qpeer-<command>.1 into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Seconds between pings: a finite number from 0 to 3600.
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && (0.0..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!("'{text}' is not a number of seconds from 0 to 3600")),
+    }
 }

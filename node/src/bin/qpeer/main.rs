@@ -11,9 +11,15 @@ mod cli;
 mod commands;
 mod control;
 mod demo;
+mod help;
+mod logging;
 mod netcheck;
+mod peer_ref;
 mod progress;
 mod render;
+mod signals;
+mod status;
+mod transfers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,9 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use qpeer_certs::{resolve_home, Identity, NodeId};
-use qpeer_node::transfer::receive::{read_allowlist, AcceptPolicy, ReceiveConfig, Receiver};
+use qpeer_certs::{resolve_home, Identity};
+use qpeer_node::transfer::receive::{AcceptPolicy, ReceiveConfig, Receiver, WatchedAllowlist};
 use qpeer_node::{Events, Node, NodeError};
 use tokio_util::sync::CancellationToken;
 
@@ -38,19 +43,20 @@ const EXIT_NOT_RUNNING: u8 = 4;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()).await {
+    control::clear_empty_env();
+    logging::init();
+    match run(help::parse()).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {}", describe(&e));
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<signals::Interrupted>() {
+            Some(stop) => {
+                eprintln!("{stop}");
+                stop.signal.exit_code()
+            }
+            None => {
+                eprintln!("error: {}", describe(&e));
+                ExitCode::from(peer_ref::exit_code(&e))
+            }
+        },
     }
 }
 
@@ -88,8 +94,13 @@ pub fn builder(opts: &NodeOpts, events: &Events) -> qpeer_node::NodeBuilder {
 }
 
 async fn register(node: Node, opts: &NodeOpts) -> Result<Node> {
-    if let Err(e) = node.registered(Duration::from_secs(opts.register_timeout)).await {
-        node.shutdown().await;
+    let registered = signals::until_stopped(async {
+        Ok(node.registered(Duration::from_secs(opts.register_timeout)).await?)
+    });
+    if let Err(e) = registered.await {
+        // A node still trying a silent tracker would wait out its connect attempt (seconds
+        // past the timeout): the answer is known, so the goodbye is bounded.
+        let _ = tokio::time::timeout(Duration::from_millis(300), node.shutdown()).await;
         return Err(e).context("cannot register with the tracker");
     }
     Ok(node)
@@ -104,6 +115,7 @@ async fn one_shot(
     mode: ProgressMode,
     command: qpeer_wire::control::Command,
 ) -> Result<ExitCode> {
+    signals::install()?;
     let events = Events::new();
     let console = Console::start(&events, Terminal::new(mode), verbose);
     match builder(opts, &events).bind().await {
@@ -111,7 +123,7 @@ async fn one_shot(
             let registered = register(node, opts).await;
             let result = match registered {
                 Ok(node) => {
-                    let result = commands::run(&node, command, &*console).await;
+                    let result = signals::until_stopped(commands::run_own(&node, command, &*console)).await;
                     node.shutdown().await;
                     result
                 }
@@ -121,13 +133,13 @@ async fn one_shot(
             console.flush();
             result.map(|()| ExitCode::SUCCESS)
         }
-        Err(NodeError::HomeInUse { home }) => match control::call(&home, command, mode).await? {
+        Err(NodeError::HomeInUse { home }) => match signals::until_stopped(async {
+            Ok(control::call_with(&home, control::settings(opts), command, mode).await?)
+        })
+        .await?
+        {
             Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
-            None => bail!(
-                "a qpeer command is already running on {} and it does not serve a control socket \
-                 (only `qpeer listen` does); wait for it to finish",
-                home.display()
-            ),
+            None => bail!("{}", status::busy(&home)),
         },
         Err(e) => Err(e.into()),
     }
@@ -138,36 +150,33 @@ async fn listen(
     opts: NodeOpts,
     out: Option<PathBuf>,
     accept_any: bool,
-    accept_from: Vec<NodeId>,
+    accept_from: Vec<String>,
 ) -> Result<ExitCode> {
+    signals::install()?;
     let events = Events::new();
-    let console = Console::start(&events, Terminal::new(ProgressMode::Quiet), true);
+    let console = Console::start(&events, Terminal::new(ProgressMode::detect(false)), true);
     let home = resolve_home(opts.home.as_deref())?;
     let policy = if accept_any {
         AcceptPolicy::Any
     } else {
-        let allowlist = home.join("allowlist");
-        let mut ids = read_allowlist(&allowlist)?;
-        ids.extend(accept_from);
-        if out.is_some() && ids.is_empty() {
+        // Read again whenever it changes: editing the allowlist needs no restart.
+        let allowlist = WatchedAllowlist::new(home.join("allowlist"))?;
+        if out.is_some() && allowlist.current().is_empty() && accept_from.is_empty() {
             console.line(&format!(
-                "[WARNING] no sender is allowed yet: use --accept-from ID, list ids in {}, or --accept-any",
-                allowlist.display()
+                "[WARNING] no sender is allowed yet: use --accept-from ID, list ids in {} (read again when it changes), or --accept-any",
+                allowlist.path().display()
             ));
         }
-        AcceptPolicy::Only(ids)
+        AcceptPolicy::Watched(Arc::new(allowlist))
     };
-    if let Some(out) = &out {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    }
+    let mut config = ReceiveConfig { out: out.clone(), policy, events: events.clone() };
+    // `--out` must be a directory (made if missing) before the node starts.
+    config.prepare()?;
     let node = Arc::new(register(builder(&opts, &events).bind().await?, &opts).await?);
-    let receiver = Receiver::new(ReceiveConfig { out: out.clone(), policy, events: events.clone() });
+    config.policy = peer_ref::with_accept_from(config.policy, &node, &accept_from).await?;
+    let receiver = Receiver::new(config);
     let cancel = CancellationToken::new();
-    let served = control::Served {
-        node: node.clone(),
-        tracker: opts.tracker.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        receiver: receiver.clone(),
-    };
+    let served = control::Served::new(node.clone(), &opts, receiver.clone(), &events);
     let control_server = tokio::spawn(control::serve(served, cancel.clone()));
     match &out {
         Some(out) => console.line(&format!(
@@ -187,8 +196,12 @@ async fn listen(
             while serving.try_join_next().is_some() {}
         }
     };
+    let mut stopped_by = None;
     let failure = tokio::select! {
-        _ = shutdown_signal() => None,
+        stop = signals::stopped() => {
+            stopped_by = Some(stop);
+            None
+        }
         _ = accept => None,
         failure = node.failed() => Some(failure),
     };
@@ -197,12 +210,19 @@ async fn listen(
     node.shutdown().await;
     console.flush();
     match failure {
-        Some(e @ NodeError::Replaced { .. }) => {
-            eprintln!("error: {e}");
+        Some(NodeError::Replaced { .. }) => {
+            // The [REPLACED] line above says it all; this only marks the exit.
+            eprintln!("error: this NodeId was registered again by another process; stopped");
             Ok(ExitCode::from(EXIT_REPLACED))
         }
         Some(e) => Err(e.into()),
-        None => Ok(ExitCode::SUCCESS),
+        None => match stopped_by {
+            Some(stop) => {
+                console.line(&format!("[STOPPED] node stopped by {}", stop.name()));
+                Ok(stop.exit_code())
+            }
+            None => Ok(ExitCode::SUCCESS),
+        },
     }
 }
 
@@ -218,46 +238,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Listen { node, out, accept_any, accept_from } => {
             listen(node, out, accept_any, accept_from).await
         }
-        Command::Peers { node } => one_shot(&node, false, ProgressMode::Quiet, Remote::Peers).await,
-        Command::Ping { node, peer, count, interval } => {
-            let interval_ms = (interval.max(0.0) * 1000.0) as u64;
-            one_shot(&node, true, ProgressMode::Quiet, Remote::Ping { peer, count, interval_ms }).await
+        Command::Peers { node, json } => {
+            one_shot(&node, false, ProgressMode::Quiet, Remote::Peers { json }).await
         }
-        Command::Send { node, peer, paths, quiet } => {
-            let mode = ProgressMode::detect(quiet);
+        Command::Ping { node, peer, count, interval, json } => {
+            let interval_ms = (interval.max(0.0) * 1000.0) as u64;
+            one_shot(&node, !json, ProgressMode::Quiet, Remote::Ping { peer, count, interval_ms, json }).await
+        }
+        Command::Alias { home, name, id, remove, force } => {
+            let home = resolve_home(home.as_deref())?;
+            peer_ref::alias_command(&home, name, id, remove, force).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Send { node, peer, paths, quiet, json } => {
+            let mode = ProgressMode::detect(quiet || json);
             // The running node may have another working directory: send absolute paths.
             let paths = paths
                 .iter()
                 .map(|p| std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display())))
                 .collect::<Result<Vec<_>>>()?;
-            one_shot(&node, !quiet, mode, Remote::Send { peer, paths, quiet }).await
+            let command = Remote::Send { peer, paths, quiet, json };
+            one_shot(&node, !quiet && !json, mode, command).await.map_err(|e| {
+                signals::with_hint(e, || {
+                    format!(
+                        "the receiver keeps what arrived; run the same command again to resume: {}",
+                        signals::command_line()
+                    )
+                })
+            })
         }
-        Command::Status { home } => {
+        Command::Status { home, json } => {
             let home = resolve_home(home.as_deref())?;
-            match control::call(&home, Remote::Status, ProgressMode::Quiet).await? {
+            match control::call(&home, Remote::Status { json }, ProgressMode::Quiet).await? {
                 Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
-                None => {
-                    println!("node:     not running on {}", home.display());
-                    Ok(ExitCode::from(EXIT_NOT_RUNNING))
-                }
+                None => Ok(status::not_listening(&home, json, EXIT_NOT_RUNNING)),
             }
         }
         Command::Netcheck { node, json } => netcheck::run(&node, json).await,
         Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        Command::Completions { shell } => help::completions(shell).map(|()| ExitCode::SUCCESS),
+        Command::Man { dir } => help::man(dir.as_deref()).map(|()| ExitCode::SUCCESS),
     }
 }

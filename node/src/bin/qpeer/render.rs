@@ -14,6 +14,9 @@ use parking_lot::Mutex;
 use qpeer_certs::NodeId;
 use qpeer_node::transfer::{Direction, TransferEvent};
 use qpeer_node::{Events, NodeEvent, RecordState};
+
+use crate::progress::{human_bytes, human_duration, human_rate, ProgressView};
+use qpeer_node::transfer::rate;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 
@@ -21,8 +24,8 @@ use tokio::sync::broadcast::Receiver;
 /// control-socket command.
 pub trait Sink: Send + 'static {
     fn line(&mut self, text: &str);
-    /// The transfer called `label` holds `done` of `total` bytes.
-    fn progress(&mut self, label: &str, done: u64, total: u64);
+    /// How far the transfer called `label` has come.
+    fn progress(&mut self, label: &str, view: &ProgressView);
     /// The transfer called `label` ended.
     fn finish(&mut self, label: &str);
 }
@@ -102,15 +105,19 @@ impl<S: Sink> Console<S> {
     fn render(&self, screen: &mut Screen<S>, event: &NodeEvent) {
         if let NodeEvent::Transfer(transfer) = event {
             match transfer {
-                TransferEvent::Progress(progress) if progress.direction == Direction::Sending => {
-                    let label = screen.label(&progress.peer);
-                    screen.sink.progress(&label, progress.done, progress.total);
+                TransferEvent::Progress(progress) => {
+                    let label = screen.label(&progress.peer, progress.direction);
+                    screen.sink.progress(&label, &ProgressView::of(progress));
                     return;
                 }
                 TransferEvent::Sent { peer, .. } | TransferEvent::SendFailed { peer, .. } => {
-                    let label = screen.label(peer);
+                    let label = screen.label(peer, Direction::Sending);
                     screen.sink.finish(&label);
                     return;
+                }
+                TransferEvent::ReceiveEnded { peer, .. } => {
+                    let label = screen.label(peer, Direction::Receiving);
+                    screen.sink.finish(&label);
                 }
                 _ => {}
             }
@@ -136,11 +143,15 @@ impl<S: Sink> Output for Console<S> {
 }
 
 impl<S> Screen<S> {
-    /// What a send to `peer` is called on screen.
-    fn label(&self, peer: &NodeId) -> String {
+    /// What a transfer with `peer` is called on screen.
+    fn label(&self, peer: &NodeId, direction: Direction) -> String {
+        let way = match direction {
+            Direction::Sending => "to",
+            Direction::Receiving => "from",
+        };
         match self.names.get(peer) {
-            Some(name) => format!("to {name}"),
-            None => format!("to {}", peer.short()),
+            Some(name) => format!("{way} {name}"),
+            None => format!("{way} {}", peer.short()),
         }
     }
 }
@@ -205,9 +216,11 @@ pub fn event_line(event: &NodeEvent) -> Option<String> {
 
 fn transfer_line(event: &TransferEvent) -> Option<String> {
     Some(match event {
-        TransferEvent::OfferAccepted { peer, files, bytes, into, .. } => {
-            format!("[OFFER] from {peer}: {files} files, {bytes} bytes into {}: accepted", into.display())
-        }
+        TransferEvent::OfferAccepted { peer, files, bytes, into, .. } => format!(
+            "[OFFER] from {peer}: {files} files, {bytes} bytes ({}) into {}: accepted",
+            human_bytes(*bytes),
+            into.display()
+        ),
         TransferEvent::Rejected { peer, reason } => format!("[REJECTED] transfer from {peer}: {reason}"),
         TransferEvent::Received { path, size, blake3, already_here, .. } => format!(
             "[RECEIVED] {} {size} bytes blake3={}{}",
@@ -223,10 +236,63 @@ fn transfer_line(event: &TransferEvent) -> Option<String> {
         TransferEvent::Retry { path, .. } => {
             format!("[RETRY] {path}: the receiver's copy did not verify; sending it again")
         }
+        TransferEvent::Refused { peer, direction: Direction::Receiving, path, reason, .. } => {
+            format!("[REFUSED] {path} from {}: {reason}", peer.short())
+        }
+        TransferEvent::Refused { peer, direction: Direction::Sending, path, reason, .. } => {
+            format!("[REFUSED] {path} by {}: {reason}", peer.short())
+        }
+        TransferEvent::Linked { path, target, already_here, .. } => format!(
+            "[LINKED] {} -> {}{}",
+            path.display(),
+            qpeer_wire::printable(target, 256),
+            if *already_here { " (already here)" } else { "" }
+        ),
+        TransferEvent::Skipped { path, reason, .. } => format!("[SKIPPED] {}: {reason}", path.display()),
+        TransferEvent::ReceiveEnded {
+            peer,
+            files,
+            bytes,
+            finished,
+            elapsed,
+            received_now,
+            already,
+            refused,
+            ..
+        } => {
+            let mut line = if *finished {
+                format!(
+                    "[DONE] from {}: {files} files, {} verified in {}, {} ({} received now",
+                    peer.short(),
+                    human_bytes(*bytes),
+                    human_duration(*elapsed),
+                    human_rate(rate(*received_now, *elapsed)),
+                    human_bytes(*received_now),
+                )
+            } else {
+                format!(
+                    "[INCOMPLETE] from {}: the sender stopped after {files} files, {} verified in {}, {} ({} \
+                     received now; what arrived of the rest is kept for a resume",
+                    peer.short(),
+                    human_bytes(*bytes),
+                    human_duration(*elapsed),
+                    human_rate(rate(*received_now, *elapsed)),
+                    human_bytes(*received_now),
+                )
+            };
+            if *already > 0 {
+                line.push_str(&format!(", {} already here", human_bytes(*already)));
+            }
+            if *refused > 0 {
+                line.push_str(&format!(", {refused} refused or failed"));
+            }
+            line.push(')');
+            line
+        }
         TransferEvent::Progress(_)
         | TransferEvent::Sent { .. }
         | TransferEvent::SendFailed { .. }
-        | TransferEvent::ReceiveEnded { .. } => return None,
+        | TransferEvent::FileSent { .. } => return None,
     })
 }
 
@@ -242,8 +308,8 @@ mod tests {
         fn line(&mut self, text: &str) {
             self.0.lock().push(text.to_string());
         }
-        fn progress(&mut self, label: &str, done: u64, total: u64) {
-            self.0.lock().push(format!("progress {label} {done}/{total}"));
+        fn progress(&mut self, label: &str, view: &ProgressView) {
+            self.0.lock().push(format!("progress {label} {}/{}", view.done, view.total));
         }
         fn finish(&mut self, label: &str) {
             self.0.lock().push(format!("finish {label}"));
@@ -291,6 +357,11 @@ mod tests {
             done: 5,
             total: 10,
             elapsed: std::time::Duration::ZERO,
+            already: 0,
+            sent_now: 5,
+            files_done: 0,
+            files: 1,
+            active: Vec::new(),
         })));
         console.flush();
         assert_eq!(*recorder.0.lock(), vec![format!("progress to {} 5/10", peer().short())]);
