@@ -62,6 +62,9 @@ pub enum NodeError {
     /// record is stale).
     #[error("the home record of {peer} names tracker {tracker}, which does not hold it")]
     StaleRecord { peer: NodeId, tracker: NodeId },
+    /// Finding the peer's home (its record, the tracker it names) took too long.
+    #[error("could not locate {peer} within {timeout:?} (its home record, or the tracker it names, did not answer)")]
+    LocateTimeout { peer: NodeId, timeout: Duration },
     /// The tracker a peer's home record names cannot be visited.
     #[error("cannot visit tracker {tracker}: {source}")]
     Visit { tracker: NodeId, source: Box<NodeError> },

@@ -191,6 +191,10 @@ pub(crate) async fn publish_while_registered(
             RecordState::Failed { .. } => Some(RETRY_PUBLISH),
             _ => Some(Duration::from_secs(REPUBLISH_SECS)),
         };
+        if client.connection().close_reason().is_some() {
+            // This registration is over; the next one reports its own record.
+            return;
+        }
         shared.tracker.set_record(state.clone());
         shared.events.emit(NodeEvent::RecordChanged(state));
         let wait = async {

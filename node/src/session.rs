@@ -384,8 +384,12 @@ impl PeerActor {
         if intro.requested {
             self.introducing = false;
         }
-        // Where the peer was last met is where to ask for it next.
-        self.via = via;
+        // Where we last asked for the peer is where to ask next. An introduction we did not
+        // ask for does not move the session: a visited tracker is trusted for the peers we
+        // went there for, and cannot pull a session away from home.
+        if intro.requested {
+            self.via = via;
+        }
         let restarted = self.peer_incarnation.is_some_and(|known| known != intro.incarnation);
         {
             let mut table = self.shared.table.lock();

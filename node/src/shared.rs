@@ -95,13 +95,11 @@ impl Shared {
         let shared = self.clone();
         self.tasks.spawn(async move {
             let request = async {
-                let client = match via {
-                    Some(visit) => visit.client.clone(),
-                    None => shared.tracker_client().await?,
+                let requested = match via {
+                    Some(visit) => visit.request_relay(peer).await,
+                    None => shared.tracker_client().await?.request_relay(peer).await,
                 };
-                client
-                    .request_relay(peer)
-                    .await
+                requested
                     .map_err(|source| NodeError::TrackerRequest { request: TrackerRequest::Relay, source })
             };
             tokio::select! {

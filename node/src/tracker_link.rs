@@ -208,6 +208,8 @@ enum Ended {
     Stop,
     /// The connection was lost; `worked`: it had been up a while.
     Lost { worked: bool },
+    /// Another process registered our NodeId at this tracker, and there are other trackers.
+    Replaced(Fatal),
 }
 
 impl TrackerLink {
@@ -215,15 +217,30 @@ impl TrackerLink {
         let shared = self.shared.clone();
         let status = &shared.tracker;
         let mut backoff = BACKOFF_START;
+        // Trackers where another process took our NodeId: going back would push it off in
+        // turn, forever, so they are left out; when none is left, the node stops.
+        let mut replaced_at = std::collections::HashSet::new();
         loop {
             let mut again_at_once = false;
             for (index, rtt) in self.preference().await {
+                if replaced_at.contains(&index) {
+                    continue;
+                }
                 match self.connect_once(index).await {
                     Ok((client, events, addr)) => {
                         backoff = BACKOFF_START;
                         match self.registered(index, client, events, addr, rtt).await {
                             Ended::Stop => return,
                             Ended::Lost { worked } => again_at_once = worked,
+                            Ended::Replaced(fatal) => {
+                                replaced_at.insert(index);
+                                if replaced_at.len() == self.trackers.len() {
+                                    self.stop_replaced(fatal);
+                                    return;
+                                }
+                                tracing::warn!("{}; moving to another tracker", NodeError::from(fatal));
+                                again_at_once = true;
+                            }
                         }
                         break;
                     }
@@ -276,6 +293,16 @@ impl TrackerLink {
         order_by_rtt(&measured)
     }
 
+    /// Stops for good: our NodeId is registered by another process wherever we could go.
+    fn stop_replaced(&self, fatal: Fatal) {
+        let error = NodeError::from(fatal.clone());
+        tracing::error!("{error}");
+        if let Fatal::Replaced { detail } = &fatal {
+            self.shared.events.emit(NodeEvent::Replaced { detail: detail.clone() });
+        }
+        self.shared.tracker.set(TrackerState::Failed(fatal));
+    }
+
     /// Asks tracker `index` where it sees us, without registering: the connection's RTT.
     async fn observe(&self, index: usize) -> Result<Duration, NodeError> {
         let shared = &self.shared;
@@ -321,14 +348,12 @@ impl TrackerLink {
         shared.tasks.spawn(crate::records::publish_while_registered(shared.clone(), client.clone(), addr));
         let Some(lost) = self.serve(&client, events).await else { return Ended::Stop };
         if let Some(fatal) = replaced(&lost) {
-            // Another process registered our NodeId; registering again would push it off in
-            // turn, forever. Stop instead.
-            let error = NodeError::from(fatal.clone());
-            tracing::error!("{error}");
-            if let Fatal::Replaced { detail } = &fatal {
-                shared.events.emit(NodeEvent::Replaced { detail: detail.clone() });
+            // Another process registered our NodeId; registering there again would push it
+            // off in turn, forever. Stop instead, unless other trackers are left.
+            if self.trackers.len() > 1 {
+                return Ended::Replaced(fatal);
             }
-            status.set(TrackerState::Failed(fatal));
+            self.stop_replaced(fatal);
             return Ended::Stop;
         }
         let error = NodeError::TrackerLost(lost);

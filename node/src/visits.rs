@@ -7,8 +7,9 @@
 //! punching and relaying work as with a peer at home. A visit has a relay slot of its own
 //! ([`crate::relay_link`]) and ends when no session has used it for [`IDLE`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +28,19 @@ use crate::shared::Shared;
 
 /// A visit that no session holds is closed after this.
 const IDLE: Duration = Duration::from_secs(60);
+/// Finding a peer's home (resolving its record, visiting the tracker it names) may take at
+/// most this long in all.
+pub(crate) const LOCATE_WITHIN: Duration = Duration::from_secs(30);
 
 /// A registered visitor connection to another node's home tracker.
 pub(crate) struct Visit {
     pub(crate) tracker: NodeId,
     pub(crate) client: Arc<TrackerClient>,
     pub(crate) slot: u16,
+    /// The peers we came here for (asked to be introduced to, or relayed with). A relay
+    /// link the visited tracker opens for anyone else is dropped: it is trusted for the
+    /// peers whose records named it, not as a home.
+    peers: Mutex<HashSet<NodeId>>,
 }
 
 impl std::fmt::Debug for Visit {
@@ -45,14 +53,34 @@ impl Visit {
     fn is_open(&self) -> bool {
         self.client.connection().close_reason().is_none()
     }
+
+    fn serves(&self, peer: &NodeId) -> bool {
+        self.peers.lock().contains(peer)
+    }
+
+    /// Asks the visited tracker to relay between us and `peer`, which we came here for.
+    pub(crate) async fn request_relay(&self, peer: NodeId) -> Result<(), ClientError> {
+        self.peers.lock().insert(peer);
+        self.client.request_relay(peer).await
+    }
+
+    /// Asks the visited tracker to introduce us to `peer`, which we came here for.
+    async fn introduce(&self, peer: NodeId) -> Result<Introduction, ClientError> {
+        self.peers.lock().insert(peer);
+        self.client.introduce(peer).await
+    }
 }
 
 /// The node's open visits, by tracker id.
 #[derive(Default)]
 pub(crate) struct Visits {
     open: Mutex<HashMap<NodeId, Arc<Visit>>>,
-    /// One visit opens at a time, so two sessions never visit one tracker twice.
-    opening: tokio::sync::Mutex<()>,
+    /// One visit to a tracker opens at a time, so two sessions never visit it twice (visits
+    /// to other trackers do not wait).
+    opening: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Relay slots are numbered on, never reused soon: a visit that just ended may still be
+    /// clearing its slot's links.
+    next_slot: AtomicU32,
 }
 
 impl Visits {
@@ -64,9 +92,23 @@ impl Visits {
         }
     }
 
-    fn free_slot(&self) -> u16 {
+    fn new_slot(&self) -> u16 {
         let open = self.open.lock();
-        (1..=u16::MAX).find(|slot| open.values().all(|visit| visit.slot != *slot)).unwrap_or(u16::MAX)
+        loop {
+            let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
+            // 1..=u16::MAX: slot 0 is the home's.
+            let slot = u16::try_from(n % u32::from(u16::MAX)).unwrap_or(0) + 1;
+            if open.values().all(|visit| visit.slot != slot) {
+                return slot;
+            }
+        }
+    }
+
+    fn opening_lock(&self, tracker: NodeId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut opening = self.opening.lock();
+        // Locks nobody holds or waits for are dropped as others are made.
+        opening.retain(|_, lock| Arc::strong_count(lock) > 1);
+        opening.entry(tracker).or_default().clone()
     }
 }
 
@@ -80,7 +122,7 @@ pub(crate) async fn introduce(
     on_lookup: impl Fn(),
 ) -> Result<(Introduction, Option<Arc<Visit>>), NodeError> {
     if let Some(visit) = via.filter(|visit| visit.is_open()) {
-        match visit.client.introduce(peer).await {
+        match visit.introduce(peer).await {
             Ok(intro) => return Ok((intro, Some(visit))),
             // The peer moved (or its tracker restarted): look again.
             Err(ClientError::NotFound(_)) => shared.records.forget(&peer),
@@ -97,13 +139,24 @@ pub(crate) async fn introduce(
         Err(source) => return Err(NodeError::TrackerRequest { request: TrackerRequest::Introduce, source }),
     }
     on_lookup();
+    tokio::time::timeout(LOCATE_WITHIN, locate_and_introduce(shared, peer, &home))
+        .await
+        .unwrap_or(Err(NodeError::LocateTimeout { peer, timeout: LOCATE_WITHIN }))
+}
+
+/// Resolves `peer`'s record through `home` and asks the tracker it names for the peer.
+async fn locate_and_introduce(
+    shared: &Arc<Shared>,
+    peer: NodeId,
+    home: &TrackerClient,
+) -> Result<(Introduction, Option<Arc<Visit>>), NodeError> {
     // A cached record first; if its tracker fails us, the DHT's newest once more.
     let mut fresh = false;
     loop {
-        let Some(located) = locate(shared, &home, peer, fresh).await? else {
+        let Some(located) = locate(shared, home, peer, fresh).await? else {
             return Err(NodeError::PeerNotFound(peer));
         };
-        match introduce_at_home_of(shared, peer, &located, &home).await {
+        match introduce_at_home_of(shared, peer, &located, home).await {
             Ok(found) => return Ok(found),
             Err(e) if located.cached && !fresh => {
                 tracing::debug!(peer = %peer.short(), "the cached record failed ({e}); resolving again");
@@ -127,12 +180,13 @@ async fn introduce_at_home_of(
 ) -> Result<(Introduction, Option<Arc<Visit>>), NodeError> {
     let tracker = located.record.tracker;
     let stale = NodeError::StaleRecord { peer, tracker };
-    if home.tracker_id() == Some(tracker) {
+    let home_id = shared.tracker.home().and_then(|home| home.id).or(home.tracker_id());
+    if home_id == Some(tracker) {
         // The record names our own home, which just said it does not hold the peer.
         return Err(stale);
     }
     let visit = visit(shared, tracker, &located.record.addrs).await?;
-    match visit.client.introduce(peer).await {
+    match visit.introduce(peer).await {
         Ok(intro) => Ok((intro, Some(visit))),
         Err(ClientError::NotFound(_)) => Err(stale),
         Err(source) => Err(NodeError::TrackerRequest { request: TrackerRequest::Introduce, source }),
@@ -142,7 +196,8 @@ async fn introduce_at_home_of(
 /// The open visit to `tracker`, or a new one at the first of `addrs` that answers.
 async fn visit(shared: &Arc<Shared>, tracker: NodeId, addrs: &[SocketAddr]) -> Result<Arc<Visit>, NodeError> {
     let visits = &shared.visits;
-    let _one_at_a_time = visits.opening.lock().await;
+    let opening = visits.opening_lock(tracker);
+    let _one_at_a_time = opening.lock().await;
     if let Some(visit) = visits.open.lock().get(&tracker).filter(|visit| visit.is_open()) {
         return Ok(visit.clone());
     }
@@ -150,7 +205,12 @@ async fn visit(shared: &Arc<Shared>, tracker: NodeId, addrs: &[SocketAddr]) -> R
     for addr in usable(shared, addrs) {
         match register_visitor(shared, tracker, addr).await {
             Ok((client, events)) => {
-                let visit = Arc::new(Visit { tracker, client: Arc::new(client), slot: visits.free_slot() });
+                let visit = Arc::new(Visit {
+                    tracker,
+                    client: Arc::new(client),
+                    slot: visits.new_slot(),
+                    peers: Mutex::new(HashSet::new()),
+                });
                 visits.open.lock().insert(tracker, visit.clone());
                 tracing::debug!(tracker = %tracker.short(), %addr, slot = visit.slot, "visiting");
                 shared.tasks.spawn(serve(shared.clone(), visit.clone(), events));
@@ -239,6 +299,10 @@ async fn serve(shared: Arc<Shared>, visit: Arc<Visit>, mut events: mpsc::Receive
             }
         }
     }
+    // The slot's links go first, while the slot is still this visit's.
+    debug_assert_ne!(visit.slot, HOME_SLOT);
+    shared.table.lock().clear_links(visit.slot);
+    shared.prober.tick();
     {
         let mut open = shared.visits.open.lock();
         if open.get(&visit.tracker).is_some_and(|current| Arc::ptr_eq(current, &visit)) {
@@ -251,13 +315,13 @@ async fn serve(shared: Arc<Shared>, visit: Arc<Visit>, mut events: mpsc::Receive
         // Lost: records naming that tracker are suspect until resolved again.
         shared.records.forget_tracker(&visit.tracker);
     }
-    debug_assert_ne!(visit.slot, HOME_SLOT);
-    shared.table.lock().clear_links(visit.slot);
-    shared.prober.tick();
 }
 
 fn on_event(shared: &Arc<Shared>, visit: &Arc<Visit>, event: TrackerEvent) {
     match event {
+        TrackerEvent::RelayReady { peer, .. } if !visit.serves(&peer) => {
+            tracing::debug!(peer = %peer.short(), "dropping a relay link from a visited tracker: not a peer we came for");
+        }
         TrackerEvent::Introduction(intro) => {
             let handle = shared.sessions.session(shared, intro.peer);
             if handle.inbox.try_send(Command::Introduced(intro, Some(visit.clone()))).is_err() {

@@ -60,6 +60,8 @@ pub enum RegisterOutcome {
     Replaced(Box<Listing>),
     /// The directory is full.
     Full,
+    /// A visitor registration of a node registered here as its home: refused.
+    HomeHere,
 }
 
 /// Registered nodes by NodeId, ordered so that listing pages through them.
@@ -86,6 +88,11 @@ impl Directory {
     pub fn register(&mut self, node_id: NodeId, listing: Listing, max_nodes: usize) -> RegisterOutcome {
         if !self.nodes.contains_key(&node_id) && self.nodes.len() >= max_nodes {
             return RegisterOutcome::Full;
+        }
+        if listing.visitor && self.nodes.get(&node_id).is_some_and(|home| !home.visitor) {
+            // The node lives here: a visit of its own (a stale record naming its home) must
+            // not push its home registration off.
+            return RegisterOutcome::HomeHere;
         }
         match self.nodes.insert(node_id, listing) {
             Some(old) => RegisterOutcome::Replaced(Box::new(old)),
@@ -293,5 +300,23 @@ mod tests {
         assert_eq!(last.iter().map(|p| p.node_id).collect::<Vec<_>>(), vec![node(3)]);
         assert_eq!(next, None, "the visitor after it is no next page");
         assert!(dir.get(&node(2)).is_some(), "a visitor is still reachable");
+    }
+
+    #[test]
+    fn a_visit_never_replaces_a_home_registration_but_a_home_replaces_a_visit() {
+        let mut dir = Directory::default();
+        let visitor = |id: u64| {
+            let mut l = listing(id, "198.51.100.7:1", &[]);
+            l.visitor = true;
+            l
+        };
+        assert_eq!(dir.register(node(1), listing(1, "198.51.100.7:1", &[]), 10), RegisterOutcome::Registered);
+        assert_eq!(dir.register(node(1), visitor(2), 10), RegisterOutcome::HomeHere);
+        assert_eq!(dir.get(&node(1)).map(|l| l.connection_id), Some(1), "the home registration stays");
+        assert_eq!(dir.register(node(2), visitor(3), 10), RegisterOutcome::Registered);
+        assert!(matches!(
+            dir.register(node(2), listing(4, "198.51.100.7:1", &[]), 10),
+            RegisterOutcome::Replaced(_)
+        ));
     }
 }

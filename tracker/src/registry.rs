@@ -33,6 +33,8 @@ pub enum Entered {
     /// The node was registered over this older connection, which the caller must close.
     Replaced(quinn::Connection),
     Full,
+    /// A visitor registration of a node whose home is this tracker: refused.
+    HomeHere,
 }
 
 /// The registered nodes behind their lock.
@@ -88,6 +90,7 @@ impl Nodes {
     ) -> Entered {
         match self.directory.register(node_id, listing, max_nodes) {
             RegisterOutcome::Full => Entered::Full,
+            RegisterOutcome::HomeHere => Entered::HomeHere,
             RegisterOutcome::Registered => {
                 self.sessions.insert(node_id, session);
                 Entered::Registered

@@ -115,6 +115,8 @@ enum Fault {
     BadName,
     #[error("tracker full ({0} nodes)")]
     Full(usize),
+    #[error("this node is registered here as its home; it cannot visit here too")]
+    VisitorAtHome,
     #[error(transparent)]
     Stream(#[from] StreamError),
     #[error("tracker shutting down")]
@@ -127,6 +129,7 @@ impl Fault {
             Self::NoControlStream | Self::NoRegister => close_code::TIMEOUT,
             Self::UnsupportedVersion(_) => close_code::UNSUPPORTED_VERSION,
             Self::Full(_) => close_code::TRACKER_FULL,
+            Self::VisitorAtHome => close_code::NORMAL,
             Self::Shutdown => close_code::SHUTDOWN,
             Self::Stream(StreamError::Codec(CodecError::TooLarge { .. })) => close_code::FRAME_TOO_LARGE,
             Self::Stream(StreamError::PartialTimeout(_)) => close_code::TIMEOUT,
@@ -365,6 +368,7 @@ impl NodeSession {
                 close(&old, close_code::REPLACED, &format!("this NodeId registered again from {observed}"));
             }
             Entered::Full => return Err(Fault::Full(limits.max_nodes)),
+            Entered::HomeHere => return Err(Fault::VisitorAtHome),
         }
         let budget = limits.relay_budget(Instant::now());
         Ok((self.ctx.relay.attach(self.node_id, self.connection_id, budget), observed))

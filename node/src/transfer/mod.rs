@@ -17,9 +17,10 @@
 //! the file is sent again from the start.
 //!
 //! Metadata (docs/SECURITY.md): a received file gets the sender's permission bits masked to
-//! `0o777` (never setuid, setgid or sticky) with the owner's read bit kept, and the sender's
-//! mtime, both set on the verified `.part` before it is linked into place. A directory this
-//! transfer created gets its mode (masked to `0o777`, owner `rwx` kept) and mtime when the
+//! `0o755` (never setuid, setgid, sticky, nor writable by group or others) with the owner's
+//! read bit kept, and the sender's mtime, both set on the verified `.part` before it is linked
+//! into place. A directory this transfer created gets its mode (masked the same, owner `rwx`
+//! kept) and mtime when the
 //! sender finishes. Symlinks inside a sent directory travel as links, never followed: the
 //! sender leaves out those whose target is absolute or leaves the directory, the receiver
 //! creates only those whose target stays inside the receive folder (see

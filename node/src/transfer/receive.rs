@@ -415,7 +415,8 @@ impl Receiver {
                     peer: offer.peer,
                     into: offer.out.clone(),
                     files: offer.files.len(),
-                    bytes: offer.files.iter().map(|f| f.size).sum(),
+                    // Sizes come from the sender: summed without overflow.
+                    bytes: offer.files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size)),
                     verified_files,
                     verified_bytes,
                     progress: offer.progress.progress(),
@@ -929,17 +930,22 @@ fn mtime_of(meta: &EntryMeta) -> Option<std::time::SystemTime> {
     }
 }
 
-/// Mode bits a received file gets: the sender's rwx bits, never setuid, setgid or sticky,
-/// and always readable by its owner (so a later send can be checked against it).
+/// Mode bits a received file gets: the sender's bits within [`MODE_MASK`] (never setuid,
+/// setgid, sticky, nor group or other write), and always readable by its owner (so a later
+/// send can be checked against it).
 pub fn file_mode(sent: u32) -> u32 {
-    (sent & 0o777) | 0o400
+    (sent & MODE_MASK) | 0o400
 }
 
 /// Mode bits a directory this node created gets: the sender's rwx bits, never setgid or
 /// sticky, and always `rwx` for its owner (so a later send can still write into it).
 pub fn dir_mode(sent: u32) -> u32 {
-    (sent & 0o777) | 0o700
+    (sent & MODE_MASK) | 0o700
 }
+
+/// The sender's mode bits a receiver keeps: rwx for the owner, r-x for group and others. A
+/// sender never makes what we receive writable by other local users (like a umask of 022).
+const MODE_MASK: u32 = 0o755;
 
 /// Sets a created directory's mode and mtime, through a handle that does not follow a link
 /// (best effort: a directory that cannot take them keeps its own).
