@@ -181,7 +181,14 @@ pub(crate) async fn publish_while_registered(
     loop {
         let record =
             HomeRecord { tracker, addrs: addrs.clone(), issued_at: unix_now(), ttl_secs: RECORD_TTL_SECS };
-        let state = match publish_once(&shared, &client, &record).await {
+        // The tracker may be slow to answer (a DHT put waits for the DHT): shutting down or
+        // losing the connection must not wait for it.
+        let published = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = client.closed() => return,
+            published = publish_once(&shared, &client, &record) => published,
+        };
+        let state = match published {
             Ok(published) => RecordState::Published { seq: published.seq, stored_on: published.stored_on },
             Err(PublishError::NoDht) => RecordState::NoDht,
             Err(PublishError::Failed(reason)) => RecordState::Failed { reason },
