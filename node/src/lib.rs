@@ -102,6 +102,7 @@ pub use peer::PeerConnection;
 pub use qpeer_wire::tracker::Mapping;
 pub use records::RecordState;
 pub use tracker_link::HomeTracker;
+pub use transport::{Congestion, UnknownCongestion};
 
 /// Random bytes that need not be secret (a probe's tx, a process's incarnation). The system
 /// RNG does not fail on supported platforms; zeros would still be valid values.

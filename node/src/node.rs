@@ -32,7 +32,7 @@ use crate::session::{Command, SessionHandle};
 use crate::shared::{Shared, ACCEPT_QUEUE};
 use crate::socket::{PathSocket, PROBE_QUEUE};
 use crate::tracker_link::{TrackerLink, TrackerStatus};
-use crate::transport::{endpoint_config, PeerTransport};
+use crate::transport::{endpoint_config, Congestion, PeerTransport};
 
 /// Default time a connection to a peer may take (introduction and handshake).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +51,7 @@ pub struct NodeBuilder {
     connect_timeout: Duration,
     relay_only: bool,
     no_relay: bool,
+    congestion: Congestion,
 }
 
 impl Default for NodeBuilder {
@@ -66,6 +67,7 @@ impl Default for NodeBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             relay_only: false,
             no_relay: false,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -146,6 +148,12 @@ impl NodeBuilder {
         self
     }
 
+    /// The congestion controller of peer connections. Default: [`Congestion::Bbr`].
+    pub fn congestion(mut self, congestion: Congestion) -> Self {
+        self.congestion = congestion;
+        self
+    }
+
     /// Binds the socket, starts serving peers and starts registering with the tracker in the
     /// background (see [`Node::registered`]).
     pub async fn bind(self) -> Result<Node, NodeError> {
@@ -171,6 +179,28 @@ fn bind_socket(bind: Option<SocketAddr>) -> Result<(std::net::UdpSocket, SocketA
             Ok((socket, v4))
         }
     }
+}
+
+/// Bytes of UDP receive and send buffer the node asks for. At 1 Gbit/s the kernel's default
+/// (about 208 KiB) holds under 2 ms of packets: a scheduling hiccup of the receiving task
+/// overflows it, and each overflow is a loss the congestion controller answers by slowing
+/// down.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Asks for [`SOCKET_BUFFER`] bytes both ways. The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max` (raise them for fast, long paths: docs/PERFORMANCE.md).
+/// Best effort: a smaller buffer still works, only less well on such paths.
+fn enlarge_buffers(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice the usable size (it counts bookkeeping).
+    tracing::debug!(
+        receive = sock.recv_buffer_size().unwrap_or(0),
+        send = sock.send_buffer_size().unwrap_or(0),
+        wanted = SOCKET_BUFFER,
+        "UDP buffers"
+    );
 }
 
 /// An IPv6 UDP socket that takes IPv4 too (as v4-mapped addresses), set explicitly: the
@@ -225,9 +255,10 @@ impl Node {
         }
         let policy = PathPolicy { direct: !config.relay_only, relay: !config.no_relay };
         let (socket, bind_addr) = bind_socket(config.bind)?;
+        enlarge_buffers(&socket);
         let bind_err = |source| NodeError::Bind { addr: bind_addr, source };
         let probe_socket = socket.try_clone().map_err(bind_err)?;
-        let transport = PeerTransport::new(&identity, config.relay_only)?;
+        let transport = PeerTransport::new(&identity, config.relay_only, config.congestion)?;
         let relay = RelayHub::new();
         let table = Arc::new(Mutex::new(PathTable::new(policy)));
         let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);

@@ -44,7 +44,8 @@ impl std::fmt::Debug for PeerConnection {
 
 impl PeerConnection {
     pub(crate) fn new(node_id: NodeId, connection: quinn::Connection, paths: Arc<Mutex<PathTable>>) -> Self {
-        let (app_streams_tx, app_streams) = mpsc::channel(16);
+        // As many as the peer may have open: a burst of file streams is queued, not refused.
+        let (app_streams_tx, app_streams) = mpsc::channel(crate::transport::MAX_BIDI_STREAMS as usize);
         Self {
             inner: Arc::new(Inner {
                 node_id,

@@ -36,37 +36,43 @@ pub(crate) async fn accept_handshakes(shared: Arc<Shared>) {
 }
 
 /// Serves the peer's streams until the connection closes; the reason it closed. The node
-/// answers pings itself and offers transfer streams to the application.
+/// answers pings itself and offers transfer streams to the application. Each stream's kind
+/// is read in a task of its own: a stream whose first packet was lost must not hold up the
+/// streams behind it (a tree of small files opens hundreds at once).
 pub(crate) async fn serve_streams(shared: Arc<Shared>, conn: PeerConnection) -> quinn::ConnectionError {
     let connection = conn.connection().clone();
     loop {
-        let (send, mut recv) = match connection.accept_bi().await {
+        let (send, recv) = match connection.accept_bi().await {
             Ok(streams) => streams,
             Err(e) => return e,
         };
-        let mut kind = [0u8; 1];
-        if recv.read_exact(&mut kind).await.is_err() {
-            continue;
+        let (cancel, conn) = (shared.cancel.clone(), conn.clone());
+        shared.tasks.spawn(async move {
+            tokio::select! {
+                _ = dispatch(conn, send, recv) => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Reads a stream's kind and hands it to whoever serves that kind.
+async fn dispatch(conn: PeerConnection, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    match StreamKind::from_byte(kind[0]) {
+        // A peer may hold a ping stream open: the select in `serve_streams` ends it at
+        // shutdown.
+        Some(StreamKind::Ping) => answer_pings(send, recv).await,
+        Some(kind @ (StreamKind::Transfer | StreamKind::FileData)) => {
+            if !conn.offer_stream((kind, send, recv)) {
+                tracing::debug!(peer = %conn.node_id().short(), "no one accepts application streams");
+            }
         }
-        match StreamKind::from_byte(kind[0]) {
-            Some(StreamKind::Ping) => {
-                // A peer may hold a ping stream open: it must not hold up shutdown.
-                let cancel = shared.cancel.clone();
-                shared.tasks.spawn(async move {
-                    tokio::select! {
-                        _ = answer_pings(send, recv) => {}
-                        _ = cancel.cancelled() => {}
-                    }
-                });
-            }
-            Some(kind @ (StreamKind::Transfer | StreamKind::FileData)) => {
-                if !conn.offer_stream((kind, send, recv)) {
-                    tracing::debug!(peer = %conn.node_id().short(), "no one accepts application streams");
-                }
-            }
-            _ => {
-                connection.close(close_code::PEER_PROTOCOL_VIOLATION.into(), b"unknown stream kind");
-            }
+        _ => {
+            conn.connection().close(close_code::PEER_PROTOCOL_VIOLATION.into(), b"unknown stream kind");
         }
     }
 }

@@ -14,15 +14,106 @@ use crate::error::NodeError;
 /// encrypt, frame and forward per byte, which is what limits relayed throughput.
 pub const RELAY_MTU: u16 = 16 * 1024;
 
+/// The congestion controller of peer connections.
+///
+/// BBR is the default: on the emulated long, lossy links of `qpeer-bench wan` it keeps the
+/// link full where Cubic, which reads every loss as congestion, falls to a fraction of it
+/// (docs/PERFORMANCE.md, "Long and lossy links").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Congestion {
+    #[default]
+    Bbr,
+    Cubic,
+}
+
+impl Congestion {
+    pub const NAMES: [&'static str; 2] = ["bbr", "cubic"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+        }
+    }
+
+    fn factory(
+        self,
+        initial_window: Option<u64>,
+    ) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        match self {
+            Congestion::Bbr => {
+                let mut config = quinn::congestion::BbrConfig::default();
+                if let Some(window) = initial_window {
+                    config.initial_window(window);
+                }
+                Arc::new(config)
+            }
+            Congestion::Cubic => {
+                let mut config = quinn::congestion::CubicConfig::default();
+                if let Some(window) = initial_window {
+                    config.initial_window(window);
+                }
+                Arc::new(config)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown congestion controller name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown congestion controller {0:?} (known: bbr, cubic)")]
+pub struct UnknownCongestion(String);
+
+impl std::str::FromStr for Congestion {
+    type Err = UnknownCongestion;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            _ => Err(UnknownCongestion(s.to_string())),
+        }
+    }
+}
+
+/// Bytes in flight a peer connection is sized for: 1 Gbit/s × 100 ms.
+pub const SIZED_FOR_BYTES_IN_FLIGHT: u64 = 12_500_000;
+const _: () = assert!(STREAM_WINDOW as u64 > SIZED_FOR_BYTES_IN_FLIGHT);
+
+/// Receive window of one stream (one file): above [`SIZED_FOR_BYTES_IN_FLIGHT`], so a single
+/// file fills such a path, with room for the congestion window to overshoot.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// Receive window of a whole connection, across its streams: the most unread data a peer can
+/// make us buffer.
+pub const CONNECTION_WINDOW: u32 = 24 << 20;
+/// The most data quinn holds for a connection (unsent or unacknowledged) before a write
+/// waits.
+pub const SEND_WINDOW: u64 = 24 << 20;
+/// Streams a peer may have open toward us at once: one per file in flight (up to
+/// `transfer::send::FILES_IN_FLIGHT` small files) plus control streams.
+pub const MAX_BIDI_STREAMS: u32 = 1024 + 64;
+
 /// Transport settings of peer connections: keep-alives hold NAT mappings open; a lower
-/// initial RTT retransmits Initials dropped by a not-yet-opened NAT sooner.
-pub fn peer_transport() -> quinn::TransportConfig {
+/// initial RTT retransmits Initials dropped by a not-yet-opened NAT sooner; windows sized
+/// for [`SIZED_FOR_BYTES_IN_FLIGHT`] (quinn's defaults, 1.25 MB per stream, carry a single
+/// file at 12.5 MB/s at 100 ms whatever the link).
+pub fn peer_transport(congestion: Congestion) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .initial_rtt(Duration::from_millis(100))
         .max_concurrent_uni_streams(4u32.into())
-        .max_concurrent_bidi_streams(256u32.into());
+        .max_concurrent_bidi_streams(MAX_BIDI_STREAMS.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(SEND_WINDOW)
+        .congestion_controller_factory(congestion.factory(None));
     if let Ok(idle) = Duration::from_secs(30).try_into() {
         transport.max_idle_timeout(Some(idle));
     }
@@ -31,13 +122,11 @@ pub fn peer_transport() -> quinn::TransportConfig {
 
 /// Transport settings of a connection through the relay: those of [`peer_transport`], with
 /// [`RELAY_MTU`]-sized packets from the start (no path MTU discovery: the relay has no MTU).
-pub fn relay_transport() -> quinn::TransportConfig {
-    let mut transport = peer_transport();
+pub fn relay_transport(congestion: Congestion) -> quinn::TransportConfig {
+    let mut transport = peer_transport(congestion);
     transport.initial_mtu(RELAY_MTU).min_mtu(RELAY_MTU).mtu_discovery_config(None);
     // quinn's default first congestion window (12 000 bytes) would not fit one such packet.
-    let mut congestion = quinn::congestion::CubicConfig::default();
-    congestion.initial_window(10 * u64::from(RELAY_MTU));
-    transport.congestion_controller_factory(Arc::new(congestion));
+    transport.congestion_controller_factory(congestion.factory(Some(10 * u64::from(RELAY_MTU))));
     transport
 }
 
@@ -62,8 +151,13 @@ pub(crate) struct PeerTransport {
 
 impl PeerTransport {
     /// A relay-only node's connections never leave the relay, which has no MTU.
-    pub(crate) fn new(identity: &Identity, relay_only: bool) -> Result<Self, NodeError> {
-        let transport = Arc::new(if relay_only { relay_transport() } else { peer_transport() });
+    pub(crate) fn new(
+        identity: &Identity,
+        relay_only: bool,
+        congestion: Congestion,
+    ) -> Result<Self, NodeError> {
+        let transport =
+            Arc::new(if relay_only { relay_transport(congestion) } else { peer_transport(congestion) });
         let mut server = qpeer_certs::server_config(identity, &[ALPN])?;
         server.transport_config(transport.clone());
         // quinn sees each peer at one virtual address for good: a connection that seems to

@@ -5,6 +5,7 @@
 //!   on the same address with the same identity.
 //! - [`node`]: a node bound to `127.0.0.1:0` with a throwaway home.
 //! - [`dht`]: trackers joined by a private DHT, in one process.
+//! - [`wan`]: an emulated WAN (delay, loss, rate) between namespaces, for `qpeer-bench wan`.
 //! - Tests live in `tests/tests/`.
 
 pub mod dht;

@@ -1,6 +1,7 @@
 //! File metadata, symlinks and what transfer events report, between two in-process nodes on
 //! loopback: mode bits and mtimes, symlinks inside and outside the tree, never writing
-//! through a link, resume and retry progress, refusals on both sides, `--out` checks.
+//! through a link, resume and retry progress, refusals on both sides, `--out` checks, small
+//! files sent inline in batches.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,9 @@ use qpeer_tests::{node, TestNode, TestTracker};
 use qpeer_wire::io::{write_frame, FrameReader};
 use qpeer_wire::peer::StreamKind;
 use qpeer_wire::tracker::MAX_FRAME_LEN;
-use qpeer_wire::transfer::{ControlFrame, EntryKind, OfferEntry, TRANSFER_VERSION};
+use qpeer_wire::transfer::{
+    ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, OfferEntry, INLINE_MAX, TRANSFER_VERSION,
+};
 use tokio::sync::broadcast;
 
 /// A receiving node (into `out`, from anyone) whose transfer events can be read.
@@ -224,6 +227,11 @@ async fn an_escaping_symlink_is_refused_alone_and_nothing_is_written_outside() -
     write_frame(&mut send, &ControlFrame::OfferEnd, MAX_FRAME_LEN).await?;
     let mut reader = FrameReader::new(recv_stream, MAX_FRAME_LEN, Duration::from_secs(10));
     assert_eq!(reader.next::<ControlFrame>().await?, Some(ControlFrame::Accept));
+    // No file of this offer is there yet.
+    assert_eq!(
+        reader.next::<ControlFrame>().await?,
+        Some(ControlFrame::Present { files: Vec::new(), more: false })
+    );
     write_frame(&mut send, &ControlFrame::Finish, MAX_FRAME_LEN).await?;
     let mut refused = Vec::new();
     loop {
@@ -493,5 +501,139 @@ async fn out_naming_a_file_is_a_clear_error() -> Result<()> {
         Err(TransferError::Rejected(reason)) => assert!(reason.contains("is not a directory"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn small_files_go_inline_in_batches_and_what_is_there_is_not_sent_again() -> Result<()> {
+    let tracker = TestTracker::start()?;
+    let src = tempfile::tempdir()?;
+    let out = tempfile::tempdir()?;
+    let tree = src.path().join("tree");
+    // More than one batch of small files, a large file between them, and one exactly at the
+    // inline limit.
+    let mut total = 0u64;
+    for n in 0..700usize {
+        let path = tree.join(format!("d{}", n % 3)).join(format!("f{n}"));
+        std::fs::create_dir_all(path.parent().expect("a parent"))?;
+        let size = 1 + (n * 37) % 8192;
+        qpeer_tests::write_random(&path, size, n as u64)?;
+        total += size as u64;
+    }
+    qpeer_tests::write_random(&tree.join("d1/large"), 300_000, 7)?;
+    qpeer_tests::write_random(&tree.join("d2/limit"), INLINE_MAX as usize, 8)?;
+    total += 300_000 + INLINE_MAX;
+    set_mode(&tree.join("d0/f3"), 0o640)?;
+    set_mtime(&tree.join("d0/f3"), at(1_100_000_000, 1))?;
+
+    let sender = node(&tracker).await?;
+    let (recv, mut rx, _task) = receiver(&tracker, out.path()).await?;
+    let (report, _) = send_paths(&sender, recv.id(), vec![tree.clone()]).await?;
+    let report = report?;
+    assert_eq!((report.files, report.total_bytes, report.sent_bytes), (702, total, total));
+    receiver_events(&mut rx).await?;
+    let got = out.path().join("tree");
+    qpeer_tests::assert_same_tree(&tree, &got)?;
+    assert_eq!(mode(&got.join("d0/f3"))?, 0o640);
+    assert_eq!(mtime(&got.join("d0/f3"))?, at(1_100_000_000, 1));
+    let parts = walk_files(&got)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "part")).count();
+    assert_eq!(parts, 0, "no .part left");
+
+    // Sent again: everything is there, nothing is sent.
+    let (again, _) = send_paths(&sender, recv.id(), vec![tree.clone()]).await?;
+    let again = again?;
+    assert_eq!((again.sent_bytes, again.already_there), (0, 702));
+    receiver_events(&mut rx).await?;
+
+    // Some removed, one with the first 20 bytes left in its .part: those are sent (that one
+    // resumed), the rest not.
+    let mut removed = 0u64;
+    for n in [0usize, 1, 2, 350, 699] {
+        let rel = format!("d{}/f{n}", n % 3);
+        removed += std::fs::metadata(got.join(&rel))?.len();
+        std::fs::remove_file(got.join(&rel))?;
+    }
+    std::fs::write(got.join("d2/f2.part"), &std::fs::read(tree.join("d2/f2"))?[..20])?;
+    let (third, _) = send_paths(&sender, recv.id(), vec![tree.clone()]).await?;
+    let third = third?;
+    assert_eq!((third.sent_bytes, third.already_there, third.resumed), (removed - 20, 697, 1));
+    receiver_events(&mut rx).await?;
+    qpeer_tests::assert_same_tree(&tree, &got)?;
+    Ok(())
+}
+
+fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            found.extend(walk_files(&path)?);
+        } else {
+            found.push(path);
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test]
+async fn inline_batches_outside_the_offer_or_with_a_wrong_hash_are_refused() -> Result<()> {
+    let tracker = TestTracker::start()?;
+    let out = tempfile::tempdir()?;
+    let sender = node(&tracker).await?;
+    let (recv, _rx, _task) = receiver(&tracker, out.path()).await?;
+    let conn = sender.connect(recv.id()).await?;
+    let (mut control, control_recv) = conn.open_stream(StreamKind::Transfer).await?;
+    let file = |path: &str, size| OfferEntry {
+        path: path.into(),
+        kind: EntryKind::File { size },
+        meta: Default::default(),
+    };
+    let transfer_id = [4; 16];
+    let offer =
+        ControlFrame::Offer { version: TRANSFER_VERSION, transfer_id, entries: 2, total_bytes: 100_010 };
+    write_frame(&mut control, &offer, MAX_FRAME_LEN).await?;
+    write_frame(
+        &mut control,
+        &ControlFrame::Entries(vec![file("small", 10), file("big", 100_000)]),
+        MAX_FRAME_LEN,
+    )
+    .await?;
+    write_frame(&mut control, &ControlFrame::OfferEnd, MAX_FRAME_LEN).await?;
+    let mut replies = FrameReader::new(control_recv, MAX_FRAME_LEN, Duration::from_secs(10));
+    assert_eq!(replies.next::<ControlFrame>().await?, Some(ControlFrame::Accept));
+    assert!(matches!(replies.next::<ControlFrame>().await?, Some(ControlFrame::Present { more: false, .. })));
+
+    // (first index, files): past the offer's end, a file above the inline limit, both.
+    for (index, inline) in [(0u32, 5u32), (1, 1), (0, 2), (u32::MAX, 2)] {
+        let (mut send, recv_stream) = conn.open_stream(StreamKind::FileData).await?;
+        write_frame(&mut send, &FileHeader { transfer_id, index, inline }, MAX_FRAME_LEN).await?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new(recv_stream, MAX_FRAME_LEN, Duration::from_secs(10));
+        match reader.next::<FileReply>().await? {
+            Some(FileReply::Refused { reason }) => {
+                ensure!(reason.contains("batch"), "index {index}, {inline} files: {reason}")
+            }
+            other => panic!("index {index}, {inline} files: expected a refusal, got {other:?}"),
+        }
+    }
+    // The right bytes under a wrong hash: not stored.
+    let (mut send, recv_stream) = conn.open_stream(StreamKind::FileData).await?;
+    write_frame(&mut send, &FileHeader { transfer_id, index: 0, inline: 1 }, MAX_FRAME_LEN).await?;
+    send.write_all(b"0123456789").await?;
+    write_frame(&mut send, &FileEnd { blake3: [0; 32] }, MAX_FRAME_LEN).await?;
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv_stream, MAX_FRAME_LEN, Duration::from_secs(10));
+    assert_eq!(reader.next::<FileReply>().await?, Some(FileReply::HashMismatch));
+    assert!(std::fs::symlink_metadata(out.path().join("small")).is_err());
+    // Then with its hash: stored.
+    let (mut send, recv_stream) = conn.open_stream(StreamKind::FileData).await?;
+    write_frame(&mut send, &FileHeader { transfer_id, index: 0, inline: 1 }, MAX_FRAME_LEN).await?;
+    send.write_all(b"0123456789").await?;
+    let blake3 = *blake3::hash(b"0123456789").as_bytes();
+    write_frame(&mut send, &FileEnd { blake3 }, MAX_FRAME_LEN).await?;
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv_stream, MAX_FRAME_LEN, Duration::from_secs(10));
+    assert_eq!(reader.next::<FileReply>().await?, Some(FileReply::Verified { blake3 }));
+    assert_eq!(std::fs::read(out.path().join("small"))?, b"0123456789");
     Ok(())
 }

@@ -245,6 +245,8 @@ impl ProgressCounter {
     fn count(&self, index: u32, bytes: u64, already: bool) {
         let mut guard = self.counts.lock();
         let counts = &mut *guard;
+        // The first bytes carried are reported at once: they tell when data began to flow.
+        let first = !already && counts.sent_now == 0 && bytes > 0;
         if !already {
             counts.sent_now += bytes;
         }
@@ -258,7 +260,7 @@ impl ProgressCounter {
                 counts.already += counted;
             }
         }
-        if counts.last_report.elapsed() >= PROGRESS_INTERVAL {
+        if first || counts.last_report.elapsed() >= PROGRESS_INTERVAL {
             counts.last_report = Instant::now();
             let progress = self.snapshot(counts);
             drop(guard);
@@ -365,7 +367,9 @@ mod tests {
         }
         let first = progress_of(rx.try_recv().expect("the first report"));
         assert_eq!((first.done, first.total, first.direction), (0, 1000, Direction::Sending));
-        assert!(rx.try_recv().is_err(), "50 quick additions are not 50 events");
+        let flowing = progress_of(rx.try_recv().expect("the first bytes carried, reported at once"));
+        assert_eq!((flowing.done, flowing.sent_now), (130, 30));
+        assert!(rx.try_recv().is_err(), "the other 49 quick additions are not 49 events");
         let now = counter.progress();
         assert_eq!((now.done, now.already, now.sent_now), (600, 100, 1500), "a file counts at most its size");
         assert_eq!(now.active.len(), 1);

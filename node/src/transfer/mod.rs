@@ -46,6 +46,18 @@ use qpeer_wire::io::StreamError;
 use qpeer_wire::transfer::{ControlFrame, FileReply, MAX_ENTRIES};
 
 /// Bytes per read from a file or stream.
+/// Failed files named one by one in [`TransferError::FilesFailed`]'s message.
+pub const FAILURES_LISTED: usize = 10;
+
+fn list_failures(failures: &[(String, String)]) -> String {
+    let mut lines: Vec<String> =
+        failures.iter().take(FAILURES_LISTED).map(|(path, reason)| format!("  {path}: {reason}")).collect();
+    if failures.len() > FAILURES_LISTED {
+        lines.push(format!("  … and {} more", failures.len() - FAILURES_LISTED));
+    }
+    lines.join("\n")
+}
+
 pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// A transfer failed.
@@ -67,7 +79,8 @@ pub enum TransferError {
     #[error("the receiver could not store the file: {0}")]
     ReceiverFailed(String),
     /// Some files were not verified: (offered path, why) for each.
-    #[error("{} of {} files failed:\n{}", failures.len(), total, failures.iter().map(|(p, r)| format!("  {p}: {r}")).collect::<Vec<_>>().join("\n"))]
+    /// The Display lists the first [`FAILURES_LISTED`] (a tree can fail by the thousand).
+    #[error("{} of {} files failed:\n{}", failures.len(), total, list_failures(failures))]
     FilesFailed { total: usize, failures: Vec<(String, String)> },
     #[error("peer {peer} broke the transfer protocol: {violation}")]
     Protocol { peer: NodeId, violation: ProtocolViolation },
@@ -94,6 +107,9 @@ pub enum SourceProblem {
     Changed,
     #[error("the reader thread failed: {0}")]
     ReaderFailed(tokio::task::JoinError),
+    /// The thread reading a batch of small files failed (its error, as text: one per file).
+    #[error("the reader thread failed: {0}")]
+    BatchReaderFailed(String),
     #[error("the receiver's copy did not verify twice (is the file changing while it is sent?)")]
     VerifiedWrongTwice,
 }

@@ -95,6 +95,30 @@ fn open(path: &Path, direct: bool) -> io::Result<File> {
         .open(path)
 }
 
+/// Checked on the open handle (no race with the path): a `.part` with another name elsewhere
+/// is never written, so no other file can change through it.
+fn single_link(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file with a single link; it is not written",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes a small file's whole `.part` at once through the page cache, replacing what it
+/// held, without a sync: small files are made durable together, at the end of their
+/// transfer, rather than one fsync (and one device write) each.
+pub fn write_whole(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut file = open(path, false)?;
+    single_link(&file, path)?;
+    file.set_len(0)?;
+    file.write_all(data)
+}
+
 /// Appends to a `.part` file from a given offset.
 pub struct PartWriter {
     path: PathBuf,
@@ -118,18 +142,7 @@ impl PartWriter {
             Some(Err(e)) => return Err(e),
             None => (open(path, false)?, false),
         };
-        // Checked on the open handle (no race with the path): a `.part` with another name
-        // elsewhere is never written, so no other file can change through it.
-        {
-            use std::os::unix::fs::MetadataExt;
-            let meta = file.metadata()?;
-            if !meta.is_file() || meta.nlink() != 1 {
-                return Err(io::Error::other(format!(
-                    "{} is not a regular file with a single link; it is not written",
-                    path.display()
-                )));
-            }
-        }
+        single_link(&file, path)?;
         let mut writer = Self {
             path: path.to_path_buf(),
             file,

@@ -14,12 +14,12 @@ use qpeer_wire::io::{write_frame, FrameReader, StreamError};
 use qpeer_wire::peer::StreamKind;
 use qpeer_wire::tracker::MAX_FRAME_LEN;
 use qpeer_wire::transfer::{
-    ControlFrame, EntryKind, EntryMeta, FileEnd, FileHeader, FileReply, TransferId, MAX_ENTRIES,
-    MAX_REASON_LEN, TRANSFER_VERSION,
+    ControlFrame, EntryKind, EntryMeta, FileEnd, FileHeader, FileReply, TransferId, INLINE_BATCH_BYTES,
+    INLINE_BATCH_FILES, INLINE_MAX, MAX_ENTRIES, MAX_REASON_LEN, PRESENT_PER_FRAME, TRANSFER_VERSION,
 };
 
 use super::event::{Direction, ProgressCounter, TransferEvent};
-use super::part::{AlignedBuf, PartWriter};
+use super::part::{write_whole, AlignedBuf, PartWriter};
 use super::sanitize::{check_link_target, check_offer, part_path, LinkError, PathError};
 use super::{TransferError, CHUNK};
 use crate::events::Events;
@@ -272,6 +272,10 @@ pub enum FileError {
     MoveIntoPlace { part: PathBuf, source: std::io::Error },
     #[error("cannot remove {}: {source}", part.display())]
     RemovePart { part: PathBuf, source: std::io::Error },
+    #[error("a batch of {count} files sent inline is not one this offer allows")]
+    BadBatch { count: u32 },
+    #[error("the stream ended before the file's {size} bytes")]
+    InlineShort { size: u64 },
 }
 
 impl FileError {
@@ -372,6 +376,9 @@ struct AcceptedOffer {
     /// Entries refused or failed.
     refused: Mutex<u32>,
     progress: ProgressCounter,
+    /// Files were stored without a sync of their own (inline ones): the file system is
+    /// synced before the Summary.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 /// Serves transfers on a listener's peer connections.
@@ -382,7 +389,18 @@ pub struct Receiver {
     busy: Mutex<HashSet<PathBuf>>,
     /// Signalled when a path stops being busy.
     released: tokio::sync::Notify,
+    /// Small files' disk work at once (checks, writes, moves into place). Hundreds of threads
+    /// creating files in one directory only fight over its lock in the kernel.
+    disk: tokio::sync::Semaphore,
+    /// Inline batches being read at once: each holds up to `INLINE_BATCH_BYTES` in memory.
+    batches: tokio::sync::Semaphore,
 }
+
+/// Permits of [`Receiver`]'s `batches` semaphore: 16 MiB of small files in memory at most.
+const BATCHES_AT_ONCE: usize = 16;
+
+/// Permits of [`Receiver`]'s `disk` semaphore (and of the sender's small-file reads).
+pub(crate) const DISK_WORKERS: usize = 4;
 
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a file stream waits for another stream writing the same path to end.
@@ -400,6 +418,8 @@ impl Receiver {
             offers: Mutex::default(),
             busy: Mutex::default(),
             released: tokio::sync::Notify::new(),
+            disk: tokio::sync::Semaphore::new(DISK_WORKERS),
+            batches: tokio::sync::Semaphore::new(BATCHES_AT_ONCE),
         })
     }
 
@@ -469,6 +489,35 @@ impl Receiver {
             self.report_end(transfer_id, &offer, false);
             return;
         }
+        // What is here already: those files come one by one (resume, or a hash to compare).
+        let present = {
+            let (out, rels) =
+                (offer.out.clone(), offer.files.iter().map(|f| f.rel.clone()).collect::<Vec<_>>());
+            tokio::task::spawn_blocking(move || present_files(&out, &rels)).await.unwrap_or_default()
+        };
+        let mut chunks = present.chunks(PRESENT_PER_FRAME).peekable();
+        let mut announced = true;
+        if chunks.peek().is_none() {
+            announced = write_frame(
+                &mut send,
+                &ControlFrame::Present { files: Vec::new(), more: false },
+                MAX_FRAME_LEN,
+            )
+            .await
+            .is_ok();
+        }
+        while let Some(chunk) = chunks.next() {
+            let frame = ControlFrame::Present { files: chunk.to_vec(), more: chunks.peek().is_some() };
+            if write_frame(&mut send, &frame, MAX_FRAME_LEN).await.is_err() {
+                announced = false;
+                break;
+            }
+        }
+        if !announced {
+            self.offers.lock().remove(&transfer_id);
+            self.report_end(transfer_id, &offer, false);
+            return;
+        }
         // Symlinks now (no file can be written through them); refusals before the Summary.
         for link in &offer.links {
             let made = {
@@ -506,9 +555,19 @@ impl Receiver {
         if finished {
             // Directory times last: creating what is inside changed them.
             let (out, dirs) = (offer.out.clone(), offer.created_dirs.clone());
+            let unsynced = offer.unsynced.load(std::sync::atomic::Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || {
                 for (rel, meta) in dirs.iter().rev() {
                     set_dir_meta(&out.join(rel), meta);
+                }
+                // One sync for all the small files (and their directory entries): a Summary
+                // promises files on disk.
+                if unsynced {
+                    if let Err(error) =
+                        std::fs::File::open(&out).and_then(|dir| Ok(rustix::fs::syncfs(&dir)?))
+                    {
+                        tracing::warn!(out = %out.display(), %error, "cannot sync the received files");
+                    }
                 }
             })
             .await;
@@ -664,6 +723,7 @@ impl Receiver {
                 verified: Mutex::new((0, 0)),
                 refused: Mutex::new(0),
                 progress,
+                unsynced: std::sync::atomic::AtomicBool::new(false),
             }),
         ))
     }
@@ -675,8 +735,16 @@ impl Receiver {
             Ok(Ok(Some(header))) => header,
             _ => return,
         };
-        let reply = self.receive_file(peer, header, &mut send, reader).await;
-        let _ = write_frame(&mut send, &reply, MAX_FRAME_LEN).await;
+        if header.inline > 0 {
+            for reply in self.receive_batch(peer, header, reader).await {
+                if write_frame(&mut send, &reply, MAX_FRAME_LEN).await.is_err() {
+                    break;
+                }
+            }
+        } else {
+            let reply = self.receive_file(peer, header, &mut send, reader).await;
+            let _ = write_frame(&mut send, &reply, MAX_FRAME_LEN).await;
+        }
         let _ = send.finish();
     }
 
@@ -725,19 +793,9 @@ impl Receiver {
     ) -> FileReply {
         let (rel, size) = (entry.rel.clone(), entry.size);
         let final_path = offer.out.join(&rel);
-        // A sender that reconnects and resumes may find its previous stream still finishing
-        // here (the final fsync of what arrived): give that a moment before refusing.
-        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
-        loop {
-            let released = self.released.notified();
-            if self.busy.lock().insert(final_path.clone()) {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return self.refuse(transfer, peer, entry.path.clone(), FileError::Busy(rel));
-            }
-        }
-        let _busy = BusyGuard { receiver: self, path: final_path.clone() };
+        let Some(_busy) = self.claim(&final_path).await else {
+            return self.refuse(transfer, peer, entry.path.clone(), FileError::Busy(rel));
+        };
 
         let prepared = {
             let out = offer.out.clone();
@@ -761,7 +819,7 @@ impl Receiver {
                 let finished = {
                     let final_path = final_path.clone();
                     let meta = entry.meta;
-                    tokio::task::spawn_blocking(move || finish(&final_path, &meta)).await
+                    tokio::task::spawn_blocking(move || finish(&final_path, &meta, true)).await
                 };
                 match finished {
                     Ok(Ok(())) => {
@@ -792,6 +850,211 @@ impl Receiver {
                 e.failed()
             }
         }
+    }
+
+    /// Makes `final_path` ours to write until the guard drops. A sender that reconnects and
+    /// resumes may find its previous stream still finishing here (the final fsync of what
+    /// arrived): that gets a moment before `None`.
+    async fn claim(&self, final_path: &Path) -> Option<BusyGuard<'_>> {
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            let released = self.released.notified();
+            if self.busy.lock().insert(final_path.to_path_buf()) {
+                return Some(BusyGuard { receiver: self, path: final_path.to_path_buf() });
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// A batch of small files sent inline: each file's bytes and hash follow the header at
+    /// once. Each is checked like any file; those that verify are stored together on one
+    /// blocking thread, written whole through the page cache without a sync of their own (the
+    /// transfer's files are made durable together before the Summary) and moved into place;
+    /// a leftover `.part` is simply replaced. One answer per file, in order.
+    async fn receive_batch(
+        &self,
+        peer: NodeId,
+        header: FileHeader,
+        reader: FrameReader<quinn::RecvStream>,
+    ) -> Vec<FileReply> {
+        let transfer = header.transfer_id;
+        let count = header.inline;
+        let label = |index: u32| format!("file #{index}");
+        let offer = self.offers.lock().get(&transfer).cloned();
+        let Some(offer) = offer.filter(|o| o.peer == peer) else {
+            return vec![self.refuse(transfer, peer, label(header.index), FileError::UnknownTransfer)];
+        };
+        let last = header.index.checked_add(count - 1);
+        let entries = match last {
+            Some(last) if count <= INLINE_BATCH_FILES && (last as usize) < offer.files.len() => {
+                offer.files[header.index as usize..=last as usize].to_vec()
+            }
+            _ => {
+                return vec![self.refuse(transfer, peer, label(header.index), FileError::BadBatch { count })]
+            }
+        };
+        let bytes = entries.iter().fold(0u64, |sum, e| sum.saturating_add(e.size));
+        if entries.iter().any(|e| e.size > INLINE_MAX) || bytes > INLINE_BATCH_BYTES {
+            return vec![self.refuse(transfer, peer, label(header.index), FileError::BadBatch { count })];
+        }
+        // Bounds what batches hold in memory at once, whatever the sender opens.
+        let Ok(_batch) = self.batches.acquire().await else { return Vec::new() };
+
+        // Read every file and its hash; the data came right behind the header.
+        let (mut recv, mut ahead) = reader.into_parts();
+        // Per file: its verified bytes and hash, or its answer already.
+        let mut received: Vec<Result<VerifiedSmall, FileReply>> = Vec::with_capacity(entries.len());
+        for (k, entry) in entries.iter().enumerate() {
+            let index = header.index + k as u32;
+            offer.progress.start_file(index, &entry.path, entry.size);
+            let size = entry.size as usize;
+            let first = ahead.len().min(size);
+            let mut data: Vec<u8> = ahead.drain(..first).collect();
+            data.resize(size, 0);
+            let read = match recv.read_exact(&mut data[first..]).await {
+                Ok(()) => Ok(()),
+                Err(quinn::ReadExactError::FinishedEarly(_)) => {
+                    Err(FileError::InlineShort { size: entry.size })
+                }
+                Err(quinn::ReadExactError::ReadError(e)) => Err(FileError::Interrupted(e)),
+            };
+            let mut trailer = FrameReader::with_ahead(recv, MAX_FRAME_LEN, OFFER_TIMEOUT, &ahead);
+            let hash = match read {
+                Ok(()) => match tokio::time::timeout(OFFER_TIMEOUT, trailer.next::<FileEnd>()).await {
+                    Ok(Ok(Some(FileEnd { blake3 }))) => Ok(blake3),
+                    Err(_) => Err(FileError::HashTimeout),
+                    Ok(_) => Err(FileError::NoHash),
+                },
+                Err(e) => Err(e),
+            };
+            (recv, ahead) = trailer.into_parts();
+            let sent = match hash {
+                Ok(hash) => hash,
+                Err(e) => {
+                    // The stream is broken: this file and the rest of the batch failed.
+                    received.push(Err(e.failed()));
+                    break;
+                }
+            };
+            offer.progress.add(index, entry.size);
+            let ours = *blake3::hash(&data).as_bytes();
+            if ours != sent {
+                self.report(TransferEvent::Corrupt { transfer, peer, path: entry.rel.clone() });
+                // The sender sends it again from zero: count it again from zero.
+                offer.progress.restart_file(index);
+                received.push(Err(FileReply::HashMismatch));
+            } else {
+                received.push(Ok((data, ours)));
+            }
+        }
+
+        // Claim the verified files' paths, then store them on one blocking thread.
+        let mut guards = Vec::new();
+        let mut work = Vec::new();
+        for (k, outcome) in received.iter_mut().enumerate() {
+            if let Ok((data, hash)) = outcome {
+                let entry = &entries[k];
+                let final_path = offer.out.join(&entry.rel);
+                match self.claim(&final_path).await {
+                    Some(guard) => {
+                        guards.push(guard);
+                        work.push((
+                            k,
+                            entry.rel.clone(),
+                            entry.size,
+                            entry.meta,
+                            std::mem::take(data),
+                            *hash,
+                        ));
+                    }
+                    None => {
+                        *outcome = Err(self.refuse(
+                            transfer,
+                            peer,
+                            entry.path.clone(),
+                            FileError::Busy(entry.rel.clone()),
+                        ))
+                    }
+                }
+            }
+        }
+        let stored = {
+            let out = offer.out.clone();
+            let _disk = self.disk.acquire().await;
+            tokio::task::spawn_blocking(move || {
+                work.into_iter()
+                    .map(|(k, rel, size, meta, data, hash)| {
+                        (k, hash, store_small(&out, &rel, size, &meta, &data, &hash))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+        };
+        drop(guards);
+        let mut replies: Vec<Option<FileReply>> = received.into_iter().map(Result::err).collect();
+        match stored {
+            Ok(stored) => {
+                for (k, hash, result) in stored {
+                    let entry = &entries[k];
+                    replies[k] = Some(match result {
+                        Ok(already_here) => {
+                            if !already_here {
+                                offer.unsynced.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            self.count(&offer, entry.size);
+                            self.report(TransferEvent::Received {
+                                transfer,
+                                peer,
+                                path: entry.rel.clone(),
+                                size: entry.size,
+                                blake3: hash,
+                                already_here,
+                            });
+                            if already_here {
+                                FileReply::AlreadyComplete
+                            } else {
+                                FileReply::Verified { blake3: hash }
+                            }
+                        }
+                        Err(
+                            e @ (FileError::OtherContent(_)
+                            | FileError::Hash { .. }
+                            | FileError::NotRegular(_)),
+                        ) => self.refuse(transfer, peer, entry.path.clone(), e),
+                        Err(e) => {
+                            self.report(TransferEvent::FileFailed {
+                                transfer,
+                                peer,
+                                path: entry.rel.clone(),
+                                reason: e.to_string(),
+                            });
+                            e.failed()
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                let reason = FileError::Task(e).to_string();
+                for reply in replies.iter_mut().filter(|r| r.is_none()) {
+                    *reply = Some(FileReply::Failed { reason: reason.clone() });
+                }
+            }
+        }
+        let replies: Vec<FileReply> = replies.into_iter().flatten().collect();
+        for (k, reply) in replies.iter().enumerate() {
+            let index = header.index + k as u32;
+            // After a hash mismatch the sender sends the file again, on a new stream.
+            offer.progress.end_file(index, !matches!(reply, FileReply::HashMismatch));
+            if !matches!(
+                reply,
+                FileReply::Verified { .. } | FileReply::AlreadyComplete | FileReply::HashMismatch
+            ) {
+                *offer.refused.lock() += 1;
+            }
+        }
+        replies
     }
 
     /// The destination holds a file of the offered size: ask for the sender's hash (no data)
@@ -974,6 +1237,58 @@ fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
+/// Indices of the files for which `out` holds something already: the file (or anything at
+/// its name) or its `.part` (blocking).
+fn present_files(out: &Path, rels: &[PathBuf]) -> Vec<u32> {
+    rels.iter()
+        .enumerate()
+        .filter(|(_, rel)| {
+            let path = out.join(rel);
+            std::fs::symlink_metadata(&path).is_ok() || std::fs::symlink_metadata(part_path(&path)).is_ok()
+        })
+        .map(|(index, _)| index as u32)
+        .collect()
+}
+
+/// A small file's bytes, which hashed to what its sender said.
+type VerifiedSmall = (Vec<u8>, [u8; 32]);
+
+/// Stores a verified small file (blocking): `Ok(true)` when the destination already holds
+/// exactly this file, `Ok(false)` when it was written (unsynced) and moved into place.
+fn store_small(
+    out: &Path,
+    rel: &Path,
+    size: u64,
+    meta: &EntryMeta,
+    data: &[u8],
+    hash: &[u8; 32],
+) -> Result<bool, FileError> {
+    let final_path = out.join(rel);
+    match prepare(out, rel, size)? {
+        Prepared::Exists => {
+            let ours = super::scan::hash_file_nofollow(&final_path)
+                .map_err(|source| FileError::Hash { path: rel.to_path_buf(), source: Box::new(source) })?;
+            if ours == *hash {
+                Ok(true)
+            } else {
+                Err(FileError::OtherContent(rel.to_path_buf()))
+            }
+        }
+        Prepared::Resume { .. } => {
+            let part = part_path(&final_path);
+            write_whole(&part, data).map_err(|source| {
+                if source.raw_os_error() == Some(libc::ENOSPC) {
+                    FileError::DiskFull(part.clone())
+                } else {
+                    FileError::Write { part: part.clone(), source }
+                }
+            })?;
+            finish(&final_path, meta, false)?;
+            Ok(false)
+        }
+    }
+}
+
 /// Checks the destination and any `.part` (blocking).
 fn prepare(out: &Path, rel: &Path, size: u64) -> Result<Prepared, FileError> {
     if let Some(parent) = rel.parent() {
@@ -1064,6 +1379,8 @@ async fn write_part(
 
     let expected = size - offset;
     let mut received = 0u64;
+    // Bytes of the current buffer already counted in the progress.
+    let mut counted = 0u64;
     let mut stream_error = None;
     while received < expected && stream_error.is_none() {
         let mut buf = spent_rx.try_recv().unwrap_or_default();
@@ -1073,7 +1390,15 @@ async fn write_part(
         while buf.len() < want {
             let room = want - buf.len();
             match recv.read(&mut buf.spare()[..room]).await {
-                Ok(Some(n)) => buf.filled(n),
+                Ok(Some(n)) => {
+                    buf.filled(n);
+                    // The file's first bytes count at once (the progress shows data flowing
+                    // from the first packet, not from the first whole buffer).
+                    if received == 0 && counted == 0 {
+                        counted = n as u64;
+                        progress.add(index, counted);
+                    }
+                }
                 Ok(None) => {
                     stream_error =
                         Some(FileError::StreamEnded { received: offset + received + buf.len() as u64, size });
@@ -1086,7 +1411,8 @@ async fn write_part(
             }
         }
         received += buf.len() as u64;
-        progress.add(index, buf.len() as u64);
+        progress.add(index, buf.len() as u64 - counted);
+        counted = 0;
         if !buf.is_empty() && tx.send(buf).await.is_err() {
             break; // The writer failed; its error is reported below.
         }
@@ -1120,7 +1446,7 @@ async fn write_part(
 
 /// Gives a verified `.part` the sender's mode bits (masked: [`file_mode`]) and mtime, moves
 /// it into place without ever replacing an existing file, then makes the move durable.
-fn finish(final_path: &Path, meta: &EntryMeta) -> Result<(), FileError> {
+fn finish(final_path: &Path, meta: &EntryMeta, sync_dir: bool) -> Result<(), FileError> {
     let part = part_path(final_path);
     if meta.mode.is_some() || meta.mtime.is_some() {
         // Through a handle on the .part itself (never a link): the name then appears with
@@ -1147,6 +1473,9 @@ fn finish(final_path: &Path, meta: &EntryMeta) -> Result<(), FileError> {
         }
     })?;
     std::fs::remove_file(&part).map_err(|source| FileError::RemovePart { part: part.clone(), source })?;
+    if !sync_dir {
+        return Ok(());
+    }
     if let Some(dir) = final_path.parent() {
         if let Ok(dir) = std::fs::File::open(dir) {
             let _ = dir.sync_all();

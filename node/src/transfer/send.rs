@@ -1,5 +1,5 @@
-//! The sending side: offer, then stream every file (a few at once), then wait for each file's
-//! verification.
+//! The sending side: offer, then stream every file (a few large ones at once, many small
+//! ones inline), then wait for each file's verification.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use qpeer_wire::peer::StreamKind;
 use qpeer_wire::tracker::MAX_FRAME_LEN;
 use qpeer_wire::transfer::{
     ControlFrame, EntryKind, FileEnd, FileHeader, FileReply, OfferEntry, TransferId, ENTRIES_PER_FRAME,
-    TRANSFER_VERSION,
+    INLINE_BATCH_BYTES, INLINE_BATCH_FILES, INLINE_MAX, TRANSFER_VERSION,
 };
 use tokio::sync::Semaphore;
 
@@ -20,8 +20,16 @@ use super::{LinkLoss, ProtocolViolation, SourceProblem, TransferError, Unexpecte
 use crate::events::Events;
 use crate::PeerConnection;
 
-/// Files streamed at the same time.
+/// Large files (above [`INLINE_MAX`]) streamed at the same time: each fills the path alone,
+/// so more only split it; each holds a few read buffers.
 pub const DEFAULT_CONCURRENCY: usize = 4;
+/// Files in flight at once, small ones included. A small file costs one round trip, so
+/// this many of them per round trip is what a tree of small files moves: 1024 files of
+/// 4 KiB per 50 ms is 84 MB/s.
+pub const FILES_IN_FLIGHT: usize = 1024;
+/// Bytes of small files read into memory and not yet acknowledged, at most (in KiB units
+/// of the semaphore).
+const INLINE_BUDGET_KIB: usize = 16 * 1024;
 /// How long the receiver may take to answer the offer (it may be asking its user).
 const DECISION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a single reply (not data) may take.
@@ -201,40 +209,62 @@ async fn send_plan(
         ControlFrame::Reject { reason } => return Err(TransferError::Rejected(remote_text(&reason))),
         other => return Err(unexpected_control(conn, "Accept or Reject", other)),
     }
-
-    let permits = Arc::new(Semaphore::new(DEFAULT_CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, file) in plan.files.iter().cloned().enumerate() {
-        let permit = permits.clone().acquire_owned().await.map_err(|e| lost(conn, LinkLoss::Permits(e)))?;
-        let conn = conn.clone();
-        let progress = progress.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let index = index as u32;
-            progress.start_file(index, &file.path, file.size);
-            let result = send_file(&conn, transfer_id, index, &file, &progress).await;
-            progress.end_file(index, true);
-            match &result {
-                Ok(done) => progress.events().transfer(TransferEvent::FileSent {
-                    transfer: transfer_id,
-                    peer: conn.node_id(),
-                    path: file.path.clone(),
-                    size: file.size,
-                    resumed_from: done.resumed_from,
-                    sent_now: done.sent,
-                    already_there: done.already_there,
-                }),
-                Err(TransferError::Refused(reason)) => progress.events().transfer(TransferEvent::Refused {
-                    transfer: transfer_id,
-                    peer: conn.node_id(),
-                    direction: Direction::Sending,
-                    path: file.path.clone(),
-                    reason: reason.clone(),
-                }),
-                Err(_) => {}
+    // Files the receiver holds something of: sent one by one (resume, or compared by hash).
+    let mut present = std::collections::HashSet::new();
+    loop {
+        match next::<ControlFrame>(conn, &mut replies, REPLY_TIMEOUT).await? {
+            ControlFrame::Present { files, more } => {
+                present.extend(files);
+                if !more {
+                    break;
+                }
             }
-            (file.path, result)
-        });
+            other => return Err(unexpected_control(conn, "Present", other)),
+        }
+    }
+
+    let large = Arc::new(Semaphore::new(DEFAULT_CONCURRENCY));
+    let in_flight = Arc::new(Semaphore::new(FILES_IN_FLIGHT));
+    let inline_budget = Arc::new(Semaphore::new(INLINE_BUDGET_KIB));
+    let small_reads = Arc::new(Semaphore::new(super::receive::DISK_WORKERS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for unit in work_units(&plan.files, &present) {
+        let permit_error = |e| lost(conn, LinkLoss::Permits(e));
+        let files = u32::try_from(unit.len()).unwrap_or(u32::MAX);
+        let slots = in_flight.clone().acquire_many_owned(files).await.map_err(permit_error)?;
+        let (conn, progress, small_reads) = (conn.clone(), progress.clone(), small_reads.clone());
+        match unit {
+            WorkUnit::Large(index, file) => {
+                let permit = large.clone().acquire_owned().await.map_err(permit_error)?;
+                tasks.spawn(async move {
+                    let _permits = (slots, permit);
+                    progress.start_file(index, &file.path, file.size);
+                    let result = send_file(&conn, transfer_id, index, &file, &progress).await;
+                    file_done(&conn, &progress, transfer_id, index, &file, &result);
+                    vec![(file.path, result)]
+                });
+            }
+            WorkUnit::Inline(batch) => {
+                let bytes: u64 = batch.iter().map(|(_, f)| f.size).sum();
+                let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+                let permit = inline_budget.clone().acquire_many_owned(kib).await.map_err(permit_error)?;
+                tasks.spawn(async move {
+                    let _permits = (slots, permit);
+                    for (index, file) in &batch {
+                        progress.start_file(*index, &file.path, file.size);
+                    }
+                    let results = send_inline(&conn, transfer_id, &batch, &progress, &small_reads).await;
+                    batch
+                        .into_iter()
+                        .zip(results)
+                        .map(|((index, file), result)| {
+                            file_done(&conn, &progress, transfer_id, index, &file, &result);
+                            (file.path, result)
+                        })
+                        .collect()
+                });
+            }
+        }
     }
     let mut failures = Vec::new();
     let mut report = SendReport {
@@ -252,20 +282,28 @@ async fn send_plan(
     let sizes: std::collections::HashMap<&str, u64> =
         plan.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
     while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((path, Ok(done))) => {
-                report.sent_bytes += done.sent;
-                if done.already_there {
-                    report.already_there += 1;
-                    report.already_there_bytes += sizes.get(path.as_str()).copied().unwrap_or(0);
-                } else if done.resumed_from > 0 {
-                    report.resumed += 1;
-                    report.resumed_bytes += done.resumed_from;
-                }
-                report.retried += usize::from(done.retried);
+        let results = match joined {
+            Ok(results) => results,
+            Err(e) => {
+                failures.push(("<task>".into(), e.to_string()));
+                continue;
             }
-            Ok((path, Err(e))) => failures.push((path, e.to_string())),
-            Err(e) => failures.push(("<task>".into(), e.to_string())),
+        };
+        for (path, result) in results {
+            match result {
+                Ok(done) => {
+                    report.sent_bytes += done.sent;
+                    if done.already_there {
+                        report.already_there += 1;
+                        report.already_there_bytes += sizes.get(path.as_str()).copied().unwrap_or(0);
+                    } else if done.resumed_from > 0 {
+                        report.resumed += 1;
+                        report.resumed_bytes += done.resumed_from;
+                    }
+                    report.retried += usize::from(done.retried);
+                }
+                Err(e) => failures.push((path, e.to_string())),
+            }
         }
     }
     write_frame(&mut control, &ControlFrame::Finish, MAX_FRAME_LEN)
@@ -329,7 +367,7 @@ async fn send_file(
     loop {
         let (mut send, recv) = conn.open_stream(StreamKind::FileData).await?;
         let mut replies = FrameReader::new(recv, MAX_FRAME_LEN, REPLY_TIMEOUT);
-        write_frame(&mut send, &FileHeader { transfer_id, index }, MAX_FRAME_LEN)
+        write_frame(&mut send, &FileHeader { transfer_id, index, inline: 0 }, MAX_FRAME_LEN)
             .await
             .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
         let hash = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await? {
@@ -405,6 +443,268 @@ async fn send_file(
             other => return Err(unexpected_reply(conn, "a file result", other)),
         }
     }
+}
+
+/// What one task sends: a large file alone, or a batch of consecutive small files inline.
+enum WorkUnit {
+    Large(u32, LocalFile),
+    Inline(Vec<(u32, LocalFile)>),
+}
+
+impl WorkUnit {
+    fn len(&self) -> usize {
+        match self {
+            WorkUnit::Large(..) => 1,
+            WorkUnit::Inline(batch) => batch.len(),
+        }
+    }
+}
+
+/// The plan's files in order, consecutive small ones grouped into batches within the
+/// protocol's limits; a file the receiver holds something of (`present`) goes alone.
+fn work_units(files: &[LocalFile], present: &std::collections::HashSet<u32>) -> Vec<WorkUnit> {
+    let mut units = Vec::new();
+    let mut batch: Vec<(u32, LocalFile)> = Vec::new();
+    let mut batch_bytes = 0u64;
+    for (index, file) in files.iter().enumerate() {
+        let index = index as u32;
+        let alone = file.size > INLINE_MAX || present.contains(&index);
+        let full = batch.len() as u32 >= INLINE_BATCH_FILES || batch_bytes + file.size > INLINE_BATCH_BYTES;
+        if !batch.is_empty() && (alone || full) {
+            units.push(WorkUnit::Inline(std::mem::take(&mut batch)));
+            batch_bytes = 0;
+        }
+        if alone {
+            units.push(WorkUnit::Large(index, file.clone()));
+        } else {
+            batch_bytes += file.size;
+            batch.push((index, file.clone()));
+        }
+    }
+    if !batch.is_empty() {
+        units.push(WorkUnit::Inline(batch));
+    }
+    units
+}
+
+/// Reports how file `index` went (its events) and counts it done.
+fn file_done(
+    conn: &PeerConnection,
+    progress: &ProgressCounter,
+    transfer: TransferId,
+    index: u32,
+    file: &LocalFile,
+    result: &Result<FileResult, TransferError>,
+) {
+    progress.end_file(index, true);
+    let peer = conn.node_id();
+    match result {
+        Ok(done) => progress.events().transfer(TransferEvent::FileSent {
+            transfer,
+            peer,
+            path: file.path.clone(),
+            size: file.size,
+            resumed_from: done.resumed_from,
+            sent_now: done.sent,
+            already_there: done.already_there,
+        }),
+        Err(TransferError::Refused(reason)) => progress.events().transfer(TransferEvent::Refused {
+            transfer,
+            peer,
+            direction: Direction::Sending,
+            path: file.path.clone(),
+            reason: reason.clone(),
+        }),
+        Err(_) => {}
+    }
+}
+
+/// Reads a small file whole and hashes it (blocking), checking that it is still the file
+/// that was offered.
+fn read_small(file: &LocalFile) -> Result<(bytes::Bytes, [u8; 32]), TransferError> {
+    let io = |source| TransferError::Io { path: file.source.clone(), source };
+    let mut f = std::fs::File::open(&file.source).map_err(io)?;
+    let mut data = Vec::with_capacity(file.size as usize);
+    (&mut f).take(file.size + 1).read_to_end(&mut data).map_err(io)?;
+    let now = f.metadata().map_err(io)?;
+    if data.len() as u64 != file.size || now.len() != file.size || now.modified().ok() != file.modified {
+        let problem =
+            if (data.len() as u64) < file.size { SourceProblem::Shrank } else { SourceProblem::Changed };
+        return Err(changed(file, problem));
+    }
+    let hash = *blake3::hash(&data).as_bytes();
+    Ok((bytes::Bytes::from(data), hash))
+}
+
+/// Sends a batch of small files inline: each run of consecutive files that could be read
+/// goes on one stream, its files' data and hashes at once, then one answer per file. A file
+/// whose copy did not verify is sent once more (in a batch of the retried).
+async fn send_inline(
+    conn: &PeerConnection,
+    transfer_id: TransferId,
+    batch: &[(u32, LocalFile)],
+    progress: &ProgressCounter,
+    small_reads: &Semaphore,
+) -> Vec<Result<FileResult, TransferError>> {
+    let mut results: Vec<Result<FileResult, TransferError>> =
+        batch.iter().map(|_| Ok(FileResult::default())).collect();
+    let mut pending: Vec<usize> = (0..batch.len()).collect();
+    for attempt in 0..2 {
+        if pending.is_empty() {
+            break;
+        }
+        let read = {
+            let files: Vec<LocalFile> = pending.iter().map(|&i| batch[i].1.clone()).collect();
+            let _reading = small_reads.acquire().await;
+            tokio::task::spawn_blocking(move || files.iter().map(read_small).collect::<Vec<_>>()).await
+        };
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
+                let message = e.to_string();
+                for &i in &pending {
+                    results[i] = Err(TransferError::BadSource {
+                        path: batch[i].1.source.clone(),
+                        problem: SourceProblem::BatchReaderFailed(message.clone()),
+                    });
+                }
+                return results;
+            }
+        };
+        // Runs of consecutive indices whose files were read.
+        let mut runs: Vec<Vec<(usize, bytes::Bytes, [u8; 32])>> = Vec::new();
+        let mut previous: Option<u32> = None;
+        for (&i, outcome) in pending.iter().zip(read) {
+            match outcome {
+                Ok((data, hash)) => {
+                    let index = batch[i].0;
+                    match runs.last_mut() {
+                        Some(run) if previous.is_some_and(|p| p + 1 == index) => run.push((i, data, hash)),
+                        _ => runs.push(vec![(i, data, hash)]),
+                    }
+                    previous = Some(index);
+                }
+                Err(e) => {
+                    results[i] = Err(e);
+                    previous = None;
+                }
+            }
+        }
+        let mut again = Vec::new();
+        for run in runs {
+            let outcomes = send_run(conn, transfer_id, batch, &run, progress).await;
+            for ((i, _, _), outcome) in run.iter().zip(outcomes) {
+                match outcome {
+                    RunOutcome::Done(done) => {
+                        let retried = matches!(&results[*i], Ok(r) if r.retried);
+                        results[*i] = Ok(FileResult { retried, ..done });
+                    }
+                    RunOutcome::Mismatch if attempt == 0 => {
+                        // Counted again from zero: progress never passes 100 %.
+                        let index = batch[*i].0;
+                        progress.restart_file(index);
+                        progress.events().transfer(TransferEvent::Retry {
+                            transfer: transfer_id,
+                            peer: conn.node_id(),
+                            path: batch[*i].1.path.clone(),
+                        });
+                        results[*i] = Ok(FileResult { retried: true, ..FileResult::default() });
+                        again.push(*i);
+                    }
+                    RunOutcome::Mismatch => {
+                        results[*i] = Err(TransferError::BadSource {
+                            path: batch[*i].1.source.clone(),
+                            problem: SourceProblem::VerifiedWrongTwice,
+                        })
+                    }
+                    RunOutcome::Failed(e) => results[*i] = Err(e),
+                }
+            }
+        }
+        pending = again;
+    }
+    results
+}
+
+enum RunOutcome {
+    Done(FileResult),
+    Mismatch,
+    Failed(TransferError),
+}
+
+/// One stream: the header naming `run`'s files, each file's bytes and hash, then the
+/// receiver's answers, in order.
+async fn send_run(
+    conn: &PeerConnection,
+    transfer_id: TransferId,
+    batch: &[(u32, LocalFile)],
+    run: &[(usize, bytes::Bytes, [u8; 32])],
+    progress: &ProgressCounter,
+) -> Vec<RunOutcome> {
+    let all_failed = |error: TransferError| -> Vec<RunOutcome> {
+        let text = error.to_string();
+        let mut outcomes = vec![RunOutcome::Failed(error)];
+        outcomes
+            .extend((1..run.len()).map(|_| RunOutcome::Failed(TransferError::ReceiverFailed(text.clone()))));
+        outcomes
+    };
+    let (mut send, recv) = match conn.open_stream(StreamKind::FileData).await {
+        Ok(streams) => streams,
+        Err(e) => return all_failed(e.into()),
+    };
+    let mut replies = FrameReader::new(recv, MAX_FRAME_LEN, REPLY_TIMEOUT);
+    let first = batch[run[0].0].0;
+    let header = FileHeader { transfer_id, index: first, inline: run.len() as u32 };
+    let written = async {
+        write_frame(&mut send, &header, MAX_FRAME_LEN).await.map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
+        for (i, data, hash) in run {
+            let len = data.len() as u64;
+            send.write_chunk(data.clone()).await.map_err(|e| lost(conn, LinkLoss::Write(e)))?;
+            progress.add(batch[*i].0, len);
+            write_frame(&mut send, &FileEnd { blake3: *hash }, MAX_FRAME_LEN)
+                .await
+                .map_err(|e| lost(conn, LinkLoss::Frame(e)))?;
+        }
+        let _ = send.finish();
+        Ok::<(), TransferError>(())
+    };
+    if let Err(e) = written.await {
+        return all_failed(receiver_reason(conn, &mut replies, e).await);
+    }
+    let mut outcomes = Vec::with_capacity(run.len());
+    for (i, data, hash) in run {
+        let reply = match next::<FileReply>(conn, &mut replies, REPLY_TIMEOUT).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                let text = e.to_string();
+                outcomes.push(RunOutcome::Failed(e));
+                while outcomes.len() < run.len() {
+                    outcomes.push(RunOutcome::Failed(TransferError::ReceiverFailed(text.clone())));
+                }
+                return outcomes;
+            }
+        };
+        let sent = data.len() as u64;
+        outcomes.push(match reply {
+            FileReply::Verified { blake3 } if blake3 == *hash => {
+                RunOutcome::Done(FileResult { sent, ..FileResult::default() })
+            }
+            FileReply::Verified { .. } => {
+                RunOutcome::Failed(protocol(conn, ProtocolViolation::DifferentHash))
+            }
+            FileReply::AlreadyComplete => {
+                progress.already(batch[*i].0, batch[*i].1.size);
+                RunOutcome::Done(FileResult { sent, already_there: true, ..FileResult::default() })
+            }
+            FileReply::HashMismatch => RunOutcome::Mismatch,
+            FileReply::Failed { reason } => {
+                RunOutcome::Failed(TransferError::ReceiverFailed(remote_text(&reason)))
+            }
+            FileReply::Refused { reason } => RunOutcome::Failed(TransferError::Refused(remote_text(&reason))),
+            other => RunOutcome::Failed(unexpected_reply(conn, "a file result", other)),
+        });
+    }
+    outcomes
 }
 
 fn reader_failed(file: &LocalFile, e: tokio::task::JoinError) -> TransferError {

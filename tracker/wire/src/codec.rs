@@ -77,6 +77,11 @@ impl FrameDecoder {
     }
 
     /// True while part of a frame is buffered (used to time out half-sent frames).
+    /// The bytes received past the last whole frame, taken out of the decoder.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
     pub fn has_partial(&self) -> bool {
         !self.buffer.is_empty()
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol; a mismatch is refused with a message.
-pub const CONTROL_VERSION: u16 = 2;
+pub const CONTROL_VERSION: u16 = 3;
 
 /// What a client asks the running node to do. `peer` is as the user typed it (a NodeId, an id
 /// prefix, an alias or a tracker name): the running node resolves it.
@@ -31,6 +31,8 @@ pub struct NodeSettings {
     pub name: Option<String>,
     pub relay_only: bool,
     pub no_relay: bool,
+    /// Congestion controller of peer connections (`bbr`, `cubic`); `None`: not given.
+    pub congestion: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,6 +52,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.recv
     }
 
+    /// The underlying stream and the bytes already read past the last frame: for a peer that
+    /// sends raw data right after a frame, unanswered.
+    pub fn into_parts(mut self) -> (R, Vec<u8>) {
+        let ahead = self.decoder.take_buffered();
+        (self.recv, ahead)
+    }
+
+    /// A reader that decodes `ahead` (bytes an earlier reader read from `recv`) first.
+    pub fn with_ahead(recv: R, max_frame_len: usize, partial_timeout: Duration, ahead: &[u8]) -> Self {
+        let mut reader = Self::new(recv, max_frame_len, partial_timeout);
+        reader.decoder.extend(ahead);
+        reader
+    }
+
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, StreamError> {
         loop {

@@ -6,16 +6,24 @@
 //!
 //! ```text
 //! control:  S→R Offer, Entries…, OfferEnd      R→S Accept | Reject
-//!                                              R→S EntryRefused…  (after Accept: symlinks)
+//!                                              R→S Present…       (after Accept)
+//!                                              R→S EntryRefused…  (after Present: symlinks)
 //! per file: S→R FileHeader                     R→S Start{offset} | Exists | Refused
 //!           S→R <size - offset raw bytes>       (after Start; none after Exists)
 //!           S→R FileEnd{blake3}, FIN           R→S Verified | HashMismatch | Failed
 //!                                                  | AlreadyComplete | Refused (after Exists)
+//! small:    S→R FileHeader{inline: n}, then n × (<size raw bytes>, FileEnd{blake3}), FIN
+//!                                              R→S n × (Verified | HashMismatch | Failed
+//!                                                  | AlreadyComplete | Refused), in order
 //! control:  S→R Finish                         R→S Summary
 //! ```
 //!
 //! The file's BLAKE3 hash travels after its data, so the sender reads each file once, hashing
-//! the bytes as it sends them.
+//! the bytes as it sends them. Files of at most [`INLINE_MAX`] bytes are sent `inline`, up to
+//! [`INLINE_BATCH_FILES`] consecutive ones (at most [`INLINE_BATCH_BYTES`]) on one stream:
+//! their data follows the header at once, without waiting for `Start`, so small files cost
+//! one round trip per batch, many batches are in flight at once, and a stream's setup is
+//! shared by its files.
 //!
 //! [`StreamKind::Transfer`]: crate::peer::StreamKind::Transfer
 //! [`StreamKind::FileData`]: crate::peer::StreamKind::FileData
@@ -24,8 +32,14 @@ use serde::{Deserialize, Serialize};
 
 /// Version carried in [`ControlFrame::Offer`]. 3: entries carry [`EntryMeta`] (mode and
 /// mtime), symlinks are offered ([`EntryKind::Symlink`]) and refused one by one
-/// ([`ControlFrame::EntryRefused`]).
-pub const TRANSFER_VERSION: u16 = 3;
+/// ([`ControlFrame::EntryRefused`]). 4: small files are sent inline ([`FileHeader::inline`]).
+pub const TRANSFER_VERSION: u16 = 4;
+/// Largest file sent inline (its data right after its [`FileHeader`], no resume).
+pub const INLINE_MAX: u64 = 64 * 1024;
+/// Most files in one inline batch.
+pub const INLINE_BATCH_FILES: u32 = 256;
+/// Most bytes of file data in one inline batch (the receiver holds a batch in memory).
+pub const INLINE_BATCH_BYTES: u64 = 1 << 20;
 /// Most entries in one offer.
 pub const MAX_ENTRIES: u32 = 100_000;
 /// Most entries in one [`ControlFrame::Entries`] frame (keeps frames under the codec limit).
@@ -100,7 +114,16 @@ pub enum ControlFrame {
     /// R→S, after [`ControlFrame::Accept`] and before [`ControlFrame::Summary`]: the entry at
     /// `path` (a symlink) was not created, and why. The rest of the transfer goes on.
     EntryRefused { path: String, reason: String },
+    /// R→S, right after [`ControlFrame::Accept`], one or more (the last with `more: false`):
+    /// the files (by file index) for which the receiver already holds something (the file,
+    /// or a `.part` of it). The sender sends those one by one (Start / Exists), never inline,
+    /// so what is already there is not sent again.
+    Present { files: Vec<u32>, more: bool },
 }
+
+/// Most file indices in one [`ControlFrame::Present`] frame (keeps frames under the codec
+/// limit).
+pub const PRESENT_PER_FRAME: usize = 4096;
 
 /// First frame of a file stream, S→R.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +131,12 @@ pub struct FileHeader {
     pub transfer_id: TransferId,
     /// Index of the file among the offer's File entries.
     pub index: u32,
+    /// 0: the file `index` alone, its data after the receiver's `Start`. n ≥ 1: the files
+    /// `index .. index + n` (each at most [`INLINE_MAX`] bytes, [`INLINE_BATCH_FILES`] and
+    /// [`INLINE_BATCH_BYTES`] at most in all) follow at once, each as its bytes then its
+    /// [`FileEnd`]; the receiver sends no `Start` or `Exists`, and one answer per file, in
+    /// order.
+    pub inline: u32,
 }
 
 /// S→R, after the file's data: the BLAKE3 hash of the whole file as the sender read it.
@@ -176,6 +205,8 @@ mod tests {
             Just(ControlFrame::Finish),
             (any::<u32>(), any::<u64>()).prop_map(|(files, bytes)| ControlFrame::Summary { files, bytes }),
             (".{0,40}", ".{0,50}").prop_map(|(path, reason)| ControlFrame::EntryRefused { path, reason }),
+            (prop::collection::vec(any::<u32>(), 0..PRESENT_PER_FRAME), any::<bool>())
+                .prop_map(|(files, more)| ControlFrame::Present { files, more }),
         ]
     }
 
@@ -223,10 +254,11 @@ mod tests {
             reply in reply(),
             id in any::<[u8; 16]>(),
             index in any::<u32>(),
+            inline in any::<u32>(),
             blake3 in any::<[u8; 32]>(),
         ) {
             prop_assert_eq!(roundtrip(&reply), reply);
-            let header = FileHeader { transfer_id: id, index };
+            let header = FileHeader { transfer_id: id, index, inline };
             prop_assert_eq!(roundtrip(&header), header);
             let end = FileEnd { blake3 };
             prop_assert_eq!(roundtrip(&end), end);

@@ -144,6 +144,7 @@ pub fn settings(opts: &NodeOpts) -> NodeSettings {
         name: opts.name.clone(),
         relay_only: opts.relay_only,
         no_relay: opts.no_relay,
+        congestion: opts.congestion.map(|c| c.name().to_string()),
     }
 }
 
@@ -191,6 +192,11 @@ pub fn unhonoured(listener: &NodeSettings, client: &NodeSettings) -> Vec<String>
     }
     if client.no_relay && !listener.no_relay {
         refused.push("--no-relay (it runs without)".to_string());
+    }
+    let default = qpeer_node::Congestion::default().name();
+    let listener_congestion = listener.congestion.as_deref().unwrap_or(default);
+    if let Some(congestion) = client.congestion.as_deref().filter(|c| *c != listener_congestion) {
+        refused.push(format!("--congestion {congestion} (it uses {listener_congestion})"));
     }
     refused
 }
@@ -399,10 +405,14 @@ mod tests {
             bind: Some("127.0.0.1:9".into()),
             name: Some("x".into()),
             relay_only: true,
+            congestion: Some("cubic".into()),
             ..NodeSettings::default()
         };
         let refused = unhonoured(&listener, &other);
-        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert_eq!(refused.len(), 5, "{refused:?}");
+        assert!(refused[4].contains("--congestion cubic (it uses bbr)"), "{refused:?}");
+        let default_named = NodeSettings { congestion: Some("bbr".into()), ..listener.clone() };
+        assert!(unhonoured(&listener, &default_named).is_empty(), "the default, named");
         assert!(refused[0].starts_with("--tracker") && refused[0].contains("it uses a@127.0.0.1:1"));
     }
 }

@@ -80,6 +80,9 @@ pub fn builder(opts: &NodeOpts, events: &Events) -> qpeer_node::NodeBuilder {
     if let Some(bind) = opts.bind {
         builder = builder.bind_addr(bind);
     }
+    if let Some(congestion) = opts.congestion {
+        builder = builder.congestion(congestion);
+    }
     if let Some(home) = &opts.home {
         builder = builder.home(home);
     }

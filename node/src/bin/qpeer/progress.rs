@@ -236,9 +236,10 @@ impl Sink for Terminal {
                 bar.set_message(view.details());
             }
             None => {
-                // The first report (0 bytes) is not worth a line; then about once a second.
+                // The first report (0 bytes) is not worth a line; the first with data is (it
+                // says when data began to flow); then about once a second.
                 let due = match shown.last_line {
-                    None => view.done > 0 && view.elapsed >= LINE_INTERVAL,
+                    None => view.done > 0,
                     Some(last) => last.elapsed() >= LINE_INTERVAL,
                 };
                 if due && view.done < view.total {
