@@ -96,7 +96,7 @@ pub use error::NodeError;
 pub use events::{Events, NodeEvent};
 pub use home::LOCK_FILE;
 pub use netcheck::NetReport;
-pub use node::{AcceptHandle, Node, NodeBuilder, DEFAULT_CONNECT_TIMEOUT};
+pub use node::{AcceptHandle, Node, NodeBuilder, DEFAULT_CONNECT_TIMEOUT, SOCKET_BUFFER};
 pub use paths::PeerPath;
 pub use peer::PeerConnection;
 pub use qpeer_wire::tracker::Mapping;

@@ -88,13 +88,13 @@ const _: () = assert!(STREAM_WINDOW as u64 > SIZED_FOR_BYTES_IN_FLIGHT);
 
 /// Receive window of one stream (one file): above [`SIZED_FOR_BYTES_IN_FLIGHT`], so a single
 /// file fills such a path, with room for the congestion window to overshoot.
-pub const STREAM_WINDOW: u32 = 16 << 20;
+pub const STREAM_WINDOW: u32 = 32 << 20;
 /// Receive window of a whole connection, across its streams: the most unread data a peer can
 /// make us buffer.
-pub const CONNECTION_WINDOW: u32 = 24 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// The most data quinn holds for a connection (unsent or unacknowledged) before a write
 /// waits.
-pub const SEND_WINDOW: u64 = 24 << 20;
+pub const SEND_WINDOW: u64 = 32 << 20;
 /// Streams a peer may have open toward us at once: one per file in flight (up to
 /// `transfer::send::FILES_IN_FLIGHT` small files) plus control streams.
 pub const MAX_BIDI_STREAMS: u32 = 1024 + 64;

@@ -12,6 +12,7 @@ pub mod dht;
 pub mod lab;
 pub mod lab_run;
 pub mod procs;
+pub mod wan;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;

@@ -2,9 +2,12 @@
 //!
 //! ```text
 //! cargo build --release --bins
-//! cargo run --release -p qpeer-tests --bin qpeer-bench -- <transfer|relay|connect|tracker|transfer-rss|dht|all> [--smoke]
+//! cargo run --release -p qpeer-tests --bin qpeer-bench -- <transfer|relay|connect|tracker|transfer-rss|dht|wan|all> [--smoke]
 //! ```
 //! `--smoke` runs each scenario small, for CI: it checks that they work, not how fast.
+//! `wan` (an emulated WAN between namespaces, `qpeer_tests::wan`) needs root, so `all` leaves
+//! it out; its options: `--rtt MS,… --rate MBIT,… --loss PCT,… --payload file|tree|both
+//! --file-mib N --files N --congestion NAME --no-reference --reference-only`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -17,7 +20,8 @@ use qpeer_tests::lab::bin_dir;
 use qpeer_tracker::TrackerClient;
 
 fn usage() -> ! {
-    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|dht|all> [--smoke] [--gib N] [--nodes N,N,...] [--in-flight N]");
+    eprintln!("usage: qpeer-bench <transfer|relay|connect|tracker|transfer-rss|dht|wan|all> [--smoke] [--gib N] [--nodes N,N,...] [--in-flight N]");
+    eprintln!("       qpeer-bench wan [--smoke] [--rtt MS,...] [--rate MBIT,...] [--loss PCT,...] [--payload file|tree|both] [--file-mib N] [--files N] [--congestion NAME] [--no-reference|--reference-only]");
     std::process::exit(2)
 }
 
@@ -32,9 +36,26 @@ fn main() -> Result<()> {
     let mut gib: Option<u64> = None;
     let mut nodes: Option<Vec<usize>> = None;
     let mut inflight = 32;
+    let mut wan = qpeer_tests::wan::Options::default();
+    /// A comma-separated list of numbers.
+    fn list<T: std::str::FromStr>(value: Option<String>) -> Vec<T> {
+        let parsed: Option<Vec<T>> = value.and_then(|v| v.split(',').map(|n| n.parse().ok()).collect());
+        parsed.filter(|l| !l.is_empty()).unwrap_or_else(|| usage())
+    }
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => smoke = true,
+            "--rtt" => wan.rtt_ms = list(args.next()),
+            "--rate" => wan.rate_mbit = list(args.next()),
+            "--loss" => wan.loss_pct = list(args.next()),
+            "--payload" => wan.payload = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--file-mib" => {
+                wan.file_mib = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())
+            }
+            "--files" => wan.files = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--congestion" => wan.congestion = Some(args.next().unwrap_or_else(|| usage())),
+            "--no-reference" => wan.reference = false,
+            "--reference-only" => wan.reference_only = true,
             "--in-flight" => inflight = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
             "--gib" => gib = Some(args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
             "--nodes" => {
@@ -60,6 +81,7 @@ fn main() -> Result<()> {
             "tracker" => runtime.block_on(tracker(&levels, inflight)),
             "transfer-rss" => transfer_rss(mib(2, 16)),
             "dht" => runtime.block_on(dht(if smoke { 2 } else { 20 })),
+            "wan" => qpeer_tests::wan::bench(&qpeer_tests::wan::Options { smoke, ..wan.clone() }),
             _ => usage(),
         }
     };

@@ -190,6 +190,19 @@ fn send_json(peer: &NodeId, report: Option<&SendReport>, error: Option<&str>) ->
     object.to_string()
 }
 
+/// New connections a `qpeer send` makes after its connection failed under the transfer.
+const RECONNECTS: u32 = 3;
+
+/// Whether `conn` ended by a failure (a timeout, a transport error such as quinn's limit on
+/// a stream's reassembly gaps) rather than being closed by either side.
+fn broke(conn: &qpeer_node::PeerConnection) -> bool {
+    use quinn::ConnectionError as E;
+    matches!(
+        conn.connection().close_reason(),
+        Some(E::TimedOut | E::TransportError(_) | E::ConnectionClosed(_) | E::Reset)
+    )
+}
+
 /// `qpeer send`: offer `paths` (absolute) to `peer` and stream them; fails unless every file
 /// was verified by the receiver. Progress and retries are reported on `out`'s events.
 pub async fn send_files(
@@ -204,8 +217,24 @@ pub async fn send_files(
         // needs the other.
         let scanning = async { anyhow::Ok(tokio::task::spawn_blocking(move || scan(&paths)).await??) };
         let (plan, conn) = tokio::join!(scanning, node.connect(peer));
-        let (plan, conn) = (plan?, conn?);
-        anyhow::Ok(send(&conn, plan, out.events()).await?)
+        let (plan, mut conn) = (plan?, conn?);
+        let mut reconnects = 0;
+        loop {
+            match send(&conn, plan.clone(), out.events()).await {
+                Ok(report) => break anyhow::Ok(report),
+                Err(e) if reconnects < RECONNECTS && broke(&conn) => {
+                    // The connection failed under the transfer (not closed by either side):
+                    // a new one resumes what the receiver kept (its .part files).
+                    reconnects += 1;
+                    out.line(&format!(
+                        "[RECONNECTING] {} ({e}); resuming on a new connection ({reconnects} of {RECONNECTS})",
+                        peer.short()
+                    ));
+                    conn = node.connect(peer).await?;
+                }
+                Err(e) => break Err(e.into()),
+            }
+        }
     }
     .await;
     let report = match result {
