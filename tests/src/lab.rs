@@ -184,7 +184,8 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+/// Runs `program args` and waits for it; fails with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
     run_output(program, args).map(drop)
 }
 
@@ -754,7 +755,7 @@ impl Drop for Capture {
 }
 
 /// Ends every process inside `netns` (deleting a namespace does not).
-fn kill_namespace_processes(netns: &str) {
+pub fn kill_namespace_processes(netns: &str) {
     let Ok(output) = Command::new("ip").args(["netns", "pids", netns]).output() else {
         return;
     };

@@ -204,3 +204,21 @@ pub fn assert_same_tree(expected: &std::path::Path, actual: &std::path::Path) ->
     }
     Ok(())
 }
+
+/// The sending half of a raw quinn bulk stream (the benchmarks' reference): `bytes` zeros on
+/// one bidirectional stream, then waits for the receiver's one-byte acknowledgement of the
+/// end.
+pub async fn bulk_send(conn: &quinn::Connection, bytes: u64) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let block = bytes::Bytes::from(vec![0u8; 1 << 20]);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        send.write_chunk(block.slice(..n)).await?;
+        left -= n as u64;
+    }
+    send.finish()?;
+    let mut ack = [0u8; 1];
+    recv.read_exact(&mut ack).await?;
+    Ok(())
+}

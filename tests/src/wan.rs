@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::lab::{bin_dir, leftover_namespaces, netns_exec, Process};
+use crate::lab::{bin_dir, kill_namespace_processes, leftover_namespaces, netns_exec, run, Process};
 
 /// Prefix shared by every namespace this process creates for the WAN (for leak checks).
 pub fn process_prefix() -> String {
@@ -467,18 +467,6 @@ pub struct Wan {
     forwarder: Option<Forwarder>,
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !output.status.success() {
-        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(())
-}
-
 /// Whether `program args` can run at all.
 fn available(program: &str, args: &[&str]) -> bool {
     Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
@@ -637,16 +625,6 @@ impl Wan {
     /// The prefix of every namespace of this WAN.
     pub fn prefix(&self) -> &str {
         &self.prefix
-    }
-}
-
-/// Ends every process inside `netns` (deleting a namespace does not).
-fn kill_namespace_processes(netns: &str) {
-    let Ok(output) = Command::new("ip").args(["netns", "pids", netns]).output() else {
-        return;
-    };
-    for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-        let _ = Command::new("kill").args(["-9", pid]).status();
     }
 }
 
@@ -870,13 +848,7 @@ impl Nodes {
             .wait_for(Duration::from_secs(30), |l| l.starts_with("[TRACKER] "))?
             .trim_start_matches("[TRACKER] ")
             .to_string();
-        let sender_id = String::from_utf8(
-            Command::new(bins.join("qpeer")).args(["id", "--home", &home("s")]).output()?.stdout,
-        )?
-        .lines()
-        .last()
-        .context("no id")?
-        .to_string();
+        let sender_id = crate::lab_run::node_id(&home("s"))?;
         let inbox = dir.join("inbox");
         let mut listen_args = vec![
             "listen".to_string(),
@@ -1096,17 +1068,7 @@ async fn reference(wan: &Wan, link: &Link, bytes: u64, congestion: Option<&str>)
     )?;
     config.transport_config(transport);
     let conn = client.connect_with(config, addr, "qpeer")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let block = bytes::Bytes::from(vec![0u8; 1 << 20]);
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        send.write_chunk(block.slice(..n)).await?;
-        left -= n as u64;
-    }
-    send.finish()?;
-    let mut ack = [0u8; 1];
-    recv.read_exact(&mut ack).await?;
+    crate::bulk_send(&conn, bytes).await?;
     conn.close(0u32.into(), b"done");
     let (received, took) = sink.await??;
     if received != bytes {

@@ -353,17 +353,7 @@ async fn raw_quinn(bytes: u64) -> Result<f64> {
     )?;
     let started = Instant::now();
     let conn = client.connect_with(config, addr, "qpeer")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let block = bytes::Bytes::from(vec![0u8; 1 << 20]);
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        send.write_chunk(block.slice(..n)).await?;
-        left -= n as u64;
-    }
-    send.finish()?;
-    let mut ack = [0u8; 1];
-    recv.read_exact(&mut ack).await?;
+    qpeer_tests::bulk_send(&conn, bytes).await?;
     let seconds = started.elapsed().as_secs_f64();
     conn.close(0u32.into(), b"done");
     let received = sink.await??;
