@@ -193,13 +193,14 @@ fn send_json(peer: &NodeId, report: Option<&SendReport>, error: Option<&str>) ->
 /// New connections a `qpeer send` makes after its connection failed under the transfer.
 const RECONNECTS: u32 = 3;
 
-/// Whether `conn` ended by a failure (a timeout, a transport error such as quinn's limit on
-/// a stream's reassembly gaps) rather than being closed by either side.
+/// Whether `conn` ended by a transport failure (such as quinn's limit on a stream's
+/// reassembly gaps) rather than being closed by either side or going silent: a peer that
+/// went silent for the idle timeout is gone, and trying again would only delay the error.
 fn broke(conn: &qpeer_node::PeerConnection) -> bool {
     use quinn::ConnectionError as E;
     matches!(
         conn.connection().close_reason(),
-        Some(E::TimedOut | E::TransportError(_) | E::ConnectionClosed(_) | E::Reset)
+        Some(E::TransportError(_) | E::ConnectionClosed(_) | E::Reset)
     )
 }
 
