@@ -198,10 +198,7 @@ const RECONNECTS: u32 = 3;
 /// went silent for the idle timeout is gone, and trying again would only delay the error.
 fn broke(conn: &qpeer_node::PeerConnection) -> bool {
     use quinn::ConnectionError as E;
-    matches!(
-        conn.connection().close_reason(),
-        Some(E::TransportError(_) | E::ConnectionClosed(_) | E::Reset)
-    )
+    matches!(conn.connection().close_reason(), Some(E::TransportError(_) | E::ConnectionClosed(_) | E::Reset))
 }
 
 /// `qpeer send`: offer `paths` (absolute) to `peer` and stream them; fails unless every file
