@@ -95,9 +95,10 @@ pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// The most data quinn holds for a connection (unsent or unacknowledged) before a write
 /// waits.
 pub const SEND_WINDOW: u64 = 32 << 20;
-/// Streams a peer may have open toward us at once: one per file in flight (up to
-/// `transfer::send::FILES_IN_FLIGHT` small files) plus control streams.
-pub const MAX_BIDI_STREAMS: u32 = 1024 + 64;
+/// Streams a peer may have open toward us at once: a transfer's large files (4 at once),
+/// its inline batches (1024 small files in flight are at most 64 batches: a batch holds up
+/// to 256 files or 1 MiB) and control streams fit well within it.
+pub const MAX_BIDI_STREAMS: u32 = 256;
 
 /// Transport settings of peer connections: keep-alives hold NAT mappings open; a lower
 /// initial RTT retransmits Initials dropped by a not-yet-opened NAT sooner; windows sized
