@@ -25,6 +25,7 @@
 //! - `prober`: sends and answers path probes, re-chooses paths.
 //! - `relay_link`: queues to and from the trackers' relays, a slot per tracker connection.
 //! - `transport`: QUIC settings of the endpoint and of peer connections.
+//! - `window`: tunes each peer connection's receive window to what its path carries.
 //! - `candidates`: which local addresses to register and which peer addresses to try.
 //! - `known_trackers`: tracker ids trusted on first use.
 //! - `home`: the lock that keeps one node per home.
@@ -91,6 +92,7 @@ mod tracker_link;
 pub mod transfer;
 mod transport;
 mod visits;
+mod window;
 
 pub use error::NodeError;
 pub use events::{Events, NodeEvent};

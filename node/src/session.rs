@@ -557,6 +557,13 @@ impl PeerActor {
         // when we asked for it: replying to someone who just reached you is ordinary.
         let _ = self.shared.accepted.try_send(conn.clone());
         self.refresh_gap = REFRESH_START;
+        let (cancel, connection) = (self.shared.cancel.clone(), connection.clone());
+        self.shared.tasks.spawn(async move {
+            tokio::select! {
+                () = crate::window::tune_receive_window(connection) => {}
+                () = cancel.cancelled() => {}
+            }
+        });
         let (shared, inbox) = (self.shared.clone(), self.inbox_tx.clone());
         self.shared.tasks.spawn(async move {
             let id = conn.connection().stable_id();

@@ -89,8 +89,9 @@ const _: () = assert!(STREAM_WINDOW as u64 > SIZED_FOR_BYTES_IN_FLIGHT);
 /// Receive window of one stream (one file): above [`SIZED_FOR_BYTES_IN_FLIGHT`], so a single
 /// file fills such a path, with room for the congestion window to overshoot.
 pub const STREAM_WINDOW: u32 = 32 << 20;
-/// Receive window of a whole connection, across its streams: the most unread data a peer can
-/// make us buffer.
+/// Largest receive window of a whole connection, across its streams: the most unread data a
+/// peer can make us buffer. A connection starts at `window::MIN_CONNECTION_WINDOW` and is
+/// tuned up to this as its path needs (`window`).
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// The most data quinn holds for a connection (unsent or unacknowledged) before a write
 /// waits.
@@ -112,7 +113,7 @@ pub fn peer_transport(congestion: Congestion) -> quinn::TransportConfig {
         .max_concurrent_uni_streams(4u32.into())
         .max_concurrent_bidi_streams(MAX_BIDI_STREAMS.into())
         .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(CONNECTION_WINDOW.into())
+        .receive_window(crate::window::MIN_CONNECTION_WINDOW.into())
         .send_window(SEND_WINDOW)
         .congestion_controller_factory(congestion.factory(None));
     if let Ok(idle) = Duration::from_secs(30).try_into() {
