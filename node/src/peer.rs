@@ -122,6 +122,8 @@ impl PeerConnection {
     /// One round trip on a fresh ping stream.
     pub async fn ping(&self, seq: u64) -> Result<Duration, NodeError> {
         let (mut send, mut recv) = self.open_stream(StreamKind::Ping).await?;
+        // Ahead of bulk data: a ping measures the path, not our own send queue.
+        let _ = send.set_priority(PING_PRIORITY);
         let start = Instant::now();
         send.write_all(&seq.to_be_bytes()).await.map_err(|e| self.stream_err(e))?;
         let mut echo = [0u8; 8];
@@ -148,8 +150,13 @@ impl PeerConnection {
     }
 }
 
+/// Ping streams are sent before any stream of a transfer (which keep quinn's default, 0),
+/// both ways: an echo queued behind megabytes of file data would look like a dead peer.
+const PING_PRIORITY: i32 = 100;
+
 /// Answers pings on one stream until the peer finishes it.
 pub(crate) async fn answer_pings(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let _ = send.set_priority(PING_PRIORITY);
     let mut probe = [0u8; 8];
     while recv.read_exact(&mut probe).await.is_ok() {
         if send.write_all(&probe).await.is_err() {

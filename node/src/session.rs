@@ -33,9 +33,11 @@ const INBOX: usize = 64;
 /// How long a session without a connection or anyone waiting lives on (a peer that comes back
 /// within this finds its session, paths and relay link still there).
 const LINGER: Duration = Duration::from_secs(15);
-/// A live connection that does not answer a ping within this is taken for dead when the
-/// peer asks to meet us again.
-const LIVENESS_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A live connection from which neither a ping's echo nor any ACK arrives within this is
+/// taken for dead when the peer asks to meet us again. Long enough to span a path switch
+/// (the path layer's probes find the next path within about 1.5 s); a peer that really
+/// dropped the connection answers its packets with a stateless reset, which ends it sooner.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 /// While relayed, the actor asks the tracker for fresh candidates this often at first, then
 /// backing off to [`REFRESH_CAP`]; it looks at its path every [`REFRESH_START`].
 const REFRESH_START: Duration = Duration::from_secs(2);
@@ -447,7 +449,12 @@ impl PeerActor {
     fn check_alive(&self, conn: PeerConnection) {
         let inbox = self.inbox_tx.clone();
         self.shared.tasks.spawn(async move {
-            let alive = matches!(tokio::time::timeout(LIVENESS_TIMEOUT, conn.ping(0)).await, Ok(Ok(_)));
+            // An ACK from the peer proves it holds the connection as well as an echo does:
+            // while a path moves or a bulk send recovers from loss the echo can be late, and
+            // a new connection would replace (and end) one that is working.
+            let acks = conn.connection().stats().frame_rx.acks;
+            let answered = matches!(tokio::time::timeout(LIVENESS_TIMEOUT, conn.ping(0)).await, Ok(Ok(_)));
+            let alive = answered || conn.connection().stats().frame_rx.acks > acks;
             let _ = inbox.send(Command::Alive(conn.connection().stable_id(), alive)).await;
         });
     }
