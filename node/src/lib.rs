@@ -26,6 +26,7 @@
 //! - `relay_link`: queues to and from the trackers' relays, a slot per tracker connection.
 //! - `transport`: QUIC settings of the endpoint and of peer connections.
 //! - `window`: tunes each peer connection's receive window to what its path carries.
+//! - [`congestion`]: the delivery-rate congestion controller of peer connections.
 //! - `candidates`: which local addresses to register and which peer addresses to try.
 //! - `known_trackers`: tracker ids trusted on first use.
 //! - `home`: the lock that keeps one node per home.
@@ -72,6 +73,7 @@
 //! ```
 
 mod candidates;
+pub mod congestion;
 pub mod error;
 pub mod events;
 mod home;

@@ -148,7 +148,7 @@ impl NodeBuilder {
         self
     }
 
-    /// The congestion controller of peer connections. Default: [`Congestion::Bbr`].
+    /// The congestion controller of peer connections. Default: [`Congestion::Rate`].
     pub fn congestion(mut self, congestion: Congestion) -> Self {
         self.congestion = congestion;
         self

@@ -16,21 +16,26 @@ pub const RELAY_MTU: u16 = 16 * 1024;
 
 /// The congestion controller of peer connections.
 ///
-/// BBR is the default: on the emulated long, lossy links of `qpeer-bench wan` it keeps the
-/// link full where Cubic, which reads every loss as congestion, falls to a fraction of it
-/// (docs/PERFORMANCE.md, "Long and lossy links").
+/// `Rate` (`congestion::RateController`) is the default: on the emulated long, lossy links
+/// of `qpeer-bench wan` it keeps the link full where Cubic, which reads every loss as
+/// congestion, falls to a fraction of it, and it starts faster than quinn's BBR, which
+/// spends its first round trips in a PROBE_RTT (docs/PERFORMANCE.md, "Long and lossy links").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Congestion {
+    /// qpeer's delivery-rate model (`congestion::RateController`).
     #[default]
+    Rate,
+    /// quinn's BBR.
     Bbr,
     Cubic,
 }
 
 impl Congestion {
-    pub const NAMES: [&'static str; 2] = ["bbr", "cubic"];
+    pub const NAMES: [&'static str; 3] = ["rate", "bbr", "cubic"];
 
     pub fn name(self) -> &'static str {
         match self {
+            Congestion::Rate => "rate",
             Congestion::Bbr => "bbr",
             Congestion::Cubic => "cubic",
         }
@@ -41,6 +46,13 @@ impl Congestion {
         initial_window: Option<u64>,
     ) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
         match self {
+            Congestion::Rate => {
+                let mut config = crate::congestion::RateControllerConfig::default();
+                if let Some(window) = initial_window {
+                    config.initial_window(window);
+                }
+                Arc::new(config)
+            }
             Congestion::Bbr => {
                 let mut config = quinn::congestion::BbrConfig::default();
                 if let Some(window) = initial_window {
@@ -67,7 +79,7 @@ impl std::fmt::Display for Congestion {
 
 /// An unknown congestion controller name.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown congestion controller {0:?} (known: bbr, cubic)")]
+#[error("unknown congestion controller {0:?} (known: rate, bbr, cubic)")]
 pub struct UnknownCongestion(String);
 
 impl std::str::FromStr for Congestion {
@@ -75,6 +87,7 @@ impl std::str::FromStr for Congestion {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
+            "rate" => Ok(Congestion::Rate),
             "bbr" => Ok(Congestion::Bbr),
             "cubic" => Ok(Congestion::Cubic),
             _ => Err(UnknownCongestion(s.to_string())),

@@ -1011,9 +1011,10 @@ fn send(wan: &Wan, bins: &Path, nodes: &Nodes, payload: &Path, link: &Link, comp
 fn controller(name: Option<&str>) -> Result<Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>> {
     Ok(match name.unwrap_or("bbr") {
         "bbr" => Arc::new(quinn::congestion::BbrConfig::default()),
+        "rate" => Arc::new(qpeer_node::congestion::RateControllerConfig::default()),
         "cubic" => Arc::new(quinn::congestion::CubicConfig::default()),
         "newreno" => Arc::new(quinn::congestion::NewRenoConfig::default()),
-        other => bail!("no reference congestion controller {other:?} (bbr, cubic, newreno)"),
+        other => bail!("no reference congestion controller {other:?} (bbr, rate, cubic, newreno)"),
     })
 }
 

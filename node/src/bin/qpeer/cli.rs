@@ -60,9 +60,11 @@ pub struct NodeOpts {
     /// symmetric NAT may then be unreachable).
     #[arg(long, global = true)]
     pub no_relay: bool,
-    /// Congestion controller of peer connections: bbr (default: keeps long, lossy paths
-    /// full) or cubic (backs off at every loss; gentler to other traffic on a shared link).
-    #[arg(long, global = true, value_name = "bbr|cubic")]
+    /// Congestion controller of peer connections: rate (default: qpeer's delivery-rate
+    /// model; keeps long, lossy paths full with at most one path's worth of queue), bbr
+    /// (quinn's BBR) or cubic (backs off at every loss; gentler to other traffic on a
+    /// shared link).
+    #[arg(long, global = true, value_name = "rate|bbr|cubic")]
     pub congestion: Option<qpeer_node::Congestion>,
     /// Seconds to wait for registration with the tracker.
     #[arg(long, default_value_t = 10, global = true)]

@@ -410,8 +410,8 @@ mod tests {
         };
         let refused = unhonoured(&listener, &other);
         assert_eq!(refused.len(), 5, "{refused:?}");
-        assert!(refused[4].contains("--congestion cubic (it uses bbr)"), "{refused:?}");
-        let default_named = NodeSettings { congestion: Some("bbr".into()), ..listener.clone() };
+        assert!(refused[4].contains("--congestion cubic (it uses rate)"), "{refused:?}");
+        let default_named = NodeSettings { congestion: Some("rate".into()), ..listener.clone() };
         assert!(unhonoured(&listener, &default_named).is_empty(), "the default, named");
         assert!(refused[0].starts_with("--tracker") && refused[0].contains("it uses a@127.0.0.1:1"));
     }
