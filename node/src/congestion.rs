@@ -50,8 +50,10 @@ const PROBE_RTT_GAIN: f64 = 0.5;
 /// Start-up ends when the rate did not grow by a quarter in three round trips in a row.
 const FULL_BW_GROWTH: f64 = 1.25;
 const FULL_BW_ROUNDS: u8 = 3;
-/// Send records kept at most (one per distinct send time; acknowledged ones are dropped).
-const MAX_SEND_RECORDS: usize = 1 << 16;
+/// Send records kept at most: one per distinct send time (a GSO batch shares one), dropped
+/// once acknowledged or passed by a later acknowledgement; at 56 bytes each, under 1 MiB
+/// per connection. Past it the oldest go, and their ACKs give no rate sample.
+const MAX_SEND_RECORDS: usize = 1 << 14;
 
 /// Builds [`RateController`]s: give it to `TransportConfig::congestion_controller_factory`.
 #[derive(Debug, Clone)]

@@ -379,6 +379,45 @@ struct AcceptedOffer {
     /// Files were stored without a sync of their own (inline ones): the file system is
     /// synced before the Summary.
     unsynced: std::sync::atomic::AtomicBool,
+    /// Which files have their final answer.
+    settled: Mutex<SettledFiles>,
+    /// True once every file has its final answer: the Summary need not wait for Finish.
+    all_settled: tokio::sync::watch::Sender<bool>,
+}
+
+impl AcceptedOffer {
+    /// File `index` has its final answer: anything but a hash mismatch (after which the
+    /// sender sends the file again, or gives up and says Finish).
+    fn settle(&self, index: u32, reply: &FileReply) {
+        if matches!(reply, FileReply::HashMismatch) {
+            return;
+        }
+        if self.settled.lock().settle(index) {
+            self.all_settled.send_replace(true);
+        }
+    }
+}
+
+/// The files of an offer that have their final answer, each counted once whatever index a
+/// sender repeats (or makes up).
+struct SettledFiles {
+    done: Vec<bool>,
+    count: usize,
+}
+
+impl SettledFiles {
+    fn new(files: usize) -> Self {
+        Self { done: vec![false; files], count: 0 }
+    }
+
+    /// Marks `index`; true when every file is settled.
+    fn settle(&mut self, index: u32) -> bool {
+        if let Some(done) = self.done.get_mut(index as usize).filter(|done| !**done) {
+            *done = true;
+            self.count += 1;
+        }
+        self.count == self.done.len()
+    }
 }
 
 /// Serves transfers on a listener's peer connections.
@@ -550,8 +589,17 @@ impl Receiver {
                 Err(_) => break,
             }
         }
-        // Wait for Finish (or the stream / connection ending), then report.
-        let finished = matches!(reader.next::<ControlFrame>().await, Ok(Some(ControlFrame::Finish)));
+        // Wait for Finish (or the stream / connection ending), or until every file has its
+        // final answer: then nothing more can come, and the Summary goes out a round trip
+        // sooner than after Finish. Finish is still read afterwards (an unread stream would
+        // be stopped, and the sender's Finish would fail).
+        let mut all_settled = offer.all_settled.subscribe();
+        let finish = reader.next::<ControlFrame>();
+        tokio::pin!(finish);
+        let (finished, settled_first) = tokio::select! {
+            frame = &mut finish => (matches!(frame, Ok(Some(ControlFrame::Finish))), false),
+            Ok(_) = all_settled.wait_for(|all| *all) => (true, true),
+        };
         if finished {
             // Directory times last: creating what is inside changed them.
             let (out, dirs) = (offer.out.clone(), offer.created_dirs.clone());
@@ -579,6 +627,9 @@ impl Receiver {
         }
         self.offers.lock().remove(&transfer_id);
         self.report_end(transfer_id, &offer, finished);
+        if settled_first {
+            let _ = finish.await;
+        }
     }
 
     fn report_end(&self, transfer: TransferId, offer: &AcceptedOffer, finished: bool) {
@@ -703,6 +754,7 @@ impl Receiver {
             bytes: total_bytes,
             into: out.clone(),
         });
+        let files_len = files.len();
         let progress = ProgressCounter::new(
             self.config.events.clone(),
             transfer_id,
@@ -724,6 +776,8 @@ impl Receiver {
                 refused: Mutex::new(0),
                 progress,
                 unsynced: std::sync::atomic::AtomicBool::new(false),
+                settled: Mutex::new(SettledFiles::new(files_len)),
+                all_settled: tokio::sync::watch::channel(files_len == 0).0,
             }),
         ))
     }
@@ -777,6 +831,7 @@ impl Receiver {
         {
             *offer.refused.lock() += 1;
         }
+        offer.settle(index, &reply);
         reply
     }
 
@@ -1053,6 +1108,7 @@ impl Receiver {
             ) {
                 *offer.refused.lock() += 1;
             }
+            offer.settle(index, reply);
         }
         replies
     }
@@ -1487,6 +1543,18 @@ fn finish(final_path: &Path, meta: &EntryMeta, sync_dir: bool) -> Result<(), Fil
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offer_is_settled_once_every_file_is_whatever_indices_repeat() {
+        let mut settled = SettledFiles::new(3);
+        assert!(!settled.settle(0));
+        // A sender repeating a file, or naming one the offer does not have, settles nothing.
+        assert!(!settled.settle(0));
+        assert!(!settled.settle(7));
+        assert!(!settled.settle(2));
+        assert!(settled.settle(1));
+        assert!(SettledFiles::new(0).done.is_empty() && SettledFiles::new(0).count == 0);
+    }
 
     #[test]
     fn a_watched_allowlist_follows_its_file_and_keeps_the_last_good_list() {
