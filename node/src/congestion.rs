@@ -37,6 +37,8 @@ pub const BW_WINDOW_ROUNDS: u64 = 10;
 pub const BW_WINDOW_TIME: Duration = Duration::from_secs(2);
 /// The min RTT is re-measured (PROBE_RTT) when no lower sample came for this long.
 pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// The RTT a window is sized for at least (see `bdp`).
+pub const MIN_WINDOW_RTT: Duration = Duration::from_millis(10);
 /// PROBE_RTT holds the window down for at least this long, and at least one round trip.
 const PROBE_RTT_TIME: Duration = Duration::from_millis(200);
 /// Window during start-up, in model bytes in flight: `2 / ln 2`, the least gain that still
@@ -221,6 +223,10 @@ impl RateController {
         if bw == 0 {
             return None;
         }
+        // A short path's window still covers the receiver's ACK delay and a scheduler's
+        // time slice: sized for its 0.1 ms alone, a loopback or LAN window stalls the
+        // sender whenever the receiving process waits a millisecond.
+        let rtt = rtt.max(MIN_WINDOW_RTT);
         Some((bw as f64 * rtt.as_secs_f64() * gain) as u64)
     }
 
