@@ -386,13 +386,16 @@ struct AcceptedOffer {
 }
 
 impl AcceptedOffer {
-    /// File `index` has its final answer: anything but a hash mismatch (after which the
-    /// sender sends the file again, or gives up and says Finish).
-    fn settle(&self, index: u32, reply: &FileReply) {
-        if matches!(reply, FileReply::HashMismatch) {
-            return;
+    /// File `index` was answered `reply`: its progress ends, a refusal or failure is
+    /// counted, and the file is settled unless the hash mismatched (after which the sender
+    /// sends it again on a new stream, or gives up and says Finish).
+    fn answered(&self, index: u32, reply: &FileReply) {
+        let mismatch = matches!(reply, FileReply::HashMismatch);
+        self.progress.end_file(index, !mismatch);
+        if !matches!(reply, FileReply::Verified { .. } | FileReply::AlreadyComplete) && !mismatch {
+            *self.refused.lock() += 1;
         }
-        if self.settled.lock().settle(index) {
+        if !mismatch && self.settled.lock().settle(index) {
             self.all_settled.send_replace(true);
         }
     }
@@ -825,13 +828,7 @@ impl Receiver {
         };
         offer.progress.start_file(index, &entry.path, entry.size);
         let reply = self.receive_entry(peer, transfer, &offer, index, &entry, send, reader).await;
-        // After a hash mismatch the sender sends the file again, on a new stream.
-        offer.progress.end_file(index, !matches!(reply, FileReply::HashMismatch));
-        if !matches!(reply, FileReply::Verified { .. } | FileReply::AlreadyComplete | FileReply::HashMismatch)
-        {
-            *offer.refused.lock() += 1;
-        }
-        offer.settle(index, &reply);
+        offer.answered(index, &reply);
         reply
     }
 
@@ -1100,15 +1097,7 @@ impl Receiver {
         let replies: Vec<FileReply> = replies.into_iter().flatten().collect();
         for (k, reply) in replies.iter().enumerate() {
             let index = header.index + k as u32;
-            // After a hash mismatch the sender sends the file again, on a new stream.
-            offer.progress.end_file(index, !matches!(reply, FileReply::HashMismatch));
-            if !matches!(
-                reply,
-                FileReply::Verified { .. } | FileReply::AlreadyComplete | FileReply::HashMismatch
-            ) {
-                *offer.refused.lock() += 1;
-            }
-            offer.settle(index, reply);
+            offer.answered(index, reply);
         }
         replies
     }
